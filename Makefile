@@ -1,0 +1,29 @@
+# `make test` and `make demo` set themselves up: they create .venv when missing and install into it.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: test demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	# Without a GPU, take the CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true; fi
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch, transformers, deepspeed, ray, pyarrow, webdataset, PIL"
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m launchers.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) demo-output

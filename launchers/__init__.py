@@ -1,0 +1,1 @@
+"""Entry points: deepspeed launchers per stage, Slurm scripts, export. Nothing imports these."""

@@ -1,0 +1,136 @@
+"""From samples to the tensors of a packed batch: several samples of any task per row.
+
+Which samples share a row is the packer's choice (pipeline/); how a chosen row becomes tensors is
+defined here, next to the token layout it follows. Positions restart at 0 for every sample, which
+is what makes attention block-diagonal (sdpa derives the mask from `position_ids`; varlen kernels
+take `cu_seqlens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from model.images import decode_image, pixel_values
+from model.sample import GENERATION, TASK_INDEX, UNDERSTANDING, Sample
+from model.tokenizer import SpecialTokens
+
+IGNORE = -100
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor       # [B, T] text ids; image positions hold placeholder/pad ids
+    position_ids: torch.Tensor    # [B, T] restarting at 0 per sample
+    und_image_mask: torch.Tensor  # [B, T] positions taking aligner(SigLIP(image)) features
+    pixel_values: torch.Tensor    # [N, 3, H, W] understanding images, in row order
+    gen_image_mask: torch.Tensor  # [B, T] positions taking gen_aligner(gen_embed(id))
+    gen_input_ids: torch.Tensor   # [M] VQ ids at those positions, in row order
+    text_targets: torch.Tensor    # [B, T] id the LM head must predict at t, IGNORE if none
+    image_targets: torch.Tensor   # [B, T] VQ id the generation head must predict at t, IGNORE if none
+    task: torch.Tensor            # [B, T] TASK_INDEX of the sample at t (-1 on row padding)
+    sample_index: torch.Tensor    # [B, T] which packed sample t belongs to (-1 on row padding)
+    cu_seqlens: torch.Tensor      # [S + 1] int32 segment starts over the flattened B*T tokens
+    max_seqlen: int
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                is_float = value.is_floating_point()
+                value = value.to(device, dtype=dtype if (dtype is not None and is_float) else None)
+            moved[f.name] = value
+        return PackedBatch(**moved)
+
+
+@dataclass
+class _Layout:
+    input_ids: list[int]
+    text_targets: list[int]
+    image_targets: list[int]
+    und_mask: list[bool]
+    gen_mask: list[bool]
+
+
+def sample_layout(sample: Sample, special: SpecialTokens, eoi_is_target: bool = False) -> _Layout:
+    """The per-position inputs and targets of one sample (the facts sheet's token layout)."""
+    ids = list(sample.input_ids)
+    text_targets = [IGNORE] * len(ids)
+    for start, end in sample.loss_spans:
+        for p in range(max(start, 1), end):
+            text_targets[p - 1] = ids[p]  # position p-1 predicts token p
+    image_targets = [IGNORE] * len(ids)
+    gen_mask = [False] * len(ids)
+    if sample.task == GENERATION:
+        # <begin_of_image> predicts id 0; image position k predicts id k+1.
+        n = len(sample.image_ids)
+        image_targets[-1] = sample.image_ids[0]
+        image_targets += list(sample.image_ids[1:]) + [IGNORE]
+        text_targets += [IGNORE] * n
+        gen_mask += [True] * n
+        ids += [special.pad] * n
+        if eoi_is_target:
+            text_targets[-1] = special.end_of_image
+            ids.append(special.end_of_image)
+            text_targets.append(IGNORE)
+            image_targets.append(IGNORE)
+            gen_mask.append(False)
+    und_mask = [sample.task == UNDERSTANDING and t == special.image_placeholder for t in ids]
+    return _Layout(ids, text_targets, image_targets, und_mask, gen_mask)
+
+
+def sample_length(sample: Sample, eoi_is_target: bool = False) -> int:
+    """Tokens the sample occupies in a row."""
+    extra = len(sample.image_ids) + int(eoi_is_target) if sample.task == GENERATION else 0
+    return len(sample.input_ids) + extra
+
+
+def pack_rows(rows: list[list[Sample]], seq_len: int, special: SpecialTokens,
+              eoi_is_target: bool = False) -> PackedBatch:
+    """Tensors for rows of whole samples, each row padded at its end to `seq_len`."""
+    B = len(rows)
+    input_ids = torch.full((B, seq_len), special.pad, dtype=torch.long)
+    position_ids = torch.zeros((B, seq_len), dtype=torch.long)
+    text_targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
+    image_targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
+    und_mask = torch.zeros((B, seq_len), dtype=torch.bool)
+    gen_mask = torch.zeros((B, seq_len), dtype=torch.bool)
+    task = torch.full((B, seq_len), -1, dtype=torch.long)
+    sample_index = torch.full((B, seq_len), -1, dtype=torch.long)
+    images, gen_ids, seqlens = [], [], []
+    k = 0
+    for b, row in enumerate(rows):
+        offset = 0
+        for sample in row:
+            lay = sample_layout(sample, special, eoi_is_target)
+            n = len(lay.input_ids)
+            if offset + n > seq_len:
+                raise ValueError(f"samples of row {b} need more than seq_len={seq_len} tokens")
+            span = slice(offset, offset + n)
+            input_ids[b, span] = torch.tensor(lay.input_ids)
+            position_ids[b, span] = torch.arange(n)
+            text_targets[b, span] = torch.tensor(lay.text_targets)
+            image_targets[b, span] = torch.tensor(lay.image_targets)
+            und_mask[b, span] = torch.tensor(lay.und_mask)
+            gen_mask[b, span] = torch.tensor(lay.gen_mask)
+            task[b, span] = TASK_INDEX[sample.task]
+            sample_index[b, span] = k
+            images += [decode_image(data) for data in sample.images] if sample.task == UNDERSTANDING else []
+            gen_ids += sample.image_ids if sample.task == GENERATION else []
+            seqlens.append(n)
+            offset += n
+            k += 1
+        if offset < seq_len:  # the padding tail is a segment of its own, attending only to itself
+            position_ids[b, offset:] = torch.arange(seq_len - offset)
+            seqlens.append(seq_len - offset)
+    cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(seqlens), 0)
+    return PackedBatch(
+        input_ids=input_ids, position_ids=position_ids, und_image_mask=und_mask,
+        pixel_values=pixel_values(images) if images else torch.zeros(0, 3, 1, 1),
+        gen_image_mask=gen_mask, gen_input_ids=torch.tensor(gen_ids, dtype=torch.long),
+        text_targets=text_targets, image_targets=image_targets, task=task, sample_index=sample_index,
+        cu_seqlens=cu_seqlens, max_seqlen=max(seqlens),
+    )

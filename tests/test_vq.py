@@ -1,0 +1,30 @@
+import torch
+import torch.nn.functional as F
+from transformers.models.janus.modeling_janus import JanusVQVAE
+
+from model.config import preset_config
+from model.images import generation_image, pixel_values
+from model.vq import nearest_code, vq_encode
+
+
+def test_nearest_code_is_brute_force_cosine():
+    torch.manual_seed(0)
+    z, codebook = torch.randn(500, 8), torch.randn(300, 8) * torch.rand(300, 1) * 5
+    brute = torch.tensor([max(range(300), key=lambda j: F.cosine_similarity(v, codebook[j], dim=0)) for v in z])
+    assert torch.equal(nearest_code(z, codebook, chunk=64), brute)
+
+
+def test_vq_encode_on_photos_and_the_transformers_trap(photos):
+    torch.manual_seed(0)
+    vq = JanusVQVAE(preset_config("tiny").vq_config).eval()
+    with torch.no_grad():  # codebook rows of very unequal norms, as a trained VQ has
+        vq.quantize.embedding.weight.mul_(torch.logspace(-2, 1, vq.config.num_embeddings)[:, None])
+    images = pixel_values([generation_image(photos[n]) for n in ("astronaut.png", "coffee.png")])
+    ids = vq_encode(vq, images)
+    assert ids.shape == (2, 576)
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(images)).permute(0, 2, 3, 1).reshape(-1, vq.config.embed_dim)
+        cos = F.normalize(z, dim=-1) @ F.normalize(vq.quantize.embedding.weight, dim=-1).T
+        assert torch.equal(ids.flatten(), cos.argmax(-1))
+        plain = vq.encode(images).image_tokens.view(2, -1)  # transformers: argmin of plain distance
+    assert (plain != ids).float().mean() > 0.5
