@@ -12,7 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import skimage.data
 import torch
 from PIL import Image
@@ -22,6 +21,7 @@ from model.chat import Turn, generation_sample, text_sample, understanding_sampl
 from model.config import preset_config
 from model.images import encode_image, generation_image, pixel_values, understanding_image
 from model.janus import JanusProForTraining
+from model.manifest import read_shard, write_shard
 from model.sample import TASKS, samples_from_table, samples_to_table
 from model.stages import STAGES, set_trainable
 from model.summary import parameter_counts
@@ -68,9 +68,8 @@ def main() -> None:
 
     shard = out / "demo-00000.arrow"
     table = samples_to_table(demo_samples(tokenizer, model.model.vqmodel.eval()))
-    with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    samples = samples_from_table(pa.ipc.open_file(pa.memory_map(str(shard))).read_all())
+    write_shard(table, shard)
+    samples = samples_from_table(read_shard(shard))
     print(f"wrote and read back {len(samples)} samples ({shard}, {shard.stat().st_size / 1e3:.0f} KB)")
 
     # Two rows of mixed tasks; the row length fits the longest pair of samples.

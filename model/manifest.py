@@ -1,0 +1,114 @@
+"""The output contract between preprocessing and training: Arrow shards plus `manifest.json`.
+
+Shards are Arrow IPC *files* (memory-mappable) in SAMPLE_SCHEMA, each written under a temporary name
+and renamed when complete. The manifest records what made them (schema version, task, settings,
+tokenizer and VQ fingerprints) and, per shard, its rows and sha256, plus the row accounting
+`rows_in = rows_written + sum(skipped.values())`. Both preprocess/ and pipeline/ use this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from model.sample import SAMPLE_SCHEMA, SCHEMA_VERSION
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class ShardEntry:
+    file: str  # relative to the manifest's directory
+    rows: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    task: str
+    tokenizer_fingerprint: str
+    vq_fingerprint: str | None = None
+    vq_dtype: str | None = None
+    settings: dict = field(default_factory=dict)
+    shards: list[ShardEntry] = field(default_factory=list)
+    rows_in: int = 0
+    rows_written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def check_accounting(self) -> None:
+        if self.rows_in != self.rows_written + sum(self.skipped.values()):
+            raise ValueError(f"rows_in {self.rows_in} != rows_written {self.rows_written} + skipped {self.skipped}")
+        if self.rows_written != sum(s.rows for s in self.shards):
+            raise ValueError(f"rows_written {self.rows_written} != the shards' rows {sum(s.rows for s in self.shards)}")
+
+    def write(self, directory: str | Path) -> Path:
+        self.check_accounting()
+        path = Path(directory) / MANIFEST_NAME
+        atomic_write_bytes(path, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        data = json.loads(path.read_text())
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema version {data.get('schema_version')}, this code reads {SCHEMA_VERSION}")
+        data["shards"] = [ShardEntry(**s) for s in data["shards"]]
+        return cls(**data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_shard(table: pa.Table, path: str | Path) -> ShardEntry:
+    """Write an Arrow IPC file under a temporary name, then rename it into place."""
+    path = Path(path)
+    if not table.schema.remove_metadata().equals(SAMPLE_SCHEMA.remove_metadata()):
+        raise ValueError(f"shard table is not in SAMPLE_SCHEMA:\n{table.schema}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SAMPLE_SCHEMA) as writer:
+        writer.write_table(table.cast(SAMPLE_SCHEMA))
+    os.replace(tmp, path)
+    return ShardEntry(file=path.name, rows=table.num_rows, sha256=file_sha256(path))
+
+
+def read_shard(path: str | Path) -> pa.Table:
+    """A shard, memory-mapped."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialised form (vocab, merges, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
