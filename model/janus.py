@@ -44,6 +44,13 @@ class JanusProForTraining(JanusForConditionalGeneration):
         size = self.config.vision_config.image_size
         return like.new_zeros(1, self.config.vision_config.num_channels, size, size)
 
+    def _varlen_kwargs(self, batch: PackedBatch) -> dict:
+        """Varlen kernels take the packed segment boundaries; sdpa derives its mask from position_ids."""
+        if self.model.language_model.config._attn_implementation in ("sdpa", "eager"):
+            return {}
+        cu, longest = batch.cu_seqlens, batch.max_seqlen
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
     def forward(self, batch: PackedBatch) -> PackedLoss:
         embeds = self.model.get_input_embeddings()(batch.input_ids)
         zero = embeds.new_zeros(())  # collects the 0-weighted outputs of modules run on dummy inputs
@@ -62,7 +69,7 @@ class JanusProForTraining(JanusForConditionalGeneration):
 
         # use_cache=False: with a cache, Llama ignores packed position_ids and samples see each other.
         hidden = self.model.language_model(
-            inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False
+            inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **self._varlen_kwargs(batch)
         ).last_hidden_state
 
         # Each head runs only where it has targets: full-vocabulary logits for a whole row are GBs.

@@ -56,3 +56,292 @@ def special(tokenizer) -> SpecialTokens:
 def tiny_model(special) -> JanusProForTraining:
     torch.manual_seed(0)
     return JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder)).eval()
+
+
+@pytest.fixture(scope="session")
+def shard_corpus(tmp_path_factory, tokenizer, photos) -> dict[str, Path]:
+    """One small real corpus for the data-path tests: a manifest directory per task, several shards each.
+
+    Lengths vary as real data does: understanding ~600-650 tokens, generation ~590, text 10-900.
+    """
+    import random
+
+    from model.chat import Turn, generation_sample, text_sample, understanding_sample
+    from model.images import encode_image, understanding_image
+    from model.manifest import Manifest, tokenizer_fingerprint, write_shard
+    from model.sample import samples_to_table
+
+    rng = random.Random(0)
+    words = "the a cat dog red blue photo of sky over under bright quick brown fox jumps lazy".split()
+    images = [encode_image(understanding_image(p)) for p in photos.values()]
+
+    def sentence(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    def understanding(i: int):
+        turns = [Turn("user", f"<image_placeholder>\n{sentence(rng.randint(3, 30))}"),
+                 Turn("assistant", sentence(rng.randint(2, 60)))]
+        return understanding_sample(tokenizer, turns, [images[i % len(images)]], key=f"u{i}")
+
+    made = {
+        "understanding": [understanding(i) for i in range(30)],
+        "generation": [generation_sample(tokenizer, sentence(rng.randint(2, 40)),
+                                         [rng.randrange(1024) for _ in range(576)], key=f"g{i}") for i in range(30)],
+        "text": [text_sample(tokenizer, sentence(rng.randint(5, 500)), key=f"t{i}") for i in range(40)],
+    }
+    root = tmp_path_factory.mktemp("corpus")
+    out = {}
+    for task, samples in made.items():
+        directory = root / task
+        directory.mkdir()
+        manifest = Manifest(task=task, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+        for k in range(3):
+            part = samples[k::3]
+            manifest.shards.append(write_shard(samples_to_table(part), directory / f"{task}-{k:05d}.arrow"))
+        manifest.rows_in = manifest.rows_written = len(samples)
+        manifest.write(directory)
+        out[task] = directory
+    return out
+
+
+# --- weights (issue 3): the official model's key set, and an original-layout checkpoint built from it ---
+
+def official_key_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every key of deepseek-ai's MultiModalityCausalLM with its shape, written out from the official code
+    (janus/models/{siglip_vit,vq_model,projector,modeling_vlm}.py, timm's AttentionPoolLatent) for any
+    JanusConfig: independent of model/weights.py's mapping, so it can check that mapping."""
+    from transformers import LlamaForCausalLM
+
+    v, q, t = config.vision_config, config.vq_config, config.text_config
+    d, p, mlp = v.hidden_size, v.patch_size, int(v.hidden_size * v.mlp_ratio)
+    out: dict[str, tuple[int, ...]] = {}
+
+    def linear(name, n_out, n_in):
+        out[name + ".weight"], out[name + ".bias"] = (n_out, n_in), (n_out,)
+
+    def norm(name, n):
+        out[name + ".weight"], out[name + ".bias"] = (n,), (n,)
+
+    tower = "vision_model.vision_tower."
+    out[tower + "pos_embed"] = (1, (v.image_size // p) ** 2, d)
+    out[tower + "patch_embed.proj.weight"], out[tower + "patch_embed.proj.bias"] = (d, 3, p, p), (d,)
+    for i in range(v.num_hidden_layers):
+        b = f"{tower}blocks.{i}."
+        norm(b + "norm1", d), linear(b + "attn.qkv", 3 * d, d), linear(b + "attn.proj", d, d)
+        norm(b + "norm2", d), linear(b + "mlp.fc1", mlp, d), linear(b + "mlp.fc2", d, mlp)
+    norm(tower + "norm", d)
+    out[tower + "attn_pool.latent"] = (1, 1, d)
+    linear(tower + "attn_pool.q", d, d), linear(tower + "attn_pool.kv", 2 * d, d)
+    linear(tower + "attn_pool.proj", d, d), norm(tower + "attn_pool.norm", d)
+    linear(tower + "attn_pool.mlp.fc1", mlp, d), linear(tower + "attn_pool.mlp.fc2", d, mlp)
+
+    for name, n_in, n_out, depth in (("aligner", d, v.projection_dim, v.depth),
+                                     ("gen_aligner", q.embed_dim, q.projection_dim, q.num_hidden_layers)):
+        linear(f"{name}.layers.0", n_out, n_in)
+        for j in range(1, depth):
+            linear(f"{name}.layers.{2 * j}", n_out, n_out)
+
+    # LlamaGen VQModel: ch=base_channels, ch_mult=channel_multiplier, z_channels=latent_channels
+    ch, mult, nres, z = q.base_channels, list(q.channel_multiplier), q.num_res_blocks, q.latent_channels
+    vq = "gen_vision_model."
+
+    def conv(name, n_out, n_in, k):
+        out[name + ".weight"], out[name + ".bias"] = (n_out, n_in, k, k), (n_out,)
+
+    def res(name, n_in, n_out):
+        norm(name + ".norm1", n_in), conv(name + ".conv1", n_out, n_in, 3)
+        norm(name + ".norm2", n_out), conv(name + ".conv2", n_out, n_out, 3)
+        if n_in != n_out:
+            conv(name + ".nin_shortcut", n_out, n_in, 1)
+
+    def attn(name, n):
+        norm(name + ".norm", n)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", n, n, 1)
+
+    def mid(name, n):
+        res(name + ".0", n, n), attn(name + ".1", n), res(name + ".2", n, n)
+
+    conv(vq + "encoder.conv_in", ch, 3, 3)
+    block_in = ch
+    for level, m in enumerate(mult):
+        block_in, block_out = ch * ([1] + mult)[level], ch * m
+        for r in range(nres):
+            res(f"{vq}encoder.conv_blocks.{level}.res.{r}", block_in, block_out)
+            block_in = block_out
+            if level == len(mult) - 1:
+                attn(f"{vq}encoder.conv_blocks.{level}.attn.{r}", block_in)
+        if level != len(mult) - 1:
+            conv(f"{vq}encoder.conv_blocks.{level}.downsample.conv", block_in, block_in, 3)
+    mid(vq + "encoder.mid", block_in)
+    norm(vq + "encoder.norm_out", block_in), conv(vq + "encoder.conv_out", z, block_in, 3)
+
+    block_in = ch * mult[-1]
+    conv(vq + "decoder.conv_in", block_in, z, 3)
+    mid(vq + "decoder.mid", block_in)
+    for i, level in enumerate(reversed(range(len(mult)))):
+        block_out = ch * mult[level]
+        for r in range(nres + 1):
+            res(f"{vq}decoder.conv_blocks.{i}.res.{r}", block_in, block_out)
+            block_in = block_out
+            if level == len(mult) - 1:
+                attn(f"{vq}decoder.conv_blocks.{i}.attn.{r}", block_in)
+        if level != 0:
+            conv(f"{vq}decoder.conv_blocks.{i}.upsample.conv", block_in, block_in, 3)
+    norm(vq + "decoder.norm_out", block_in), conv(vq + "decoder.conv_out", 3, block_in, 3)
+    out[vq + "quantize.embedding.weight"] = (q.num_embeddings, q.embed_dim)
+    out[vq + "quantize.codebook_used"] = (65536,)
+    conv(vq + "quant_conv", q.embed_dim, z, 1), conv(vq + "post_quant_conv", z, q.embed_dim, 1)
+
+    linear("gen_head.output_mlp_projector", q.projection_dim, t.hidden_size)
+    linear("gen_head.vision_head", q.num_embeddings, q.projection_dim)
+    out["gen_embed.weight"] = (q.num_embeddings, q.embed_dim)
+    with torch.device("meta"):  # the official code's LLM is transformers' LlamaForCausalLM itself
+        llm = LlamaForCausalLM(t)
+    out.update({"language_model." + k: tuple(x.shape) for k, x in llm.state_dict().items()})
+    return out
+
+
+@pytest.fixture(scope="session")
+def official_keys():
+    """official_key_shapes, as a fixture (test modules do not import conftest)."""
+    return official_key_shapes
+
+
+@pytest.fixture(scope="session")
+def original_checkpoint(tmp_path_factory) -> Path:
+    """A tiny original-layout (deepseek-ai) checkpoint: every official key, random values, two safetensors
+    shards with an index, and an original config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from model.weights import original_config
+
+    config = preset_config("tiny")
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: torch.randn(shape, generator=g) for k, shape in official_key_shapes(config).items()}
+    path = tmp_path_factory.mktemp("original")
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, part in halves.items():
+        save_file({k: tensors[k] for k in part}, str(path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(original_config(config)))
+    return path
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports the OS reports free right now (bound together so they differ)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pids_using(marker: str) -> list[int]:
+    """Processes whose command line names our private Ray temp dir: the ones this fixture started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One `ray start --head` for the session: localhost, free ports, token auth on (the token is passed in the
+    environment, so nothing is written to ~/.ray). Yields a dict with `address` (GCS), `dashboard` (job API URL)
+    and `env` (what a client needs). Stopped by signalling the processes it started, not `ray stop`, which would
+    also stop other Ray instances on a shared machine."""
+    import secrets
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    temp_dir = tempfile.mkdtemp(prefix="rayjp", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(9)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", "--num-cpus=2",
+           "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # answered (e.g. 401 without the token): the dashboard is up
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                tail = (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
+                raise RuntimeError(f"ray start failed: {tail}") from None
+            time.sleep(1)
+    try:
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "env": env}
+    finally:
+        proc.send_signal(signal.SIGINT)  # `ray start --block` then stops the node processes it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        for _ in range(20):
+            left = _pids_using(temp_dir)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL if _ > 5 else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster):
+    """This test process connected to the session's Ray cluster (the preprocess job reuses the connection)."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update({k: ray_cluster["env"][k] for k in saved})
+    # Ray reads the auth mode and token once per process (at import): make it see the ones just set.
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    ray.init(address=ray_cluster["address"], logging_level="WARNING")
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

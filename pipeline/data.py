@@ -1,0 +1,136 @@
+"""The training data path: shards -> task mixing -> guidance dropout -> packing -> PackedBatch.
+
+Planning (which samples go in which row) is cheap and runs in the training process, so its state is
+exact; decoding images and building tensors runs in a thread pool ahead of the step (PIL releases
+the GIL while decoding). The state saved with a checkpoint is the one after the last batch the
+trainer *consumed*, not the last one prefetched, so a resumed run continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import struct
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from model.batch import PackedBatch, pack_rows, sample_length
+from model.sample import GENERATION, Sample
+from model.tokenizer import SpecialTokens
+from pipeline.mixer import Mixer
+from pipeline.packer import Entry, Packer
+from pipeline.reader import Source, SourceSpec
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceSpec]
+    ratio: tuple[float, float, float]  # und : text : gen
+    seq_len: int = 4096
+    rows_per_micro_batch: int = 1
+    ratio_unit: str = "samples"  # or "tokens"
+    guidance_dropout: float = 0.1  # P(generation prompt -> pad), for classifier-free guidance
+    eoi_is_target: bool = False
+    buffer_size: int = 64
+    max_age: int = 16
+    seed: int = 0
+    num_workers: int = 2
+    prefetch: int = 4
+    allow_fingerprint_mismatch: bool = False
+    tokenizer_fingerprint: str | None = field(default=None, repr=False)
+    vq_fingerprint: str | None = field(default=None, repr=False)
+
+
+def drops_prompt(seed: int, source: int, epoch: int, row_id: int, p: float) -> bool:
+    """A stateless coin for guidance dropout: the same row in the same epoch always decides the same."""
+    digest = hashlib.sha256(struct.pack("<4q", seed, source, epoch, row_id)).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < p
+
+
+def with_prompt_dropped(sample: Sample, pad: int) -> Sample:
+    """Every token strictly between BOS and <begin_of_image> becomes pad: the unconditional row of CFG."""
+    start, end = sample.prompt_span
+    ids = list(sample.input_ids)
+    ids[start:end] = [pad] * (end - start)
+    return replace(sample, input_ids=ids)
+
+
+class DataPipeline:
+    def __init__(self, config: DataConfig, special: SpecialTokens | None, rank: int = 0, world_size: int = 1):
+        if special is None and config.guidance_dropout > 0:
+            raise ValueError("guidance dropout needs the tokenizer's special tokens (the pad id)")
+        self.config, self.special = config, special
+        self.sources = [
+            Source(spec, rank, world_size, config.seed, config.tokenizer_fingerprint, config.vq_fingerprint,
+                   config.allow_fingerprint_mismatch)
+            for spec in config.sources
+        ]
+        self.mixer = Mixer(config.ratio, [s.task for s in self.sources], [s.weight for s in self.sources],
+                           config.ratio_unit)
+        self.packer = Packer(config.seq_len, config.buffer_size, config.max_age)
+        self.dropped_too_long = 0
+        self._consumed_state = self._plan_state()
+
+    # ---- planning (main thread) ----
+    def _entry(self, source: int, epoch: int, row_id: int, age: int = 0) -> Entry:
+        sample = self.sources[source].sample(row_id)
+        if sample.task == GENERATION and drops_prompt(self.config.seed, source, epoch, row_id,
+                                                      self.config.guidance_dropout):
+            sample = with_prompt_dropped(sample, self.special.pad)
+        return Entry(source, epoch, row_id, sample, sample_length(sample, self.config.eoi_is_target), age)
+
+    def _fill_buffer(self) -> None:
+        while self.packer.needs() > 0:
+            source = self.mixer.next_source()
+            epoch, row_id = self.sources[source].next_ref()
+            entry = self._entry(source, epoch, row_id)
+            self.mixer.record(source, entry.length)
+            if entry.length > self.config.seq_len:
+                self.dropped_too_long += 1  # counted, never silently lost
+                continue
+            self.packer.add(entry)
+
+    def _plan_micro_batch(self) -> list[list[Sample]]:
+        rows = []
+        for _ in range(self.config.rows_per_micro_batch):
+            self._fill_buffer()
+            rows.append([e.sample for e in self.packer.next_row()])
+        return rows
+
+    def _plan_state(self) -> dict:
+        return copy.deepcopy({
+            "sources": [s.state_dict() for s in self.sources],
+            "mixer": self.mixer.state_dict(),
+            "buffer": [e.ref() for e in self.packer.buffer],
+            "dropped_too_long": self.dropped_too_long,
+        })
+
+    # ---- consumption ----
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self.load_state_dict(self.state_dict())  # drop what an earlier iterator prefetched but never handed out
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=max(1, self.config.num_workers)) as pool:
+            while True:
+                while len(pending) < max(1, self.config.prefetch):
+                    rows = self._plan_micro_batch()
+                    future = pool.submit(pack_rows, rows, self.config.seq_len, self.special,
+                                         self.config.eoi_is_target)
+                    pending.append((future, self._plan_state()))
+                future, state = pending.popleft()
+                batch = future.result()
+                self._consumed_state = state
+                yield batch
+
+    def state_dict(self) -> dict:
+        """The state after the last batch handed to the trainer (JSON-serialisable)."""
+        return copy.deepcopy(self._consumed_state)
+
+    def load_state_dict(self, state: dict) -> None:
+        for source, s in zip(self.sources, state["sources"], strict=True):
+            source.load_state_dict(s)
+        self.mixer.load_state_dict(state["mixer"])
+        self.packer.buffer = [self._entry(*ref) for ref in state["buffer"]]
+        self.dropped_too_long = state["dropped_too_long"]
+        self._consumed_state = self._plan_state()

@@ -1,0 +1,108 @@
+"""Reading preprocessed shards: one `Source` per manifest, this rank's rows of it, epoch after epoch.
+
+Ranks partition by row, not by shard, so a source with fewer shards than ranks starves nobody.
+Each epoch has its own seeded order: shards are shuffled, then rows within each shard; rank r takes
+every world-th row of that order. The position in it is the whole reader state. A shard is verified
+against its manifest (sha256, schema version) the first time it is opened, not all at start.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from model.manifest import Manifest, file_sha256, read_shard
+from model.sample import SAMPLE_SCHEMA, SCHEMA_VERSION, Sample
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A dataset: a manifest (file or directory) and its weight among the sources of its task."""
+
+    manifest: str
+    weight: float = 1.0
+
+
+class FingerprintMismatch(ValueError):
+    pass
+
+
+class Source:
+    def __init__(self, spec: SourceSpec, rank: int, world_size: int, seed: int,
+                 tokenizer_fingerprint: str | None = None, vq_fingerprint: str | None = None,
+                 allow_fingerprint_mismatch: bool = False):
+        path = Path(spec.manifest)
+        self.root = path if path.is_dir() else path.parent
+        self.manifest = Manifest.read(path)
+        self.task = self.manifest.task
+        self.weight = spec.weight
+        self.name = str(path)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if not allow_fingerprint_mismatch:
+            self._check_fingerprint("tokenizer", self.manifest.tokenizer_fingerprint, tokenizer_fingerprint)
+            self._check_fingerprint("VQ", self.manifest.vq_fingerprint, vq_fingerprint)
+        self.rows = [s.rows for s in self.manifest.shards]
+        self._starts = [0, *np.cumsum(self.rows).tolist()]  # global row id of each shard's first row
+        if sum(self.rows) < world_size:
+            raise ValueError(f"{self.name}: {sum(self.rows)} rows cannot feed {world_size} ranks")
+        self._tables: dict[int, pa.Table] = {}
+        self.epoch, self.cursor = 0, 0  # cursor: index into this rank's rows of the epoch order
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _check_fingerprint(self, what: str, shard_value: str | None, model_value: str | None) -> None:
+        if shard_value is not None and model_value is not None and shard_value != model_value:
+            raise FingerprintMismatch(
+                f"{self.name}: shards were made with {what} fingerprint {shard_value[:16]}..., the model's is "
+                f"{model_value[:16]}...; re-run preprocessing with the model's {what}, or pass "
+                f"allow_fingerprint_mismatch (--allow-fingerprint-mismatch) if you know they are compatible")
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Global row ids of `epoch` in this rank's order (rank r: positions r, r + world, ...)."""
+        if self._order_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            parts = [self._starts[s] + rng.permutation(self.rows[s]) for s in rng.permutation(len(self.rows))]
+            self._order = np.concatenate(parts)[self.rank::self.world_size]
+            self._order_epoch = epoch
+        return self._order
+
+    def next_ref(self) -> tuple[int, int]:
+        """(epoch, global row id) of this rank's next row; epochs roll over forever."""
+        order = self._epoch_order(self.epoch)
+        if self.cursor >= len(order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            order = self._epoch_order(self.epoch)
+        ref = (self.epoch, int(order[self.cursor]))
+        self.cursor += 1
+        return ref
+
+    def sample(self, row_id: int) -> Sample:
+        shard = bisect.bisect_right(self._starts, row_id) - 1
+        table = self._table(shard)
+        return Sample.from_row(table.slice(row_id - self._starts[shard], 1).to_pylist()[0])
+
+    def _table(self, shard: int) -> pa.Table:
+        if shard not in self._tables:
+            entry = self.manifest.shards[shard]
+            path = self.root / entry.file
+            if file_sha256(path) != entry.sha256:
+                raise ValueError(f"{path}: sha256 differs from its manifest entry (corrupt or replaced shard)")
+            table = read_shard(path)
+            version = (table.schema.metadata or {}).get(b"janus_sample_schema_version", b"").decode()
+            if version != str(SCHEMA_VERSION) or not table.schema.remove_metadata().equals(
+                    SAMPLE_SCHEMA.remove_metadata()):
+                raise ValueError(f"{path}: schema version {version!r} / schema differs from this code's "
+                                 f"{SCHEMA_VERSION}")
+            if table.num_rows != entry.rows:
+                raise ValueError(f"{path}: {table.num_rows} rows, manifest says {entry.rows}")
+            self._tables[shard] = table
+        return self._tables[shard]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]

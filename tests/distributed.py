@@ -1,0 +1,40 @@
+"""Run a script on N local CPU ranks (gloo), the way the deepspeed launcher sets them up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(args: list[str], world_size: int = 2, timeout: float = 300, env: dict | None = None) -> list[str]:
+    """Start `python args...` once per rank; return each rank's output. Fails on timeout or non-zero exit."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        rank_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        if p.returncode != 0:
+            raise AssertionError(f"rank {rank} exited {p.returncode}:\n{out[-4000:]}")
+    return outputs

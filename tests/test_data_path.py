@@ -1,0 +1,163 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.batch import pack_rows
+from model.manifest import Manifest
+from model.sample import GENERATION, TASK_INDEX, TASKS
+from pipeline.data import DataConfig, DataPipeline, drops_prompt, with_prompt_dropped
+from pipeline.packer import best_subset
+from pipeline.reader import FingerprintMismatch, Source, SourceSpec
+
+
+def make_config(corpus, ratio=(2, 3, 5), **overrides) -> DataConfig:
+    sources = [SourceSpec(str(corpus[t])) for t, r in zip(TASKS, ratio, strict=True) if r > 0]
+    defaults = dict(sources=sources, ratio=ratio, seq_len=2048, rows_per_micro_batch=2, buffer_size=16,
+                    max_age=8, seed=3, num_workers=2, prefetch=2)
+    return DataConfig(**{**defaults, **overrides})
+
+
+def test_best_subset_is_exact():
+    lengths = [700, 600, 500, 400, 300]
+    chosen = best_subset(lengths, 1000)
+    assert sum(lengths[i] for i in chosen) == 1000
+    assert best_subset([5000], 4096) == []
+    assert sum(lengths[i] for i in best_subset(lengths, 999)) == 900
+
+
+def test_ranks_cover_every_row_once_per_epoch(shard_corpus):
+    spec = SourceSpec(str(shard_corpus["text"]))
+    total = sum(s.rows for s in Manifest.read(shard_corpus["text"]).shards)
+    for world in (1, 3, 7):  # 7 ranks > 3 shards: nobody starves
+        seen = []
+        for rank in range(world):
+            source = Source(spec, rank, world, seed=5)
+            n = len(source._epoch_order(0))
+            refs = [source.next_ref() for _ in range(n)]
+            assert {e for e, _ in refs} == {0} and n >= total // world
+            seen += [r for _, r in refs]
+        assert sorted(seen) == list(range(total))
+    a, b = Source(spec, 0, 1, seed=5), Source(spec, 0, 1, seed=5)
+    first = [a.next_ref()[1] for _ in range(total)]
+    assert first == [b.next_ref()[1] for _ in range(total)]
+    assert a.next_ref()[0] == 1 and [a.next_ref()[1] for _ in range(total - 1)] != first[1:]  # new epoch order
+
+
+def test_fingerprint_and_checksum_are_enforced(shard_corpus, tmp_path):
+    spec = SourceSpec(str(shard_corpus["text"]))
+    with pytest.raises(FingerprintMismatch, match="tokenizer fingerprint"):
+        Source(spec, 0, 1, seed=0, tokenizer_fingerprint="0" * 64)
+    Source(spec, 0, 1, seed=0, tokenizer_fingerprint="0" * 64, allow_fingerprint_mismatch=True)
+    # A shard changed after its manifest was written is refused when first opened.
+    import shutil
+
+    copy = tmp_path / "text"
+    shutil.copytree(shard_corpus["text"], copy)
+    victim = copy / Manifest.read(copy).shards[0].file
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    source = Source(SourceSpec(str(copy)), 0, 1, seed=0)
+    with pytest.raises(ValueError, match="sha256"):
+        source.sample(0)
+
+
+def test_guidance_dropout_pads_exactly_the_prompt(shard_corpus, special):
+    source = Source(SourceSpec(str(shard_corpus["generation"])), 0, 1, seed=0)
+    sample = source.sample(0)
+    dropped = with_prompt_dropped(sample, special.pad)
+    start, end = sample.prompt_span
+    assert dropped.input_ids[0] == special.bos and dropped.input_ids[-1] == special.begin_of_image
+    assert (start, end) == (1, len(sample.input_ids) - 1)
+    assert dropped.input_ids[start:end] == [special.pad] * (end - start)
+    rate = sum(drops_prompt(0, 0, 0, r, 0.1) for r in range(20000)) / 20000
+    assert abs(rate - 0.1) < 0.01
+
+
+def test_ratio_per_step_and_every_task_in_every_step(shard_corpus, special):
+    for ratio, unit in (((2, 3, 5), "samples"), ((5, 1, 4), "tokens"), ((1, 0, 3), "samples")):
+        pipe = DataPipeline(make_config(shard_corpus, ratio, seq_len=4096, rows_per_micro_batch=1,
+                                        buffer_size=48, ratio_unit=unit, guidance_dropout=0.0), special)
+        share = torch.tensor(ratio, dtype=torch.float64) / sum(ratio)
+        measured = []
+        for _ in range(200):  # a step = 4 rows of 4096 tokens on this rank
+            step = [s for _ in range(4) for s in pipe._plan_micro_batch()[0]]
+            amount = torch.zeros(3, dtype=torch.float64)
+            for s in step:
+                from model.batch import sample_length
+
+                amount[TASK_INDEX[s.task]] += 1 if unit == "samples" else sample_length(s)
+            assert all(amount[i] > 0 for i in range(3) if ratio[i] > 0), (ratio, amount)
+            measured.append(amount / amount.sum())
+        mean = torch.stack(measured).mean(0)
+        assert (mean - share).abs().max() < 0.02, (ratio, unit, mean)
+
+
+def test_packed_rows_are_full(shard_corpus, special):
+    pipe = DataPipeline(make_config(shard_corpus, (2, 3, 5), seq_len=4096, buffer_size=64), special)
+    rows = [pipe._plan_micro_batch() for _ in range(30)]
+    from model.batch import sample_length
+
+    used = [sum(sample_length(s) for s in row) for mb in rows for row in mb]
+    assert sum(used) / (4096 * len(used)) > 0.99
+
+
+@torch.no_grad()
+def test_packer_batches_equal_samples_one_by_one(shard_corpus, special, tiny_model):
+    pipe = DataPipeline(make_config(shard_corpus, guidance_dropout=0.5), special)
+    rows = pipe._plan_micro_batch()
+    batch = pack_rows(rows, pipe.config.seq_len, special)
+    out = tiny_model(batch)
+    k = 0
+    for b, row in enumerate(rows):
+        for sample in row:
+            at = batch.sample_index[b] == k
+            alone = tiny_model(pack_rows([[sample]], int(at.sum()), special))
+            torch.testing.assert_close(out.token_loss[b, at], alone.token_loss[0], atol=1e-5, rtol=0)
+            k += 1
+    assert k >= 4
+
+
+RESUME_SCRIPT = r"""
+import json, sys, torch
+from model.tokenizer import SpecialTokens, load_tokenizer
+from pipeline.data import DataConfig, DataPipeline
+from pipeline.reader import SourceSpec
+args = json.loads(sys.argv[1])
+cfg = DataConfig(**{**args["config"], "sources": [SourceSpec(**s) for s in args["config"]["sources"]]})
+pipe = DataPipeline(cfg, SpecialTokens.from_tokenizer(load_tokenizer(args["tokenizer"])))
+if args["state"]:
+    pipe.load_state_dict(json.load(open(args["state"])))
+digests = []
+for i, batch in zip(range(args["take"]), pipe):
+    digests.append([batch.input_ids.tolist(), batch.gen_input_ids.tolist(), batch.pixel_values.sum().item()])
+    if i + 1 == args["save_after"]:
+        json.dump(pipe.state_dict(), open(args["save_to"], "w"))
+json.dump(digests, open(args["out"], "w"))
+"""
+
+
+def test_resume_in_a_new_process_continues_exactly(shard_corpus, tokenizer_dir, tmp_path):
+    from dataclasses import asdict
+
+    config = asdict(make_config(shard_corpus, guidance_dropout=0.3, buffer_size=8))
+
+    def run(take, state=None, save_after=-1):
+        out = tmp_path / f"out-{take}-{save_after}.json"
+        args = dict(config=config, tokenizer=str(tokenizer_dir), state=state, take=take, save_after=save_after,
+                    save_to=str(tmp_path / "state.json"), out=str(out))
+        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(args)], check=True, timeout=300)
+        return json.loads(out.read_text())
+
+    full = run(take=12, save_after=5)  # the pipeline has prefetched beyond batch 5 when the state is taken
+    resumed = run(take=7, state=str(tmp_path / "state.json"))
+    assert resumed == full[5:]
+    assert full[5] != full[4]
+
+
+def test_generation_samples_are_dropped_at_the_configured_rate(shard_corpus, special):
+    pipe = DataPipeline(make_config(shard_corpus, (0, 0, 1), guidance_dropout=0.5, seq_len=4096), special)
+    gens = [s for _ in range(40) for row in pipe._plan_micro_batch() for s in row if s.task == GENERATION]
+    padded = [s for s in gens if s.input_ids[1] == special.pad]
+    assert 0.3 < len(padded) / len(gens) < 0.7
