@@ -6,6 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def free_port() -> int:
@@ -21,7 +24,8 @@ def run_ranks(args: list[str], world_size: int = 2, timeout: float = 300, env: d
     for rank in range(world_size):
         rank_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), **(env or {})}
+                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), **(env or {})}
         procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outputs = []
