@@ -1,0 +1,392 @@
+"""The Ray Data job: input shards -> read -> decode/transform/tokenise -> (VQ actors) -> Arrow shards + manifest.
+
+    from_items(pending shards) -> map_batches(read one shard)        tasks, one per input shard
+                               -> map_batches(convert_batch)         tasks: decode here, bad input = skip row
+                               -> map_batches(VQStage)               generation only: a batched actor pool
+                               -> iter_batches on the driver         rows regrouped by input shard; a shard is
+                                                                     written when all its rows have arrived
+
+Writing on the driver keeps one writer per output file (atomic rename, no appends on rerun) and lets it
+know when a shard is complete. A finished shard gets a progress record (`DIR/.progress/NAME.json`: its
+accounting, sha256 and the settings hash) *after* its file is renamed into place, so a rerun keeps exactly
+the shards that have both, redoes the rest and deletes temporary files a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+
+from model.chat import generation_sample
+from model.images import IMAGE_SIZE, pixel_values
+from model.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardEntry,
+    atomic_write_bytes,
+    file_sha256,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+    write_shard,
+)
+from model.sample import GENERATION, SAMPLE_SCHEMA, Sample, samples_to_table
+from model.vq import vq_encode
+from preprocess.records import EMPTY_SHARD, OUT_SCHEMA, RAW_SCHEMA, ConvertConfig, cached_tokenizer, convert_batch
+from preprocess.sources import InputShard, list_shards, read_shard_records
+from preprocess.vq_loader import DTYPES, load_vq
+
+log = logging.getLogger("preprocess")
+PROGRESS_DIR = ".progress"
+# Test hook: SIGKILL this process while the n-th shard of the run is half written under its temporary name.
+KILL_ENV = "JANUS_PREPROCESS_TEST_KILL_AT_SHARD"
+
+
+@dataclass
+class JobConfig:
+    inputs: list[str]
+    output: str
+    convert: ConvertConfig
+    input_format: str = "auto"
+    shard_size: int = 10_000
+    image_root: str = ""
+    class_names: str = ""
+    vq: str = ""
+    vq_dtype: str = "float32"
+    vq_batch_size: int = 16
+    vq_actors: int = 0  # 0: one per GPU, or a quarter of the CPUs
+    cpus: int | None = None  # embedded Ray only
+    gpus: int | None = None
+    address: str = ""
+    convert_batch_size: int = 16
+    progress: bool = True
+
+
+@dataclass
+class ShardResult:
+    """What a finished shard contributed; stored beside it so a rerun can keep it."""
+
+    file: str
+    source: str
+    rows_in: int
+    rows_written: int
+    sha256: str
+    settings_hash: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def in_ray_job() -> bool:
+    """True under `ray job submit`: the job supervisor hands the driver its job config in this variable."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def check_output_path(output: str) -> Path:
+    path = Path(output)
+    if not path.is_absolute() and in_ray_job():
+        # A job runs in a temporary copy of --working-dir: a relative output would vanish with it.
+        raise ValueError(f"--output {output!r} is relative; under `ray job submit` the job runs in a copy of the "
+                         "working directory that is deleted afterwards. Pass an absolute path on shared storage.")
+    return path.resolve()
+
+
+def job_settings(cfg: JobConfig, shards: list[InputShard], tok_fp: str, vq_fp: str | None) -> dict:
+    """What decides the bytes of the shards (not CPUs, address or output): hashed to guard resumes."""
+    convert = {k: v for k, v in asdict(cfg.convert).items() if k != "settings"}
+    convert["instructions"] = list(convert["instructions"])
+    return {
+        "input_format": cfg.input_format,
+        "inputs": cfg.inputs,
+        "input_shards": [s.source for s in shards],
+        "shard_size": cfg.shard_size,
+        "image_root": cfg.image_root,
+        "class_names": cfg.class_names,
+        "convert": convert,
+        "tokenizer_fingerprint": tok_fp,
+        "vq_fingerprint": vq_fp,
+        "vq_dtype": cfg.vq_dtype if cfg.convert.task == GENERATION else None,
+    }
+
+
+def settings_hash(settings: dict) -> str:
+    stable = {k: v for k, v in settings.items() if k not in ("inputs", "input_shards")}  # inputs may grow
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
+def clean_temporaries(out: Path) -> list[str]:
+    """Temporary shards a killed run left (`.NAME.tmp-PID`): never complete, never read."""
+    removed = []
+    for tmp in list(out.glob(".*.tmp-*")) + list((out / PROGRESS_DIR).glob(".*.tmp-*")):
+        tmp.unlink()
+        removed.append(tmp.name)
+    return removed
+
+
+def finished_shards(out: Path, shards: list[InputShard], shash: str) -> dict[int, ShardResult]:
+    """Shards of an earlier run to keep: progress record present, file present with the recorded sha256."""
+    done = {}
+    for shard in shards:
+        record = out / PROGRESS_DIR / (shard.output_name() + ".json")
+        if not record.is_file():
+            continue
+        result = ShardResult(**json.loads(record.read_text()))
+        if result.settings_hash != shash:
+            raise ValueError(f"{out} holds shards made with different settings ({record.name}); use a new --output "
+                             "or delete the old one")
+        if (out / result.file).is_file() and file_sha256(out / result.file) == result.sha256:
+            done[shard.index] = result
+        else:
+            log.warning("redoing %s: its file is missing or changed since it was recorded", result.file)
+    return done
+
+
+def read_batch(batch: pa.Table) -> pa.Table:
+    """`map_batches` body for the shard descriptors (one per batch): the raw records of that input shard."""
+    records = [r for desc in batch.to_pylist() for r in read_shard_records(InputShard(**desc))]
+    return pa.Table.from_pylist(records, schema=RAW_SCHEMA)
+
+
+class VQStage:
+    """Actor: generation pixels -> cosine VQ ids -> the finished generation sample, batched.
+
+    Batches are padded to a fixed size so every forward has the same shape: the same image then gets
+    the same ids whatever it was batched with, and reruns are byte-identical."""
+
+    def __init__(self, vq_path: str, dtype: str, batch_size: int, tokenizer: str, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vq = load_vq(vq_path).to(device=device, dtype=DTYPES[dtype])
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["gen_pixels"] is not None]
+        tokenizer = cached_tokenizer(self.tokenizer)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            images = [Image.frombytes("RGB", (IMAGE_SIZE, IMAGE_SIZE), r["gen_pixels"]) for r in chunk]
+            pixels = pixel_values(images)
+            padded = torch.zeros((self.batch_size, *pixels.shape[1:]), dtype=pixels.dtype)
+            padded[:len(chunk)] = pixels
+            ids = vq_encode(self.vq, padded)[:len(chunk)].cpu()
+            for row, row_ids in zip(chunk, ids, strict=True):
+                row.update(generation_sample(tokenizer, row["caption"], row_ids.tolist(), key=row["key"]).to_row())
+                row["gen_pixels"] = None
+        return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
+
+
+def vq_resources(cfg: JobConfig) -> dict:
+    """GPUs: one actor per GPU. CPUs: a quarter of them in actors, so the reader/decoder tasks keep running
+    (an actor pool that takes every CPU starves the readers and the job stalls)."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        actors = cfg.vq_actors or gpus
+        return {"concurrency": actors, "num_gpus": 1, "num_cpus": 1, "threads": 2}
+    actors = cfg.vq_actors or max(1, cpus // 4)
+    threads = max(1, cpus // (2 * actors))
+    return {"concurrency": actors, "num_cpus": 1, "threads": threads}
+
+
+def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset:
+    ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(read_batch, batch_format="pyarrow", batch_size=1)
+    ds = ds.map_batches(convert_batch, batch_format="pyarrow", batch_size=cfg.convert_batch_size,
+                        fn_kwargs={"cfg": cfg.convert})
+    if cfg.convert.task == GENERATION:
+        res = vq_resources(cfg)
+        ds = ds.map_batches(VQStage, batch_format="pyarrow", batch_size=cfg.vq_batch_size,
+                            concurrency=res["concurrency"], num_cpus=res["num_cpus"], num_gpus=res.get("num_gpus"),
+                            fn_constructor_kwargs={"vq_path": cfg.vq, "dtype": cfg.vq_dtype,
+                                                   "batch_size": cfg.vq_batch_size,
+                                                   "tokenizer": cfg.convert.tokenizer, "threads": res["threads"]})
+    return ds
+
+
+class ShardAssembler:
+    """Regroups streamed rows by input shard and writes each shard once all of its rows have arrived."""
+
+    def __init__(self, out: Path, pending: list[InputShard], shash: str, n_total: int, n_done: int) -> None:
+        self.out, self.shash = out, shash
+        self.shards = {s.index: s for s in pending}
+        self.rows: dict[int, list[dict]] = {s.index: [] for s in pending}
+        self.parts: dict[int, dict[int, int]] = {s.index: {} for s in pending}
+        self.results: dict[int, ShardResult] = {}
+        self.n_total, self.n_done = n_total, n_done
+        self.kill_at = int(os.environ.get(KILL_ENV, "0"))
+        self.skip_examples: Counter = Counter()
+        self.start = time.time()
+
+    def add(self, batch: pa.Table) -> None:
+        touched = set()
+        for row in batch.to_pylist():
+            shard = row["shard"]
+            if row["skip"] == EMPTY_SHARD:
+                self.parts[shard][-1] = 0
+            else:
+                self.rows[shard].append(row)
+                self.parts[shard][row["index"]] = row["parts"]
+            touched.add(shard)
+        for shard in touched:
+            if self.complete(shard):
+                self.finish(shard)
+
+    def complete(self, shard: int) -> bool:
+        rows, parts = self.rows[shard], self.parts[shard]
+        if -1 in parts:
+            return True
+        total = rows[0]["total"] if rows else 0
+        return len(parts) == total and len(rows) == sum(parts.values())
+
+    def finish(self, index: int) -> None:
+        shard = self.shards[index]
+        rows = sorted(self.rows.pop(index), key=lambda r: (r["index"], r["part"]))
+        skipped = Counter(r["skip"] for r in rows if r["skip"])
+        for r in rows:
+            if r["skip"] and self.skip_examples[r["skip"]] < 5:  # a few examples per reason, then only counts
+                self.skip_examples[r["skip"]] += 1
+                log.info("skip %s in %s: %s", r["key"], shard.source, r["detail"])
+        kept = [r for r in rows if not r["skip"]]
+        if any(r["gen_pixels"] is not None for r in kept):
+            raise RuntimeError(f"{shard.source}: generation rows reached the writer without VQ ids")
+        table = samples_to_table([Sample.from_row({k: r[k] for k in SAMPLE_SCHEMA.names}) for r in kept])
+        path = self.out / shard.output_name()
+        self.maybe_die_for_test(table, path)
+        entry = write_shard(table, path)
+        result = ShardResult(file=entry.file, source=shard.source, rows_in=len(rows), rows_written=entry.rows,
+                             sha256=entry.sha256, settings_hash=self.shash, skipped=dict(sorted(skipped.items())))
+        record = self.out / PROGRESS_DIR / (entry.file + ".json")
+        atomic_write_bytes(record, (json.dumps(asdict(result), indent=2, sort_keys=True) + "\n").encode())
+        self.results[index] = result
+        self.n_done += 1
+        rate = sum(r.rows_in for r in self.results.values()) / max(time.time() - self.start, 1e-9)
+        print(f"[{self.n_done}/{self.n_total} shards] {entry.file}: {entry.rows} rows written, "
+              f"{sum(skipped.values())} skipped  ({rate:.1f} rows/s)", flush=True)
+
+    def maybe_die_for_test(self, table: pa.Table, path: Path) -> None:
+        """Only with JANUS_PREPROCESS_TEST_KILL_AT_SHARD=n: leave a half-written temporary shard and SIGKILL
+        ourselves, exactly what a job killed inside write_shard leaves behind (used by the resume test)."""
+        if self.kill_at and len(self.results) + 1 == self.kill_at:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, SAMPLE_SCHEMA) as writer:
+                writer.write_table(table)
+            data = sink.getvalue().to_pybytes()
+            path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data[:len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def check_all_written(self) -> None:
+        missing = [self.shards[i].source for i in self.rows]
+        if missing:
+            raise RuntimeError(f"the job ended before these input shards were complete: {missing[:5]}")
+
+
+def connect_ray(cfg: JobConfig) -> bool:
+    """Join the given cluster, the job's cluster (RAY_ADDRESS under `ray job submit`), or start an embedded
+    one. Returns whether we started the connection (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    if cfg.address:
+        ray.init(address=cfg.address, logging_level=logging.WARNING)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        # address="local": never silently join some other cluster that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=cfg.cpus, num_gpus=cfg.gpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    return True
+
+
+def run(cfg: JobConfig) -> Manifest:
+    """Run (or resume) the job; returns the manifest it wrote."""
+    start = time.time()
+    out = check_output_path(cfg.output)
+    tokenizer = cached_tokenizer(cfg.convert.tokenizer)
+    vq_fp = None
+    if cfg.convert.task == GENERATION:
+        if not cfg.vq:
+            raise ValueError("generation needs --vq DIR (a JanusVQVAE directory or a Janus checkpoint)")
+        vq_fp = weights_fingerprint(load_vq(cfg.vq))  # also fails early, on the driver, if it cannot load
+    shards = list_shards(cfg.inputs, cfg.input_format, cfg.shard_size, cfg.image_root, cfg.class_names)
+    if not shards:
+        raise ValueError(f"no input shards found in {cfg.inputs}")
+    names = [s.output_name() for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("two inputs map to the same output shard name; pass each input once")
+    settings = job_settings(cfg, shards, tokenizer_fingerprint(tokenizer), vq_fp)
+    shash = settings_hash(settings)
+
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    removed = clean_temporaries(out)
+    done = finished_shards(out, shards, shash)
+    pending = [s for s in shards if s.index not in done]
+    print(f"preprocess {cfg.convert.task}: {len(shards)} input shards, {len(done)} already done, "
+          f"{len(pending)} to do -> {out}" + (f" (removed {len(removed)} temporary files)" if removed else ""),
+          flush=True)
+    results = dict(done)
+    if pending:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # until this run ends, the shards do not match it
+        started = connect_ray(cfg)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+            assembler = ShardAssembler(out, pending, shash, len(shards), len(done))
+            for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
+                assembler.add(batch)
+            assembler.check_all_written()
+            results.update(assembler.results)
+        finally:
+            if started:
+                ray.shutdown()
+    manifest = write_manifest(out, cfg, shards, results, settings, vq_fp)
+    print_summary(manifest, out, shards, len(done), time.time() - start)
+    return manifest
+
+
+def write_manifest(out: Path, cfg: JobConfig, shards: list[InputShard], results: dict[int, ShardResult],
+                   settings: dict, vq_fp: str | None) -> Manifest:
+    ordered = [results[s.index] for s in shards]
+    skipped: Counter = Counter()
+    for r in ordered:
+        skipped.update(r.skipped)
+    manifest = Manifest(
+        task=cfg.convert.task, tokenizer_fingerprint=settings["tokenizer_fingerprint"], vq_fingerprint=vq_fp,
+        vq_dtype=settings["vq_dtype"], settings=settings,
+        shards=[ShardEntry(file=r.file, rows=r.rows_written, sha256=r.sha256) for r in ordered],
+        rows_in=sum(r.rows_in for r in ordered), rows_written=sum(r.rows_written for r in ordered),
+        skipped=dict(sorted(skipped.items())),
+    )
+    manifest.write(out)
+    return manifest
+
+
+def print_summary(manifest: Manifest, out: Path, shards: list[InputShard], n_resumed: int, seconds: float) -> None:
+    size = sum((out / s.file).stat().st_size for s in manifest.shards)
+    per_sample = size / max(manifest.rows_written, 1)
+    lines = [
+        "",
+        f"== preprocess {manifest.task}: done in {seconds:.1f}s ==",
+        f"output         {out}  ({len(manifest.shards)} shards, {n_resumed} kept from an earlier run)",
+        f"rows in        {manifest.rows_in}",
+        f"rows written   {manifest.rows_written}",
+        f"rows skipped   {sum(manifest.skipped.values())}",
+    ]
+    lines += [f"  {reason:<20} {count}" for reason, count in manifest.skipped.items()]
+    lines += [
+        f"bytes          {size / 1e6:.2f} MB, {per_sample / 1e3:.1f} KB per sample",
+        f"tokenizer      {manifest.tokenizer_fingerprint[:16]}",
+    ]
+    if manifest.vq_fingerprint:
+        lines.append(f"vq             {manifest.vq_fingerprint[:16]} ({manifest.vq_dtype})")
+    lines.append(f"manifest       {out / MANIFEST_NAME}")
+    print("\n".join(lines), file=sys.stdout, flush=True)

@@ -1,0 +1,330 @@
+"""preprocess/: real Ray (one `ray start --head` per session, token auth on), real tars, real photographs.
+
+Ray job runs (kept few, the machine has 2 cores): understanding on two tars (photos + a bad-input corpus),
+generation on an ImageNet-style folder, text on JSONL, understanding on LLaVA JSON, a killed run and its
+resume, and one `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import JanusImageProcessor
+from transformers.models.janus.modeling_janus import JanusVQVAE
+
+from model.config import preset_config
+from model.images import generation_image, pixel_values
+from model.manifest import Manifest, file_sha256, read_shard, weights_fingerprint
+from model.sample import samples_from_table
+from preprocess.cli import main
+from preprocess.job import KILL_ENV, PROGRESS_DIR, check_output_path
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = {
+    "astronaut.png": "An astronaut in a white suit smiles in front of a flag.",
+    "chelsea.png": "A brown tabby cat with green eyes looks to the side.",
+    "coffee.png": "A cup of coffee on a saucer with a spoon.",
+    "rocket.jpg": "A rocket lifts off from its launch pad.",
+    "motorcycle_left.png": "A red motorcycle parked in a room.",
+    "hubble_deep_field.jpg": "Hundreds of distant galaxies in deep space.",
+}
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A webdataset tar as img2dataset writes it: members in key order, key.ext names."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def bad_corpus(photos: dict[str, Image.Image]) -> tuple[dict[str, bytes], dict[str, str | None]]:
+    """Members of a tar of hard cases, and what each key must become (a skip reason, or None: written)."""
+    astro, cat = photos["astronaut.png"].convert("RGB"), photos["chelsea.png"]
+    jpeg = encoded(astro, "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 on display, so the 451x300 cat becomes portrait
+    rgba = cat.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(cat.size))
+    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    sixteen = Image.fromarray(np.asarray(photos["camera.png"], dtype=np.uint16) * 257)  # mode I;16
+    cases = {
+        "b00_zero": ("jpg", b"", "A photo.", "image_empty"),
+        "b01_truncated": ("jpg", jpeg[: len(jpeg) // 2], "A photo.", "image_corrupt"),
+        "b02_random": ("jpg", np.random.default_rng(0).bytes(5000), "A photo.", "image_unreadable"),
+        "b03_huge": ("png", encoded(Image.new("1", (9500, 9500)), "PNG"), "A photo.", "image_too_large"),
+        "b04_tiny": ("png", encoded(Image.new("RGB", (1, 1), (200, 0, 0)), "PNG"), "A photo.", "image_too_small"),
+        "b05_16bit": ("png", encoded(sixteen, "PNG"), "A camera man.", None),
+        "b06_cmyk": ("jpg", encoded(astro.convert("CMYK"), "JPEG", quality=95), "An astronaut.", None),
+        "b07_exif": ("jpg", encoded(cat.convert("RGB"), "JPEG", quality=95, exif=exif), "A cat.", None),
+        "b08_rgba": ("png", encoded(rgba, "PNG"), "A fading cat.", None),
+        "b09_palette": ("png", encoded(palette, "PNG"), "A cat in 16 colours.", None),
+        "b10_latin1": ("jpg", jpeg, "Caf\xe9 cr\xe8me".encode("latin-1"), "text_not_utf8"),
+        "b11_empty_caption": ("jpg", jpeg, "   ", "text_empty"),
+        "b12_long_caption": ("jpg", jpeg, "the quick brown fox " * 2000, "too_long"),
+        "b13_no_image": (None, b"", "A caption without its image.", "image_missing"),
+    }
+    members, expected = {}, {}
+    for key, (ext, data, caption, reason) in cases.items():
+        if ext:
+            members[f"{key}.{ext}"] = data
+        members[f"{key}.txt"] = caption if isinstance(caption, bytes) else caption.encode()
+        expected[key] = reason
+    return members, expected
+
+
+@pytest.fixture(scope="module")
+def und_inputs(tmp_path_factory, photos) -> dict:
+    root = tmp_path_factory.mktemp("und_in")
+    good = {}
+    for name, caption in CAPTIONS.items():
+        key = Path(name).stem
+        ext = "jpg" if name.endswith(".jpg") else "png"
+        good[f"{key}.{ext}"] = encoded(photos[name], "JPEG" if ext == "jpg" else "PNG", **(
+            {"quality": 95} if ext == "jpg" else {}))
+        good[f"{key}.txt"] = caption.encode()
+        good[f"{key}.json"] = json.dumps({"url": f"http://example.com/{name}", "caption": caption}).encode()
+    members, expected = bad_corpus(photos)
+    tars = [write_tar(root / "photos-00000.tar", good), write_tar(root / "bad-00001.tar", members)]
+    return {"tars": [str(t) for t in tars], "expected_bad": expected}
+
+
+def und_args(und_inputs: dict, tokenizer_dir: Path, out: Path) -> list[str]:
+    return ["understanding", "--input", *und_inputs["tars"], "--output", str(out), "--tokenizer", str(tokenizer_dir),
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def und_run(ray_client, und_inputs, tokenizer_dir, tmp_path_factory) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("und_out") / "shards"
+    return out, main(und_args(und_inputs, tokenizer_dir, out))
+
+
+def shard_by_source(out: Path, manifest: Manifest, stem: str) -> Path:
+    files = [s.file for s in manifest.shards if s.file.startswith(stem)]
+    assert len(files) == 1, files
+    return out / files[0]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_understanding_images_equal_janus_processor(und_run, photos, tokenizer, special):
+    out, manifest = und_run
+    samples = {s.key: s for s in samples_from_table(read_shard(shard_by_source(out, manifest, "photos-00000")))}
+    assert sorted(samples) == sorted(Path(n).stem for n in CAPTIONS)
+    processor = JanusImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3)  # background (127,127,127)
+    for name, caption in CAPTIONS.items():
+        sample = samples[Path(name).stem]
+        stored = np.asarray(Image.open(io.BytesIO(sample.images[0])))
+        assert stored.shape == (384, 384, 3)
+        # What the tar held (PNG lossless, JPEG re-decoded) through transformers' processor, back to 0..255.
+        source = Image.open(io.BytesIO(encoded(photos[name], "JPEG", quality=95))) if name.endswith(".jpg") \
+            else photos[name]
+        reference = processor(images=source.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        reference = ((reference.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        assert psnr(stored, reference) >= 45, name
+        width, height = source.size
+        if width != height:  # every pad pixel away from the image edge (JPEG blocks) is exactly 127
+            pad = (384 - round(384 * min(width, height) / max(width, height))) // 2
+            band = (reference[: pad - 8] if width > height else reference[:, : pad - 8])
+            stored_band = (stored[: pad - 8] if width > height else stored[:, : pad - 8])
+            assert (band == 127).all() and (stored_band == 127).all(), name
+        ids = sample.input_ids
+        start = ids.index(special.begin_of_image)
+        assert ids[start + 1:start + 577] == [special.image_placeholder] * 576
+        assert ids[start + 577] == special.end_of_image
+        (s, e), = sample.loss_spans
+        assert tokenizer.decode(ids[s:e]) == caption + tokenizer.eos_token
+
+
+def test_bad_inputs_are_counted_skips(und_run, und_inputs):
+    out, manifest = und_run
+    expected = und_inputs["expected_bad"]
+    reasons = [r for r in expected.values() if r]
+    assert manifest.skipped == {r: reasons.count(r) for r in set(reasons)}
+    assert manifest.rows_in == len(CAPTIONS) + len(expected)
+    assert manifest.rows_in == manifest.rows_written + sum(manifest.skipped.values())
+    written = {s.key: s for s in samples_from_table(read_shard(shard_by_source(out, manifest, "bad-00001")))}
+    assert sorted(written) == sorted(k for k, r in expected.items() if r is None)
+    for entry in manifest.shards:  # the manifest describes the files exactly
+        assert file_sha256(out / entry.file) == entry.sha256
+        assert read_shard(out / entry.file).num_rows == entry.rows
+    rotated = np.asarray(Image.open(io.BytesIO(written["b07_exif"].images[0])))
+    assert (rotated[:, :20] == 127).all() and not (rotated[150:230, 180:200] == 127).all()  # portrait: side pads
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != PROGRESS_DIR) == []
+    assert manifest.task == "understanding" and manifest.vq_fingerprint is None
+
+
+@pytest.fixture(scope="module")
+def tiny_vq_dir(tmp_path_factory) -> Path:
+    """The tiny preset's VQ with codebook rows of very unequal norms (as trained ones have), saved as a
+    JanusVQVAE directory: plain L2 and cosine assignment then disagree, so the test can tell them apart."""
+    torch.manual_seed(0)
+    vq = JanusVQVAE(preset_config("tiny").vq_config).eval()
+    with torch.no_grad():
+        vq.quantize.embedding.weight.mul_(torch.logspace(-2, 1, vq.config.num_embeddings)[:, None])
+    path = tmp_path_factory.mktemp("vq")
+    vq.save_pretrained(path)
+    return path
+
+
+def test_generation_from_imagenet_folders_is_cosine_nearest(ray_client, tiny_vq_dir, photos, tokenizer,
+                                                             tokenizer_dir, special, tmp_path):
+    root = tmp_path / "train"
+    files = {"n02123045/cat_1.JPEG": "chelsea.png", "n02123045/cat_2.JPEG": "coffee.png",
+             "n04266014/rocket_1.JPEG": "rocket.jpg"}
+    for rel, name in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        photos[name].convert("RGB").save(root / rel, format="JPEG", quality=95)
+    names = tmp_path / "LOC_synset_mapping.txt"
+    names.write_text("n02123045 tabby, tabby cat\nn04266014 space shuttle\nn99999999 unused\n")
+    out = tmp_path / "gen"
+    manifest = main(["generation", "--input", str(root), "--class-names", str(names), "--output", str(out),
+                     "--tokenizer", str(tokenizer_dir), "--vq", str(tiny_vq_dir), "--shard-size", "2",
+                     "--vq-batch-size", "2", "--no-progress"])
+    assert manifest.rows_written == 3 and len(manifest.shards) == 2 and manifest.skipped == {}
+    vq = JanusVQVAE.from_pretrained(str(tiny_vq_dir)).eval()
+    assert manifest.vq_fingerprint == weights_fingerprint(vq) and manifest.vq_dtype == "float32"
+    samples = {s.key: s for e in manifest.shards for s in samples_from_table(read_shard(out / e.file))}
+    assert sorted(samples) == sorted(files)
+    for rel, sample in samples.items():
+        prompt = tokenizer.decode(sample.input_ids[sample.prompt_span[0]:sample.prompt_span[1]])
+        assert ("tabby" if "cat" in rel else "space shuttle") in prompt and "," not in prompt
+        assert sample.input_ids[0] == special.bos and sample.input_ids[-1] == special.begin_of_image
+        assert sample.prompt_span == (1, len(sample.input_ids) - 1)
+        with Image.open(root / rel) as im:
+            pixels = pixel_values([generation_image(im)])
+        with torch.no_grad():  # brute force: cosine against every codebook row
+            z = vq.quant_conv(vq.encoder(pixels)).permute(0, 2, 3, 1).reshape(-1, vq.config.embed_dim)
+            cos = F.normalize(z, dim=-1) @ F.normalize(vq.quantize.embedding.weight, dim=-1).T
+        ids = torch.tensor(sample.image_ids)
+        best = cos.argmax(-1)
+        # Equal wherever the nearest code is not a float tie (batching may move the last bits).
+        top2 = cos.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-5
+        assert len(ids) == 576 and torch.equal(ids[clear], best[clear])
+        assert (cos.gather(1, ids[:, None]).squeeze(1) >= top2[:, 0] - 1e-5).all()
+
+
+def test_text_jsonl_splits_long_documents(ray_client, tokenizer, tokenizer_dir, special, tmp_path):
+    long_doc = " ".join(f"word{i} the quick brown fox" for i in range(3000))  # several 4096-token pieces
+    lines = [json.dumps({"text": "A short document."}).encode(), json.dumps({"text": long_doc}).encode(),
+             json.dumps({"text": "  "}).encode(), b'{"text": "caf\xe9"}', b"not json",
+             json.dumps({"body": "x"}).encode()]
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "text"
+    manifest = main(["text", "--input", str(source), "--output", str(out), "--tokenizer", str(tokenizer_dir),
+                     "--shard-size", "4", "--no-progress"])
+    assert len(manifest.shards) == 2
+    assert manifest.skipped == {"text_empty": 1, "text_not_utf8": 1, "bad_record": 1, "text_missing": 1}
+    samples = [s for e in manifest.shards for s in samples_from_table(read_shard(out / e.file))]
+    pieces = [s for s in samples if s.key.startswith("docs.jsonl#0:1#")]
+    assert len(pieces) >= 3 and all(len(s.input_ids) <= 4096 for s in pieces)
+    assert "".join(tokenizer.decode(s.input_ids[1:], skip_special_tokens=True) for s in pieces) == long_doc
+    assert [s.input_ids[-1] == special.eos for s in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert manifest.rows_in == manifest.rows_written + 4 and manifest.rows_written == 1 + len(pieces)
+
+
+def test_llava_multi_turn_multi_image(ray_client, photos, tokenizer, tokenizer_dir, special, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("chelsea.png", "coffee.png"):
+        photos[name].save(images / name)
+    data = [
+        {"id": "two", "image": ["chelsea.png", "coffee.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat differs?"}, {"from": "gpt", "value": "A cat, a cup."},
+            {"from": "human", "value": "Which is warm?"}, {"from": "gpt", "value": "The coffee."}]},
+        {"id": "nomarker", "image": "chelsea.png", "conversations": [
+            {"from": "human", "value": "What animal?"}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "missing", "image": "nope.png", "conversations": [
+            {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "broken", "image": "chelsea.png", "conversations": [{"speaker": "x"}]},
+    ]
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(data))
+    out = tmp_path / "llava"
+    manifest = main(["understanding", "--input", str(source), "--image-root", str(images), "--output", str(out),
+                     "--tokenizer", str(tokenizer_dir), "--system-prompt", "", "--no-progress"])
+    assert manifest.skipped == {"image_missing": 1, "bad_record": 1} and manifest.rows_written == 2
+    samples = {s.key: s for s in samples_from_table(read_shard(out / manifest.shards[0].file))}
+    two = samples["two"]
+    assert len(two.images) == 2 and two.input_ids.count(special.image_placeholder) == 2 * 576
+    assert [tokenizer.decode(two.input_ids[s:e]) for s, e in two.loss_spans] == [
+        "A cat, a cup." + tokenizer.eos_token, "The coffee." + tokenizer.eos_token]
+    assert samples["nomarker"].input_ids.count(special.image_placeholder) == 576
+
+
+def test_relative_output_is_refused_inside_a_ray_job(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert check_output_path("out") == tmp_path / "out"  # outside a job: resolved against the cwd
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ValueError, match="relative"):
+        check_output_path("out")
+    assert check_output_path(str(tmp_path / "abs")) == tmp_path / "abs"
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.arrow"))}
+
+
+def test_killed_run_resumes_to_identical_output(und_run, und_inputs, tokenizer_dir, ray_cluster, tmp_path):
+    """SIGKILL the driver while a shard is half written under its temporary name; rerun the same command
+    (this time on an embedded Ray): the finished shard is kept, the rest done, output byte-identical."""
+    ref_out, ref_manifest = und_run
+    out = tmp_path / "resumed"
+    env = {**ray_cluster["env"], KILL_ENV: "2"}
+    cmd = [sys.executable, "-m", "preprocess", *und_args(und_inputs, tokenizer_dir, out)]
+    killed = subprocess.run([*cmd, "--address", ray_cluster["address"]], env=env, cwd=REPO, capture_output=True,
+                            timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-3000:]
+    temporaries = [p.name for p in out.glob(".*.tmp-*")]
+    assert len(temporaries) == 1 and not (out / "manifest.json").exists()
+    kept = [p for p in out.glob("*.arrow")]
+    assert len(kept) == 1
+    kept_inode = kept[0].stat().st_ino
+
+    env.pop(KILL_ENV)
+    rerun = subprocess.run([*cmd, "--cpus", "1"], env=env, cwd=REPO, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    assert "1 already done, 1 to do" in rerun.stdout.decode()
+    assert kept[0].stat().st_ino == kept_inode  # kept, not rewritten
+    assert shard_bytes(out) == shard_bytes(ref_out)
+    assert not list(out.glob(".*.tmp-*"))
+    manifest = Manifest.read(out)
+    assert manifest.shards == ref_manifest.shards and manifest.skipped == ref_manifest.skipped
+
+
+def test_ray_job_submit_equals_embedded_run(und_run, und_inputs, tokenizer_dir, ray_cluster, tmp_path):
+    ref_out, ref_manifest = und_run
+    out = tmp_path / "submitted"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
+           "--working-dir", str(REPO), "--", sys.executable, "-m", "preprocess",
+           *und_args(und_inputs, tokenizer_dir, out)]
+    done = subprocess.run(cmd, env=ray_cluster["env"], cwd=REPO, capture_output=True, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()[-4000:]
+    assert "succeeded" in done.stdout.decode()
+    assert shard_bytes(out) == shard_bytes(ref_out)
+    assert Manifest.read(out).shards == ref_manifest.shards
