@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from model.images import decode_image, pixel_values
-from model.sample import GENERATION, TASK_INDEX, UNDERSTANDING, Sample
+from model.sample import GENERATION, TASK_INDEX, TASKS, UNDERSTANDING, Sample
 from model.tokenizer import SpecialTokens
 
 IGNORE = -100
@@ -33,6 +33,11 @@ class PackedBatch:
     sample_index: torch.Tensor    # [B, T] which packed sample t belongs to (-1 on row padding)
     cu_seqlens: torch.Tensor      # [S + 1] int32 segment starts over the flattened B*T tokens
     max_seqlen: int
+
+    def target_counts(self) -> torch.Tensor:
+        """[len(TASKS)] number of loss targets per task (what the forward's `target_count` will be)."""
+        has_target = (self.text_targets != IGNORE) | (self.image_targets != IGNORE)
+        return torch.bincount(self.task[has_target], minlength=len(TASKS))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         moved = {}

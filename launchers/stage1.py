@@ -1,0 +1,14 @@
+"""Janus-Pro Stage 1. `deepspeed launchers/stage1.py --model 7b --data MANIFEST... --init WEIGHTS --output DIR`
+
+Defaults: Table 2 (model/stages.py). Any value: a flag (--help lists them) or --config FILE.yaml.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the deepspeed launcher
+
+from pipeline.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(stage=1)

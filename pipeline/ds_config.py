@@ -1,0 +1,70 @@
+"""DeepSpeed configs: the JSON templates in ds_configs/ with the numbers that depend on the run filled in.
+
+transformers' "auto" values cannot be used: its integration looks for a top-level `hidden_size`, and
+Janus keeps it in `text_config`. So bucket sizes are filled here from the model width, and batch
+sizes from the stage's rows per step and the world size, after checking the combination is possible.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    rows_per_step: int         # global: packed rows of seq_len tokens per optimizer step (Table 2's batch)
+    world_size: int            # data-parallel ranks
+    rows_per_micro_batch: int  # per rank per forward
+    accumulation_steps: int
+
+
+def working_node_counts(rows_per_step: int, gpus_per_node: int, rows_per_micro_batch: int) -> list[int]:
+    """Node counts whose data-parallel size divides the step into whole micro-batches on every rank."""
+    counts = []
+    for nodes in range(1, rows_per_step // gpus_per_node + 1):
+        world = nodes * gpus_per_node
+        if rows_per_step % world == 0 and (rows_per_step // world) % rows_per_micro_batch == 0:
+            counts.append(nodes)
+    return counts
+
+
+def batch_plan(rows_per_step: int, world_size: int, rows_per_micro_batch: int, gpus_per_node: int = 8) -> BatchPlan:
+    """Micro-batches and accumulation for a step; an impossible combination is refused before any model is built."""
+    def refuse(why: str) -> None:
+        nodes = working_node_counts(rows_per_step, gpus_per_node, rows_per_micro_batch)
+        raise ValueError(f"{why}. With {gpus_per_node} GPUs per node and {rows_per_micro_batch} row(s) per "
+                         f"micro-batch, node counts that work: {', '.join(map(str, nodes)) or 'none'}")
+
+    if world_size > rows_per_step:
+        refuse(f"{rows_per_step} rows per step cannot feed {world_size} data-parallel ranks (each needs at least "
+               f"one row per step)")
+    if rows_per_step % world_size:
+        refuse(f"{rows_per_step} rows per step do not split evenly over {world_size} ranks")
+    per_rank = rows_per_step // world_size
+    if per_rank % rows_per_micro_batch:
+        refuse(f"{per_rank} rows per rank per step are not a whole number of {rows_per_micro_batch}-row micro-batches")
+    return BatchPlan(rows_per_step, world_size, rows_per_micro_batch, per_rank // rows_per_micro_batch)
+
+
+def deepspeed_config(template: str | Path, plan: BatchPlan, hidden_size: int, learning_rate: float,
+                     betas: tuple[float, float], weight_decay: float, eps: float, grad_clip: float) -> dict:
+    """A template from ds_configs/ (a name or a path) with the run's numbers filled in."""
+    path = Path(template)
+    if not path.is_file():
+        path = DS_CONFIGS / f"{template}.json"
+    config = json.loads(path.read_text())
+    zero = config.setdefault("zero_optimization", {})
+    zero["reduce_bucket_size"] = hidden_size * hidden_size
+    zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+    zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    config["train_micro_batch_size_per_gpu"] = plan.rows_per_micro_batch
+    config["gradient_accumulation_steps"] = plan.accumulation_steps
+    config["train_batch_size"] = plan.rows_per_step
+    config["gradient_clipping"] = grad_clip
+    params = config.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})["params"]
+    params.update(lr=learning_rate, betas=list(betas), weight_decay=weight_decay, eps=eps)
+    return config

@@ -1,0 +1,314 @@
+"""The three-stage Janus-Pro training loop on DeepSpeed ZeRO-3.
+
+    deepspeed launchers/stage1.py --model 7b --data MANIFEST... --init WEIGHTS --output DIR
+
+Read top to bottom: set-up (plan, model, engine, data, resume), then `train()`, whose loop is one
+screen. Each stage is its own DeepSpeed engine: which parameters train cannot change inside one.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+
+from model.batch import PackedBatch
+from model.config import load_config
+from model.janus import JanusProForTraining
+from model.manifest import Manifest, tokenizer_fingerprint, weights_fingerprint
+from model.sample import TASKS
+from model.stages import set_trainable
+from model.tokenizer import SpecialTokens, load_tokenizer
+from model.weights import checkpoint_config, load_checkpoint
+from pipeline import checkpoint
+from pipeline.attention import use_attention
+from pipeline.data import DataConfig, DataPipeline
+from pipeline.ds_config import BatchPlan, batch_plan, deepspeed_config
+from pipeline.reader import SourceSpec
+from pipeline.train_config import TrainConfig, resolve
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up to the stage's rate over `warmup_steps` optimizer steps, then constant (Table 2).
+
+    DeepSpeed's WarmupLR would warm up on a log curve by default; this is the paper's linear one.
+    """
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def step_loss(loss_sum: torch.Tensor, step_counts: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+    """This micro-batch's share of the step loss, normalised by the targets of the whole global step.
+
+    token: sum_t w_t L_t / sum_t w_t N_t (one token mean over the global batch);
+    task:  sum_t w_t (L_t / N_t) / sum_{t present} w_t (each task's mean, then weighted).
+    Summing this over micro-batches and ranks gives the step's loss exactly.
+    """
+    if mode == "token":
+        return (weights * loss_sum).sum() / (weights * step_counts).sum().clamp(min=1)
+    if mode == "task":
+        present = (step_counts > 0).to(weights.dtype)
+        return (weights * loss_sum / step_counts.clamp(min=1)).sum() / (weights * present).sum().clamp(min=1e-12)
+    raise ValueError(f"loss_normalisation must be 'token' or 'task', not {mode!r}")
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning) on any rank: checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([float(self.raised)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Watchdog:
+    """Exit non-zero with every thread's stack if no step completes in `seconds`, so a scheduler requeues."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.monotonic()
+        if seconds > 0:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(30.0, self.seconds / 4))
+            if time.monotonic() - self.last > self.seconds:
+                print(f"watchdog: no step completed in {self.seconds:.0f}s; stacks follow", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(all_threads=True)
+                os._exit(3)
+
+
+def log(rank: int, *parts: object) -> None:
+    if rank == 0:
+        print(*parts, flush=True)
+
+
+# ---- set-up ----
+
+def model_config_for(config: TrainConfig, image_token_id: int):
+    init = Path(config.init) if config.init else None
+    if init is not None and ((init / "config.json").is_file()) and not (init / "checkpoints").is_dir():
+        return checkpoint_config(init, image_token_id)  # released weights: their own config wins
+    model_config = load_config(config.model, image_token_id)
+    model_config.image_token_id = image_token_id
+    return model_config
+
+
+def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProForTraining:
+    """Built sharded (each rank holds only its part), then filled from --init if given."""
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = JanusProForTraining(model_config_for(config, image_token_id))
+    if config.init:
+        init = Path(config.init)
+        # A previous stage's run directory is consolidated with DeepSpeed's utilities first.
+        source = checkpoint.consolidate(init) if (init / "checkpoints").is_dir() else init
+        load_checkpoint(model, source)
+    set_trainable(model, config.trainable)
+    use_attention(model, config.attention)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def vq_fingerprint(model: JanusProForTraining) -> str:
+    with deepspeed.zero.GatheredParameters(list(model.model.vqmodel.parameters())):
+        return weights_fingerprint(model.model.vqmodel)
+
+
+def data_config(config: TrainConfig, manifests: list[str], tokenizer_print: str, vq_print: str | None,
+                training: bool = True) -> DataConfig:
+    weights = config.data_weights or [1.0] * len(manifests)
+    tasks = [Manifest.read(m).task for m in manifests]
+    ratio = config.ratio if training else [float(t in tasks) for t in TASKS]
+    return DataConfig(
+        sources=[SourceSpec(m, w) for m, w in zip(manifests, weights, strict=True)], ratio=tuple(ratio),
+        seq_len=config.seq_len, rows_per_micro_batch=config.rows_per_micro_batch, ratio_unit=config.ratio_unit,
+        guidance_dropout=config.guidance_dropout if training else 0.0, eoi_is_target=config.eoi_is_target,
+        seed=config.seed if training else 12345, num_workers=config.num_workers,
+        allow_fingerprint_mismatch=config.allow_fingerprint_mismatch,
+        tokenizer_fingerprint=tokenizer_print, vq_fingerprint=vq_print)
+
+
+# ---- the loop ----
+
+def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, special: SpecialTokens,
+          start_step: int, device: torch.device, val_config: DataConfig | None) -> int:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = torch.tensor(config.task_loss_weights, dtype=torch.float32, device=device)
+    stop, watchdog, batches = StopFlag(), Watchdog(config.watchdog_seconds), iter(data)
+    metrics = open(Path(config.output) / "metrics.jsonl", "a") if rank == 0 else None
+    nonfinite_in_a_row, step, tick = 0, start_step, time.perf_counter()
+    while step < config.train_steps:
+        micro_batches = [next(batches).to(device) for _ in range(plan.accumulation_steps)]
+        # The whole step's target count, on every rank, before the first backward.
+        step_counts = torch.stack([b.target_counts() for b in micro_batches]).sum(0).to(device, torch.float32)
+        dist.all_reduce(step_counts)
+        loss_sums, finite = torch.zeros(len(TASKS), device=device), True
+        for batch in micro_batches:
+            out = engine(batch)
+            loss = step_loss(out.loss_sum, step_counts, weights, config.loss_normalisation)
+            finite = finite and all_ranks_finite(loss, device)
+            # DeepSpeed divides by the accumulation steps and averages over ranks: undo both.
+            scale = plan.accumulation_steps * world
+            engine.backward(loss * scale if finite else out.loss_sum.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0)
+            if not finite:
+                zero_lr(engine)  # a step at rate 0 leaves the weights as they were; the scheduler resets the rate
+            engine.step()
+            loss_sums += out.loss_sum.detach().float()
+        step += 1
+        watchdog.beat()
+        dist.all_reduce(loss_sums)
+        task_loss = (loss_sums / step_counts.clamp(min=1)).tolist()
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise FloatingPointError(f"step {step}: {nonfinite_in_a_row} non-finite steps in a row; task losses "
+                                     f"{dict(zip(TASKS, task_loss, strict=True))}")
+        if step % config.log_every == 0 or step == config.train_steps or step == start_step + 1:
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            record = step_record(step, task_loss, engine, micro_batches, elapsed, config, plan, finite)
+            log(rank, format_record(record))
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+        if val_config is not None and config.val_every and step % config.val_every == 0:
+            log(rank, f"step {step:7d}  validation  " + "  ".join(
+                f"{t} {v:.4f}" for t, v in validate(engine, val_config, special, config.val_batches, device).items()))
+        stopping = stop.any_rank(device)
+        if stopping or step % config.save_every == 0 or step == config.train_steps:
+            path = checkpoint.save(engine, config.output, step, {"data": data.state_dict()}, config.keep_last)
+            log(rank, f"saved {path}")
+        if stopping:
+            log(rank, f"stop signal: checkpointed step {step}, exiting")
+            break
+    if metrics:
+        metrics.close()
+    return step
+
+
+def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    flag = torch.tensor([float(torch.isfinite(loss.detach()).item())], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def zero_lr(engine) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+
+
+def step_record(step: int, task_loss: list[float], engine, micro_batches: list[PackedBatch], seconds: float,
+                config: TrainConfig, plan: BatchPlan, finite: bool) -> dict:
+    real = sum(int((b.task >= 0).sum()) for b in micro_batches) * plan.world_size
+    rows = plan.rows_per_step
+    grad_norm = engine.get_global_grad_norm()
+    return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": engine.get_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not finite,
+            "tokens_per_s_last_step": real / max(seconds, 1e-9) if seconds else None,
+            "packing_efficiency": real / (rows * config.seq_len)}
+
+
+def format_record(r: dict) -> str:
+    losses = "  ".join(f"{t} {v:.4f}" for t, v in r["loss"].items())
+    norm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    return (f"step {r['step']:7d}  {losses}  lr {r['lr']:.3e}  grad-norm {norm}  "
+            f"packing {r['packing_efficiency']:.1%}" + ("  SKIPPED (non-finite)" if r["skipped"] else ""))
+
+
+@torch.no_grad()
+def validate(engine, val_config: DataConfig, special: SpecialTokens, batches: int, device) -> dict[str, float]:
+    """Loss per task on held-out shards; every rank runs the same number of batches (ZeRO-3 needs all)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sums, counts = torch.zeros(len(TASKS), device=device), torch.zeros(len(TASKS), device=device)
+    engine.eval()
+    for _, batch in zip(range(batches), DataPipeline(val_config, special, rank, world), strict=False):
+        out = engine(batch.to(device))
+        sums += out.loss_sum.float()
+        counts += out.target_count.float()
+    engine.train()
+    dist.all_reduce(sums)
+    dist.all_reduce(counts)
+    return {t: (s / c).item() if c > 0 else math.nan for t, s, c in zip(TASKS, sums, counts, strict=True)}
+
+
+def main(stage: int, argv: list[str] | None = None) -> None:
+    config, args = resolve(stage, argv)
+    if args.dry_run:
+        return dry_run(config, args.world_size)
+    if not config.data:
+        raise SystemExit("--data: at least one manifest is needed")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan = batch_plan(config.rows_per_step, world, config.rows_per_micro_batch, config.gpus_per_node)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+
+    tokenizer = load_tokenizer(config.tokenizer or config.init)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    width = model_config_for(config, special.image_placeholder).text_config.hidden_size
+    ds = deepspeed_config(config.ds_config or ("zero3_bf16" if torch.cuda.is_available() else "zero3_cpu"), plan,
+                          width, config.learning_rate, tuple(config.adam_betas), config.weight_decay,
+                          config.adam_eps, config.grad_clip)
+    if rank == 0:
+        Path(config.output).mkdir(parents=True, exist_ok=True)
+        config.save(Path(config.output) / "config.yaml")
+        (Path(config.output) / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        print(f"Stage {stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
+              f"{plan.rows_per_micro_batch} row(s) per step\n{config.describe()}", flush=True)
+
+    model = build_model(config, ds, special.image_placeholder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds,
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, config.warmup_steps)))
+
+    fingerprints = (tokenizer_fingerprint(tokenizer), vq_fingerprint(model))
+    data = DataPipeline(data_config(config, config.data, *fingerprints), special, rank, world)
+    val = data_config(config, config.val_data, *fingerprints, training=False) if config.val_data else None
+
+    start_step = 0
+    resume_from = checkpoint.latest_checkpoint(config.output) if config.resume == "auto" else (
+        None if config.resume == "none" else Path(config.resume))
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from)
+        data.load_state_dict(state["data"])
+        start_step = state["step"]
+        log(rank, f"resumed from {resume_from} at step {start_step}")
+    step = train(config, plan, engine, data, special, start_step, device, val)
+    log(rank, f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(config.output)}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def dry_run(config: TrainConfig, world_size: int | None) -> None:
+    """The batch plan (refused if impossible) and the per-GPU memory estimate, without building the model."""
+    if not world_size:
+        raise SystemExit("--dry-run needs --world-size")
+    plan = batch_plan(config.rows_per_step, world_size, config.rows_per_micro_batch, config.gpus_per_node)
+    print(f"Stage {config.stage}, model {config.model}: {plan.rows_per_step} rows/step over {world_size} ranks = "
+          f"{plan.accumulation_steps} x {plan.rows_per_micro_batch} row(s) of {config.seq_len} tokens per rank")
+    try:
+        from pipeline.memory import dry_run_report
+    except ImportError:
+        return
+    print(dry_run_report(config, plan))
