@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -28,13 +29,15 @@ from model.config import load_config
 from model.janus import JanusProForTraining
 from model.manifest import Manifest, tokenizer_fingerprint, weights_fingerprint
 from model.sample import TASKS
-from model.stages import set_trainable
+from model.stages import set_trainable, stage_for
 from model.tokenizer import SpecialTokens, load_tokenizer
 from model.weights import checkpoint_config, load_checkpoint
 from pipeline import checkpoint
 from pipeline.attention import use_attention
 from pipeline.data import DataConfig, DataPipeline
 from pipeline.ds_config import BatchPlan, batch_plan, deepspeed_config
+from pipeline.memory import estimate_memory, format_dry_run
+from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
 from pipeline.reader import SourceSpec
 from pipeline.train_config import TrainConfig, resolve
 
@@ -108,11 +111,18 @@ def log(rank: int, *parts: object) -> None:
 
 def model_config_for(config: TrainConfig, image_token_id: int):
     init = Path(config.init) if config.init else None
-    if init is not None and ((init / "config.json").is_file()) and not (init / "checkpoints").is_dir():
+    if init is not None and (init / "config.json").is_file() and not (init / "checkpoints").is_dir():
         return checkpoint_config(init, image_token_id)  # released weights: their own config wins
     model_config = load_config(config.model, image_token_id)
     model_config.image_token_id = image_token_id
     return model_config
+
+
+def deepspeed_run_config(config: TrainConfig, plan: BatchPlan, special: SpecialTokens) -> dict:
+    width = model_config_for(config, special.image_placeholder).text_config.hidden_size
+    template = config.ds_config or ("zero3_bf16" if torch.cuda.is_available() else "zero3_cpu")
+    return deepspeed_config(template, plan, width, config.learning_rate, tuple(config.adam_betas),
+                            config.weight_decay, config.adam_eps, config.grad_clip)
 
 
 def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProForTraining:
@@ -127,8 +137,17 @@ def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProF
     set_trainable(model, config.trainable)
     use_attention(model, config.attention)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def build_engine(config: TrainConfig, ds: dict, special: SpecialTokens):
+    """The stage's own DeepSpeed engine: only trainable parameters reach the optimizer."""
+    model = build_model(config, ds, special.image_placeholder)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, config.warmup_steps)))
+    return engine
 
 
 def vq_fingerprint(model: JanusProForTraining) -> str:
@@ -154,39 +173,25 @@ def data_config(config: TrainConfig, manifests: list[str], tokenizer_print: str,
 
 def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, special: SpecialTokens,
           start_step: int, device: torch.device, val_config: DataConfig | None) -> int:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     weights = torch.tensor(config.task_loss_weights, dtype=torch.float32, device=device)
     stop, watchdog, batches = StopFlag(), Watchdog(config.watchdog_seconds), iter(data)
     metrics = open(Path(config.output) / "metrics.jsonl", "a") if rank == 0 else None
-    nonfinite_in_a_row, step, tick = 0, start_step, time.perf_counter()
+    nonfinite_in_a_row, step = 0, start_step
     while step < config.train_steps:
+        started, lr = time.perf_counter(), engine.get_lr()[0]  # the rate this step uses
         micro_batches = [next(batches).to(device) for _ in range(plan.accumulation_steps)]
-        # The whole step's target count, on every rank, before the first backward.
-        step_counts = torch.stack([b.target_counts() for b in micro_batches]).sum(0).to(device, torch.float32)
-        dist.all_reduce(step_counts)
-        loss_sums, finite = torch.zeros(len(TASKS), device=device), True
-        for batch in micro_batches:
-            out = engine(batch)
-            loss = step_loss(out.loss_sum, step_counts, weights, config.loss_normalisation)
-            finite = finite and all_ranks_finite(loss, device)
-            # DeepSpeed divides by the accumulation steps and averages over ranks: undo both.
-            scale = plan.accumulation_steps * world
-            engine.backward(loss * scale if finite else out.loss_sum.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0)
-            if not finite:
-                zero_lr(engine)  # a step at rate 0 leaves the weights as they were; the scheduler resets the rate
-            engine.step()
-            loss_sums += out.loss_sum.detach().float()
+        loss_sums, step_counts, finite = optimizer_step(engine, micro_batches, weights, config.loss_normalisation)
         step += 1
         watchdog.beat()
-        dist.all_reduce(loss_sums)
         task_loss = (loss_sums / step_counts.clamp(min=1)).tolist()
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
         if nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise FloatingPointError(f"step {step}: {nonfinite_in_a_row} non-finite steps in a row; task losses "
                                      f"{dict(zip(TASKS, task_loss, strict=True))}")
         if step % config.log_every == 0 or step == config.train_steps or step == start_step + 1:
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            record = step_record(step, task_loss, engine, micro_batches, elapsed, config, plan, finite)
+            record = step_record(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started,
+                                 config, finite)
             log(rank, format_record(record))
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
@@ -206,6 +211,29 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, spec
     return step
 
 
+def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tensor,
+                   normalisation: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches: (loss sums per task, target counts, finite), global."""
+    device, world = weights.device, dist.get_world_size()
+    # The whole step's target count, on every rank, before the first backward.
+    step_counts = torch.stack([b.target_counts() for b in micro_batches]).sum(0).to(device, torch.float32)
+    dist.all_reduce(step_counts)
+    loss_sums, finite = torch.zeros(len(TASKS), device=device), True
+    for batch in micro_batches:
+        out = engine(batch)
+        loss = step_loss(out.loss_sum, step_counts, weights, normalisation)
+        finite = finite and all_ranks_finite(loss, device)
+        # DeepSpeed divides by the accumulation steps and averages over ranks: undo both.
+        scale = len(micro_batches) * world
+        engine.backward(loss * scale if finite else out.loss_sum.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0)
+        if not finite:
+            zero_lr(engine)  # a step at rate 0 leaves the weights as they were; the scheduler resets the rate
+        engine.step()
+        loss_sums += out.loss_sum.detach().float()
+    dist.all_reduce(loss_sums)
+    return loss_sums, step_counts, finite
+
+
 def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> bool:
     flag = torch.tensor([float(torch.isfinite(loss.detach()).item())], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -217,22 +245,29 @@ def zero_lr(engine) -> None:
         group["lr"] = 0.0
 
 
-def step_record(step: int, task_loss: list[float], engine, micro_batches: list[PackedBatch], seconds: float,
-                config: TrainConfig, plan: BatchPlan, finite: bool) -> dict:
-    real = sum(int((b.task >= 0).sum()) for b in micro_batches) * plan.world_size
-    rows = plan.rows_per_step
+def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
+                seconds: float, config: TrainConfig, finite: bool) -> dict:
+    """The log line's figures, all from pipeline/metrics.py, on counts summed over every rank."""
+    counts = sum((batch_counts(b) for b in micro_batches), BatchCounts())
+    summed = counts.to_tensor().to(engine.device)
+    dist.all_reduce(summed)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    figures = step_figures(BatchCounts.from_tensor(summed), seconds, dist.get_world_size(), engine.module.config,
+                           config.trainable, config.gradient_checkpointing, peak_flops(device_name))
     grad_norm = engine.get_global_grad_norm()
-    return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": engine.get_lr()[0],
+    return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not finite,
-            "tokens_per_s_last_step": real / max(seconds, 1e-9) if seconds else None,
-            "packing_efficiency": real / (rows * config.seq_len)}
+            "step_seconds": seconds, **figures.as_dict(),
+            "eta_hours": (config.train_steps - step) * seconds / 3600}
 
 
 def format_record(r: dict) -> str:
     losses = "  ".join(f"{t} {v:.4f}" for t, v in r["loss"].items())
     norm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
-    return (f"step {r['step']:7d}  {losses}  lr {r['lr']:.3e}  grad-norm {norm}  "
-            f"packing {r['packing_efficiency']:.1%}" + ("  SKIPPED (non-finite)" if r["skipped"] else ""))
+    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    return (f"step {r['step']:7d}  {losses}  lr {r['lr']:.3e}  grad-norm {norm}  {r['tokens_per_s']:,.0f} tok/s  "
+            f"{r['samples_per_s']:.1f} samples/s  MFU {mfu}  packing {r['packing_efficiency']:.1%}  "
+            f"ETA {r['eta_hours']:.1f} h" + ("  SKIPPED (non-finite)" if r["skipped"] else ""))
 
 
 @torch.no_grad()
@@ -257,32 +292,28 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         return dry_run(config, args.world_size)
     if not config.data:
         raise SystemExit("--data: at least one manifest is needed")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # refuse an impossible batch plan before anything is built or any rank waits on another
+        plan = batch_plan(config.rows_per_step, world, config.rows_per_micro_batch, config.gpus_per_node)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    plan = batch_plan(config.rows_per_step, world, config.rows_per_micro_batch, config.gpus_per_node)
+    rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
 
     tokenizer = load_tokenizer(config.tokenizer or config.init)
     special = SpecialTokens.from_tokenizer(tokenizer)
-    width = model_config_for(config, special.image_placeholder).text_config.hidden_size
-    ds = deepspeed_config(config.ds_config or ("zero3_bf16" if torch.cuda.is_available() else "zero3_cpu"), plan,
-                          width, config.learning_rate, tuple(config.adam_betas), config.weight_decay,
-                          config.adam_eps, config.grad_clip)
+    ds = deepspeed_run_config(config, plan, special)
     if rank == 0:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         config.save(Path(config.output) / "config.yaml")
         (Path(config.output) / "ds_config.json").write_text(json.dumps(ds, indent=2))
         print(f"Stage {stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
               f"{plan.rows_per_micro_batch} row(s) per step\n{config.describe()}", flush=True)
+    engine = build_engine(config, ds, special)
 
-    model = build_model(config, ds, special.image_placeholder)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds,
-        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, config.warmup_steps)))
-
-    fingerprints = (tokenizer_fingerprint(tokenizer), vq_fingerprint(model))
+    fingerprints = (tokenizer_fingerprint(tokenizer), vq_fingerprint(engine.module))
     data = DataPipeline(data_config(config, config.data, *fingerprints), special, rank, world)
     val = data_config(config, config.val_data, *fingerprints, training=False) if config.val_data else None
 
@@ -304,11 +335,14 @@ def dry_run(config: TrainConfig, world_size: int | None) -> None:
     """The batch plan (refused if impossible) and the per-GPU memory estimate, without building the model."""
     if not world_size:
         raise SystemExit("--dry-run needs --world-size")
-    plan = batch_plan(config.rows_per_step, world_size, config.rows_per_micro_batch, config.gpus_per_node)
-    print(f"Stage {config.stage}, model {config.model}: {plan.rows_per_step} rows/step over {world_size} ranks = "
-          f"{plan.accumulation_steps} x {plan.rows_per_micro_batch} row(s) of {config.seq_len} tokens per rank")
     try:
-        from pipeline.memory import dry_run_report
-    except ImportError:
-        return
-    print(dry_run_report(config, plan))
+        plan = batch_plan(config.rows_per_step, world_size, config.rows_per_micro_batch, config.gpus_per_node)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"Stage {config.stage}, model {config.model}: {plan.rows_per_step} rows/step over {world_size} ranks = "
+          f"{plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) x {config.seq_len} "
+          f"tokens per rank")
+    stage = replace(stage_for(config.stage, config.model), ratio=tuple(config.ratio),
+                    trainable=tuple(config.trainable), seq_len=config.seq_len)
+    print(format_dry_run(estimate_memory(config.model, stage, world_size, config.rows_per_micro_batch,
+                                         config.seq_len, config.gradient_checkpointing, config.gpus_per_node)))

@@ -1,0 +1,176 @@
+"""Three-stage training on 2 CPU ranks (DS_ACCELERATOR=cpu, gloo), tiny model, real shards."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from model.stages import PARTS, STAGES, part_of
+from pipeline.checkpoint import latest_checkpoint
+from pipeline.train import lr_factor
+from tests.distributed import REPO, run_ranks
+
+LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory, special) -> Path:
+    """A tiny model's weights in transformers layout: what every stage-1 run here starts from."""
+    from model.config import preset_config
+    from model.janus import JanusProForTraining
+    from model.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder))
+    path = tmp_path_factory.mktemp("init")
+    save_checkpoint(model, path, "transformers")
+    return path
+
+
+def stage_args(stage: int, corpus, tokenizer_dir, output, init, *extra: str, tasks=None) -> list[str]:
+    tasks = tasks or ["understanding", "generation"] + (["text"] if stage > 1 else [])
+    return [LAUNCHER.format(stage), "--model", "tiny", "--tokenizer", str(tokenizer_dir), "--output", str(output),
+            "--data", *[str(corpus[t]) for t in tasks], "--init", str(init), "--seq-len", "1400",
+            "--rows-per-step", "2", "--log-every", "1", "--num-workers", "1", *extra]
+
+
+def losses(output: Path) -> dict[int, float]:
+    """Total loss per step from metrics.jsonl (the last record of a step wins, as after a resume)."""
+    out = {}
+    for line in (output / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = sum(v for v in r["loss"].values())
+    return out
+
+
+def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from model.weights import read_entries
+
+    return {k: e.read() for k, e in read_entries(checkpoint).items()}
+
+
+def consolidated(run: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    latest = latest_checkpoint(run)
+    return get_fp32_state_dict_from_zero_checkpoint(str(latest.parent), tag=latest.name)
+
+
+def test_lr_schedule_is_linear_warmup_then_constant():
+    for stage in (1, 2, 3):
+        table = STAGES[stage]
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=table.learning_rate)
+        sched = LambdaLR(opt, lambda s, w=table.warmup_steps: lr_factor(s, w))
+        seen = {}
+        for step in range(table.warmup_steps + 3):
+            seen[step] = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+        w = table.warmup_steps
+        if w:
+            assert seen[0] == pytest.approx(table.learning_rate / w)
+        assert seen[max(w - 1, 0)] == pytest.approx(table.learning_rate)  # warm-up ends at the stage's rate
+        assert seen[w + 2] == pytest.approx(table.learning_rate)          # and stays there
+    assert STAGES[3].warmup_steps == 0 and lr_factor(0, 0) == 1.0
+
+
+def test_stage1_gradients_flow_through_the_frozen_llm_with_checkpointing(tiny_model, special, shard_corpus):
+    from model.batch import pack_rows
+    from model.stages import set_trainable
+    from pipeline.reader import Source, SourceSpec
+
+    rows = [[Source(SourceSpec(str(shard_corpus[t])), 0, 1, seed=0).sample(0)] for t in ("understanding",
+                                                                                         "generation")]
+    set_trainable(tiny_model, STAGES[1].trainable)
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.train()
+    try:
+        out = tiny_model(pack_rows(rows, 1400, special))
+        (out.loss_sum.sum() / out.target_count.sum()).backward()
+        for name, p in tiny_model.named_parameters():
+            if part_of(name) in ("und_adaptor", "gen_adaptor", "gen_embedding"):  # upstream of the frozen LLM
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+            if part_of(name) == "llm":
+                assert p.grad is None
+    finally:
+        tiny_model.gradient_checkpointing_disable()
+        tiny_model.eval().zero_grad(set_to_none=True)
+        for p in tiny_model.parameters():
+            p.requires_grad_(True)
+
+
+def test_three_stages_train_and_hand_off(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    runs = [tmp_path / f"stage{s}" for s in (1, 2, 3)]
+    run_ranks(stage_args(1, shard_corpus, tokenizer_dir, runs[0], init_checkpoint, "--train-steps", "50",
+                         "--learning-rate", "3e-3", "--warmup-steps", "5", "--save-every", "50"), timeout=600)
+    curve = losses(runs[0])
+    assert len(curve) == 50
+    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(46, 51)) / 5
+    assert last < first - 0.05, (first, last)
+    # Only Stage I's parts moved (the LLM, SigLIP, the LM head and the VQ stayed frozen).
+    before, after = tensors(init_checkpoint), consolidated(runs[0])
+    assert set(after) == set(before)
+    changed = {part_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(STAGES[1].trainable)
+    (tmp_path / "stage1.yaml").write_text("train_steps: 3\nsave_every: 3\n")
+    for stage in (2, 3):  # each stage starts from the previous stage's run directory
+        run_ranks(stage_args(stage, shard_corpus, tokenizer_dir, runs[stage - 1], runs[stage - 2],
+                             "--config", str(tmp_path / "stage1.yaml")), timeout=600)
+        assert latest_checkpoint(runs[stage - 1]).name == "step-00000003"
+        start = tensors(next((runs[stage - 2] / "consolidated").iterdir()))
+        end = consolidated(runs[stage - 1])
+        changed = {part_of(k) for k in start if not torch.equal(start[k], end[k])}
+        assert changed == set(STAGES[stage].trainable), stage
+    assert set(PARTS) - set(STAGES[3].trainable) == {"gen_encoder"}
+
+
+def test_step_loss_is_the_global_token_mean():
+    from pipeline.train import step_loss
+
+    counts = torch.tensor([10.0, 0.0, 30.0])
+    halves = [torch.tensor([4.0, 0.0, 9.0]), torch.tensor([6.0, 0.0, 21.0])]  # two micro-batches' loss sums
+    ones = torch.ones(3)
+    assert sum(step_loss(h, counts, ones, "token") for h in halves) == pytest.approx(40.0 / 40.0)
+    per_task = sum(step_loss(h, counts, ones, "task") for h in halves)
+    assert per_task == pytest.approx((10.0 / 10 + 30.0 / 30) / 2)  # the absent text task is not averaged in
+    weighted = sum(step_loss(h, counts, torch.tensor([2.0, 1.0, 1.0]), "token") for h in halves)
+    assert weighted == pytest.approx((2 * 10.0 + 30.0) / (2 * 10 + 30))
+
+
+def test_two_ranks_two_micro_batches_equal_one_process_one_batch(shard_corpus, tokenizer_dir, init_checkpoint,
+                                                                 tmp_path):
+    from safetensors.torch import load_file
+
+    def step(world: int, rows_per_micro_batch: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"params-{world}.safetensors"
+        flags = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), "--init", str(init_checkpoint),
+                 "--data", *[str(shard_corpus[t]) for t in ("understanding", "text", "generation")],
+                 "--seq-len", "1400", "--rows-per-step", "4", "--rows-per-micro-batch", str(rows_per_micro_batch),
+                 "--grad-clip", "0", "--warmup-steps", "0", "--learning-rate", "10", "--adam-eps", "1000",
+                 "--output", str(tmp_path / f"run-{world}")]
+        script = str(Path(REPO) / "tests" / "train_step_equivalence.py")
+        run_ranks([script, json.dumps({"flags": flags, "out": str(out)})], world_size=world, timeout=300)
+        return load_file(str(out))
+
+    # With eps 1000 Adam's first update is ~lr * g / eps: linear in the gradient, so a wrong normalisation shows.
+    split, whole = step(2, 1), step(1, 4)
+    before = tensors(init_checkpoint)
+    moved = max((whole[k] - before[k]).abs().max().item() for k in whole)
+    assert moved > 1e-4
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_dry_run_estimates_and_refuses(tmp_path):
+    ok = subprocess.run([sys.executable, LAUNCHER.format(2), "--dry-run", "--model", "7b", "--world-size", "256"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "2 micro-batch(es) of 1 row(s)" in ok.stdout and "GiB" in ok.stdout and "DeepSpeed" in ok.stdout
+    refused = subprocess.run([sys.executable, LAUNCHER.format(3), "--dry-run", "--model", "7b", "--world-size",
+                              "256"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "128 rows per step cannot feed 256" in refused.stderr and "1, 2, 4, 8, 16" in refused.stderr

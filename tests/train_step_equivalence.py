@@ -1,0 +1,48 @@
+"""One optimizer step through the real engine set-up, on explicit rows: each rank takes its share of 4 rows
+as micro-batches of `rows_per_micro_batch` rows. Rank 0 writes every trainable parameter after the step.
+
+    python tests/train_step_equivalence.py ARGS_JSON   (under tests.distributed.run_ranks)
+"""
+
+import json
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from model.batch import pack_rows
+from model.tokenizer import SpecialTokens, load_tokenizer
+from pipeline.data import DataConfig, DataPipeline
+from pipeline.ds_config import batch_plan
+from pipeline.reader import SourceSpec
+from pipeline.train import build_engine, deepspeed_run_config, optimizer_step
+from pipeline.train_config import resolve
+
+args = json.loads(sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+config, _ = resolve(2, args["flags"])
+special = SpecialTokens.from_tokenizer(load_tokenizer(config.tokenizer))
+plan = batch_plan(config.rows_per_step, world, config.rows_per_micro_batch)
+engine = build_engine(config, deepspeed_run_config(config, plan, special), special)
+
+# The same 4 rows on every run, planned once on one "rank"; this rank's share, in micro-batches.
+planner = DataPipeline(DataConfig(sources=[SourceSpec(m) for m in config.data], ratio=tuple(config.ratio),
+                                  seq_len=config.seq_len, rows_per_micro_batch=4, guidance_dropout=0.0), special)
+rows = planner._plan_micro_batch()
+mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+micro = [pack_rows(mine[i:i + plan.rows_per_micro_batch], config.seq_len, special)
+         for i in range(0, len(mine), plan.rows_per_micro_batch)]
+assert len(micro) == plan.accumulation_steps
+weights = torch.tensor(config.task_loss_weights)
+loss_sums, counts, finite = optimizer_step(engine, micro, weights, config.loss_normalisation)
+params = {}
+for name, p in engine.module.named_parameters():
+    if p.requires_grad:
+        with deepspeed.zero.GatheredParameters([p]):
+            params[name] = p.detach().clone()
+if rank == 0:
+    save_file(params, args["out"])
+    print(f"loss {(loss_sums.sum() / counts.sum()).item():.6f} finite {finite}")
