@@ -1,6 +1,8 @@
 """Three-stage training on 2 CPU ranks (DS_ACCELERATOR=cpu, gloo), tiny model, real shards."""
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from model.stages import PARTS, STAGES, part_of
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.checkpoint import COMPLETE, latest_checkpoint
 from pipeline.train import lr_factor
-from tests.distributed import REPO, run_ranks
+from tests.distributed import REPO, Ranks, run_ranks
 
 LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
 
@@ -174,3 +176,52 @@ def test_dry_run_estimates_and_refuses(tmp_path):
                               "256"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert "128 rows per step cannot feed 256" in refused.stderr and "1, 2, 4, 8, 16" in refused.stderr
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    def args(output: Path) -> list[str]:
+        return stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "8",
+                          "--save-every", "2", "--keep-last", "2", "--guidance-dropout", "0.5")
+
+    run_ranks(args(tmp_path / "straight"), timeout=600)
+    reference = losses(tmp_path / "straight")
+
+    broken = tmp_path / "broken"
+    ranks = Ranks(args(broken))
+    ranks.wait_for(0, "step       5", timeout=600)
+    ranks.procs[1].send_signal(signal.SIGKILL)  # one rank dies mid-run; the launcher takes the rest down
+    ranks.kill()
+    latest = latest_checkpoint(broken)
+    assert latest is not None and latest.name == "step-00000004"
+    # A newer checkpoint torn by the crash (rank 1's shard and the COMPLETE mark missing) is never resumed from.
+    torn = latest.with_name("step-00000006")
+    shutil.copytree(latest, torn)
+    (torn / COMPLETE).unlink()
+    for f in torn.glob("*rank_01*"):
+        f.unlink()
+    assert latest_checkpoint(broken) == latest
+
+    outputs = run_ranks(args(broken), timeout=600)
+    assert f"resumed from {latest} at step 4" in outputs[0]
+    resumed = losses(broken)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+    assert (torn / COMPLETE).exists() and len(list(torn.glob("rank-*.pt"))) == 2  # re-saved whole this time
+
+
+def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tokenizer_dir, init_checkpoint,
+                                                                tmp_path):
+    output = tmp_path / "run"
+    ranks = Ranks(stage_args(1, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "1000",
+                             "--save-every", "1000"))
+    ranks.wait_for(0, "step       2", timeout=600)
+    ranks.signal(1, signal.SIGUSR1)  # Slurm's pre-emption warning reaches one rank
+    outputs = ranks.wait(timeout=300)  # both exit 0
+    stopped = [line for line in outputs[0].splitlines() if line.startswith("stop signal")]
+    assert stopped, outputs[0][-2000:]
+    latest = latest_checkpoint(output)
+    step = json.loads((latest / COMPLETE).read_text())["step"]
+    assert f"checkpointed step {step}" in stopped[0] and 2 <= step < 1000
+    assert {p.name for p in latest.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
+    assert len(list(latest.glob("*rank_0[01]*optim_states.pt"))) == 2  # both ranks' ZeRO shards, same step
