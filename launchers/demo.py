@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.batch import pack_rows, sample_length
-from model.chat import Turn, generation_sample, text_sample, understanding_sample
+from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
 from model.config import preset_config
 from model.images import encode_image, generation_image, pixel_values, understanding_image
 from model.janus import JanusProForTraining

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from model.chat import JANUS_SYSTEM_PROMPT
+from model.chat_format import JANUS_SYSTEM_PROMPT
 from model.manifest import Manifest
 from model.sample import TASKS
 from preprocess.job import JobConfig, run

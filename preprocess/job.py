@@ -30,7 +30,7 @@ import ray
 import torch
 from PIL import Image
 
-from model.chat import generation_sample
+from model.chat_format import generation_sample
 from model.images import IMAGE_SIZE, pixel_values
 from model.manifest import (
     MANIFEST_NAME,

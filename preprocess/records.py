@@ -20,7 +20,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
-from model.chat import (
+from model.chat_format import (
     JANUS_SYSTEM_PROMPT,
     NUM_IMAGE_TOKENS,
     Turn,

@@ -66,7 +66,7 @@ def shard_corpus(tmp_path_factory, tokenizer, photos) -> dict[str, Path]:
     """
     import random
 
-    from model.chat import Turn, generation_sample, text_sample, understanding_sample
+    from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
     from model.images import encode_image, understanding_image
     from model.manifest import Manifest, tokenizer_fingerprint, write_shard
     from model.sample import samples_to_table

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.batch import pack_rows, sample_length
-from model.chat import Turn, generation_sample, text_sample, understanding_sample
+from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
 from model.config import preset_config
 from model.images import encode_image, understanding_image
 from model.janus import JanusProForTraining

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from model.batch import IGNORE, pack_rows, sample_length
-from model.chat import Turn, generation_sample, text_sample, understanding_sample
+from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
 from model.images import encode_image, understanding_image
 from model.sample import TASK_INDEX
 

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from model.chat import NUM_IMAGE_TOKENS, Turn, generation_sample, text_sample, understanding_sample
+from model.chat_format import NUM_IMAGE_TOKENS, Turn, generation_sample, text_sample, understanding_sample
 from model.sample import SAMPLE_SCHEMA, samples_from_table, samples_to_table
 from model.tokenizer import SpecialTokens
 
