@@ -28,7 +28,14 @@ from model.chat_format import (
     text_sample,
     understanding_sample,
 )
-from model.images import IMAGE_SIZE, encode_image, generation_image, to_rgb, understanding_image
+from model.images import (
+    IMAGE_SIZE,
+    draft_for_transform,
+    encode_image,
+    generation_image,
+    to_rgb,
+    understanding_image,
+)
 from model.sample import GENERATION, SAMPLE_SCHEMA, TEXT, UNDERSTANDING, Sample
 from model.tokenizer import IMAGE_PLACEHOLDER, load_tokenizer
 
@@ -138,7 +145,7 @@ def open_image(data: bytes | None, cfg: ConvertConfig) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
+            draft_for_transform(image).load()
             return to_rgb(image)
     except Exception as exc:  # PIL raises many types for broken files; any of them is a corrupt image
         raise Skip(IMAGE_CORRUPT, f"{type(exc).__name__}: {exc}") from exc

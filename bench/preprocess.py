@@ -1,0 +1,98 @@
+"""Image transform throughput per CPU core: ours next to transformers' JanusImageProcessor, same images.
+
+    python bench/preprocess.py [--repeat 3] [--json out.json]
+
+Input: the real photographs scikit-image ships, as encoded files (web-size class, <= 1 MP), and the
+same photos upscaled to ~12 MP and re-encoded as JPEG q95 (a stand-in for camera photos: no large
+photos ship with a package here). Each path starts from the encoded bytes and ends at normalised
+[-1, 1] pixels: decode, RGB, transform, scale. One thread (torch and PIL), so figures are per core.
+The output is checked against the reference (PSNR >= 45 dB) in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+
+import numpy as np
+import skimage.data
+import torch
+from PIL import Image
+from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+from model.images import decode_image, generation_image, pixel_values, to_rgb, understanding_image
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+
+
+def photo_bytes() -> dict[str, list[bytes]]:
+    root = os.path.dirname(skimage.data.__file__)
+    web = [open(os.path.join(root, name), "rb").read() for name in PHOTOS]
+    large = []
+    for data in web:
+        image = to_rgb(Image.open(io.BytesIO(data)))
+        scale = (12e6 / (image.width * image.height)) ** 0.5
+        big = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        big.save(buffer, format="JPEG", quality=95)
+        large.append(buffer.getvalue())
+    return {"web (<= 1 MP)": web, "large (~12 MP JPEG)": large}
+
+
+def ours_understanding(data: bytes) -> np.ndarray:
+    return pixel_values([understanding_image(decode_image(data))])[0].numpy()
+
+
+def ours_generation(data: bytes) -> np.ndarray:
+    return pixel_values([generation_image(decode_image(data))])[0].numpy()
+
+
+def reference_understanding(processor: JanusImageProcessorPil, data: bytes) -> np.ndarray:
+    return processor(Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="np")["pixel_values"][0]
+
+
+def rate(fn, items: list[bytes], repeat: int) -> tuple[float, list[np.ndarray]]:
+    outputs = [fn(x) for x in items]  # warm-up, and the outputs to compare
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for x in items:
+            fn(x)
+    return repeat * len(items) / (time.perf_counter() - start), outputs
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    processor = JanusImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    results = []
+    print(f"{'size class':<22}{'path':<16}{'ours img/s':>11}{'reference':>11}{'ratio':>7}{'min PSNR':>10}")
+    for size_class, items in photo_bytes().items():
+        ref_rate, ref_out = rate(lambda d: reference_understanding(processor, d), items, args.repeat)
+        und_rate, und_out = rate(ours_understanding, items, args.repeat)
+        gen_rate, _ = rate(ours_generation, items, args.repeat)
+        worst = min(psnr(a, b) for a, b in zip(und_out, ref_out, strict=True))
+        for path, ours, ref in (("understanding", und_rate, ref_rate), ("generation", gen_rate, None)):
+            results.append({"size_class": size_class, "path": path, "ours_images_per_s": ours,
+                            "reference_images_per_s": ref, "ratio": ours / ref if ref else None,
+                            "min_psnr_db": worst if ref else None})
+            ratio = f"{ours / ref:.2f}" if ref else "-"
+            print(f"{size_class:<22}{path:<16}{ours:>11.1f}{ref or float('nan'):>11.1f}{ratio:>7}"
+                  f"{(f'{worst:.1f}' if ref else '-'):>10}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+
+def test_packing_bench_runs_on_real_shards(shard_corpus, tmp_path):
+    out = tmp_path / "packing.json"
+    cmd = [sys.executable, "bench/packing.py", "--und", str(shard_corpus["understanding"]),
+           "--text", str(shard_corpus["text"]), "--gen", str(shard_corpus["generation"]), "--rows", "40",
+           "--json", str(out)]
+    printed = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    results = json.loads(out.read_text())
+    assert set(results) == {"stage1", "stage2", "stage3"} and "pad-to-longest" in printed
+    for r in results.values():
+        assert 0.5 < r["pad_to_longest"] <= 1.0 and 0.85 < r["packed"] <= 1.0
+    # With short text to fill the gaps (Stage II's mixture), packing is near perfect and beats padding.
+    assert results["stage2"]["packed"] > 0.99 > results["stage2"]["pad_to_longest"]
+
+
+def run_bench(*args: str) -> str:
+    return subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True, timeout=300).stdout
+
+
+def test_train_step_bench_cpu_mode(tmp_path):
+    out = tmp_path / "train_step.json"
+    run_bench("bench/train_step.py", "--model", "tiny", "--device", "cpu", "--seq-len", "1024", "--steps", "2",
+              "--json", str(out))
+    results = json.loads(out.read_text())
+    assert [r["checkpointing"] for r in results] == [False, True]
+    for r in results:
+        assert r["tokens_per_s"] > 0 and 0.5 < r["packing_efficiency"] <= 1 and r["mfu"] is None  # no peak on CPU
+
+
+def test_vq_bench_cpu_mode(tmp_path):
+    out = tmp_path / "vq.json"
+    run_bench("bench/vq.py", "--device", "cpu", "--preset", "tiny", "--batches", "2", "--iters", "1",
+              "--json", str(out))
+    (r,) = json.loads(out.read_text())
+    assert r["images_per_s"] > 0 and r["ids_agree_with_fp32"] == 1.0
+
+
+def test_preprocess_bench_matches_the_reference(tmp_path):
+    out = tmp_path / "preprocess.json"
+    run_bench("bench/preprocess.py", "--repeat", "1", "--json", str(out))
+    results = json.loads(out.read_text())
+    und = [r for r in results if r["path"] == "understanding"]
+    assert len(und) == 2 and all(r["min_psnr_db"] >= 45 and r["ratio"] > 0 for r in und)
+
+
+def test_loader_bench(shard_corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "loader.json"
+    run_bench("bench/loader.py", "--tokenizer", str(tokenizer_dir), "--und", str(shard_corpus["understanding"]),
+              "--text", str(shard_corpus["text"]), "--gen", str(shard_corpus["generation"]), "--batches", "3",
+              "--json", str(out))
+    assert all(r["tokens_per_s"] > 0 for r in json.loads(out.read_text()).values())
