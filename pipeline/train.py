@@ -102,6 +102,45 @@ class Watchdog:
                 os._exit(3)
 
 
+class Monitor:
+    """Rank 0's record of the run: metrics.jsonl, TensorBoard event files, and W&B when asked for."""
+
+    def __init__(self, config: TrainConfig, rank: int):
+        self.active = rank == 0
+        if not self.active:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        output = Path(config.output)
+        self.jsonl = open(output / "metrics.jsonl", "a")
+        self.tensorboard = SummaryWriter(str(output / "tensorboard"))
+        self.wandb = None
+        if config.wandb_project:
+            import wandb  # pip install -e '.[wandb]'
+
+            self.wandb = wandb.init(project=config.wandb_project, dir=str(output), config=vars(config),
+                                    resume="allow", id=output.resolve().name)
+
+    def record(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        flat = {f"loss/{t}": v for t, v in record["loss"].items()}
+        flat.update({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"})
+        for key, value in flat.items():
+            self.tensorboard.add_scalar(key, value, record["step"])
+        if self.wandb:
+            self.wandb.log(flat, step=record["step"])
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.tensorboard.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
 def log(rank: int, *parts: object) -> None:
     if rank == 0:
         print(*parts, flush=True)
@@ -176,7 +215,7 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, spec
     rank = dist.get_rank()
     weights = torch.tensor(config.task_loss_weights, dtype=torch.float32, device=device)
     stop, watchdog, batches = StopFlag(), Watchdog(config.watchdog_seconds), iter(data)
-    metrics = open(Path(config.output) / "metrics.jsonl", "a") if rank == 0 else None
+    monitor = Monitor(config, rank)
     nonfinite_in_a_row, step = 0, start_step
     while step < config.train_steps:
         started, lr = time.perf_counter(), engine.get_lr()[0]  # the rate this step uses
@@ -193,9 +232,7 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, spec
             record = step_record(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started,
                                  config, finite)
             log(rank, format_record(record))
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            monitor.record(record)
         if val_config is not None and config.val_every and step % config.val_every == 0:
             log(rank, f"step {step:7d}  validation  " + "  ".join(
                 f"{t} {v:.4f}" for t, v in validate(engine, val_config, special, config.val_batches, device).items()))
@@ -206,8 +243,7 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, spec
         if stopping:
             log(rank, f"stop signal: checkpointed step {step}, exiting")
             break
-    if metrics:
-        metrics.close()
+    monitor.close()
     return step
 
 

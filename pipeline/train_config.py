@@ -60,6 +60,7 @@ class TrainConfig:
     val_every: int = 0
     val_batches: int = 4
     log_every: int = 10
+    wandb_project: str | None = None  # also log to Weights & Biases (pip install -e '.[wandb]')
     max_nonfinite_steps: int = 5
     watchdog_seconds: float = 1800.0
     seed: int = 0

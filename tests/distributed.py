@@ -25,6 +25,7 @@ class Ranks:
     def __init__(self, args: list[str], world_size: int = 2, env: dict | None = None):
         port = free_port()
         self.procs, self.logs = [], []
+        self.finished: list[str] | None = None  # every rank's output, kept once the job has ended
         for rank in range(world_size):
             rank_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -36,6 +37,8 @@ class Ranks:
                                                stderr=subprocess.STDOUT, text=True))
 
     def output(self, rank: int) -> str:
+        if self.finished is not None:
+            return self.finished[rank]
         return Path(self.logs[rank].name).read_text()
 
     def wait_for(self, rank: int, text: str, timeout: float) -> None:
@@ -66,6 +69,7 @@ class Ranks:
         finally:
             self.kill()
         outputs = [self.output(r) for r in range(len(self.procs))]
+        self.finished = outputs
         for log in self.logs:
             log.close()
         for rank, (p, out) in enumerate(zip(self.procs, outputs, strict=True)):

@@ -225,3 +225,30 @@ def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tok
     assert f"checkpointed step {step}" in stopped[0] and 2 <= step < 1000
     assert {p.name for p in latest.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     assert len(list(latest.glob("*rank_0[01]*optim_states.pt"))) == 2  # both ranks' ZeRO shards, same step
+
+
+def test_validation_and_tensorboard(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    output = tmp_path / "run"
+    outputs = run_ranks(stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "2",
+                                   "--val-data", str(shard_corpus["text"]), str(shard_corpus["generation"]),
+                                   "--val-every", "2", "--val-batches", "2"), timeout=600)
+    line = next(x for x in outputs[0].splitlines() if x.startswith("step") and " validation " in x)
+    values = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
+    assert values["text"] > 0 and values["generation"] > 0 and values["understanding"] != values["understanding"]
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    assert (output / "config.yaml").is_file() and (output / "ds_config.json").is_file()
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    poisoned = tmp_path / "poisoned"  # a NaN in the generation head: every step's loss is NaN
+    state = tensors(init_checkpoint)
+    state["model.generation_head.vision_head.bias"][0] = float("nan")
+    poisoned.mkdir()
+    save_file(state, str(poisoned / "model.safetensors"))
+    ranks = Ranks(stage_args(2, shard_corpus, tokenizer_dir, tmp_path / "run", poisoned, "--train-steps", "20",
+                             "--max-nonfinite-steps", "2"))
+    with pytest.raises(AssertionError, match="non-finite steps in a row"):
+        ranks.wait(timeout=600)
+    assert "SKIPPED (non-finite)" in ranks.output(0)
