@@ -211,10 +211,10 @@ def data_config(config: TrainConfig, manifests: list[str], tokenizer_print: str,
 # ---- the loop ----
 
 def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, special: SpecialTokens,
-          start_step: int, device: torch.device, val_config: DataConfig | None) -> int:
+          start_step: int, device: torch.device, val_config: DataConfig | None, stop: StopFlag) -> int:
     rank = dist.get_rank()
     weights = torch.tensor(config.task_loss_weights, dtype=torch.float32, device=device)
-    stop, watchdog, batches = StopFlag(), Watchdog(config.watchdog_seconds), iter(data)
+    watchdog, batches = Watchdog(config.watchdog_seconds), iter(data)
     monitor = Monitor(config, rank)
     nonfinite_in_a_row, step = 0, start_step
     while step < config.train_steps:
@@ -323,6 +323,7 @@ def validate(engine, val_config: DataConfig, special: SpecialTokens, batches: in
 
 
 def main(stage: int, argv: list[str] | None = None) -> None:
+    stop = StopFlag()  # first: a pre-emption signal during start-up must not kill the rank
     config, args = resolve(stage, argv)
     if args.dry_run:
         return dry_run(config, args.world_size)
@@ -361,7 +362,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         data.load_state_dict(state["data"])
         start_step = state["step"]
         log(rank, f"resumed from {resume_from} at step {start_step}")
-    step = train(config, plan, engine, data, special, start_step, device, val)
+    step = train(config, plan, engine, data, special, start_step, device, val, stop)
     log(rank, f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(config.output)}")
     dist.barrier()
     dist.destroy_process_group()

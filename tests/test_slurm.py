@@ -1,0 +1,202 @@
+"""launchers/slurm/ on a real one-node Slurm on localhost (tests/slurm_harness.py), through the real
+sbatch -> srun -> task.sh -> launchers/stage1.py chain, on 2 CPU ranks (DS_ACCELERATOR=cpu) and the tiny model.
+
+Kept short for 2 cores: a 3-step run then a resume to 5 steps; a run pre-empted with USR1 that requeues itself
+and finishes; the preprocess job on a Ray cluster started by the sbatch script, compared with an embedded run;
+and the 32-node launch rendered for a made-up node list (no daemons needed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model.manifest import Manifest
+from pipeline.checkpoint import latest_checkpoint
+from tests.slurm_harness import LocalSlurm, SlurmUnavailable, ensure_installed, start_local_slurm
+from tests.test_preprocess import encoded, write_tar
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "launchers" / "slurm"
+# Knobs a developer's shell may hold: every job here sets its own.
+KNOBS = ("DATA", "INIT", "MODEL", "TOKENIZER", "OUTPUT", "SAVE_EVERY", "CONFIG", "EXTRA_ARGS", "TASK", "INPUT",
+         "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT", "EXTRA_SRUN_ARGS", "PYTHON")
+# One node, two CPU ranks, no GPU: the override a user would type for a laptop-sized test.
+SMALL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]
+TRAIN_FLAGS = "--seq-len 1400 --rows-per-step 2 --log-every 1 --num-workers 1"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    try:
+        cluster = start_local_slurm()
+    except SlurmUnavailable as why:
+        pytest.skip(f"no local Slurm: {why}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def job_env(slurm: LocalSlurm, **knobs: str) -> dict[str, str]:
+    env = {k: v for k, v in slurm.env.items() if k not in KNOBS}
+    env.update({"JANUS_REPO": str(REPO), "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    env.update(knobs)
+    return env
+
+
+def train_knobs(shard_corpus, tokenizer_dir, output: Path, steps: int) -> dict[str, str]:
+    return {"MODEL": "tiny", "DATA": f"{shard_corpus['understanding']} {shard_corpus['generation']}",
+            "TOKENIZER": str(tokenizer_dir), "INIT": "", "OUTPUT": str(output), "SAVE_EVERY": "100",
+            "EXTRA_ARGS": f"--train-steps {steps} {TRAIN_FLAGS}"}
+
+
+def log_of(workdir: Path, job_id: str, script: str = "stage1.sbatch") -> Path:
+    """Where the script's `--output=logs/%x-%j.out` puts the job's log (%x: its --job-name, janus-STEM)."""
+    return workdir / "logs" / f"janus-{Path(script).stem}-{job_id}.out"
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"(no {path})"
+
+
+def sbatch(slurm: LocalSlurm, script: str, env: dict, workdir: Path, *flags: str, wait: bool = True,
+           timeout: float = 240) -> str:
+    """Submit from `workdir` (its logs/ is where the scripts' `--output=logs/%x-%j.out` lands); the job id."""
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *flags, str(SCRIPTS / script)]
+    try:
+        done = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        job = (e.stdout or b"").decode().strip() if isinstance(e.stdout, bytes) else (e.stdout or "").strip()
+        slurm.run(["scancel", job], check=False)
+        pytest.fail(f"{script} did not finish in {timeout}s\n{read(log_of(workdir, job, script))[-6000:]}")
+    job = done.stdout.strip().split(";")[0]
+    assert done.returncode == 0, f"{script}: sbatch exited {done.returncode}: {done.stderr}\n" \
+                                 f"{read(log_of(workdir, job, script))[-6000:]}\n{slurm.logs()}"
+    return job
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n{read(log)[-6000:]}")
+        time.sleep(1)
+
+
+def test_stage1_runs_then_a_second_submission_resumes(slurm, shard_corpus, tokenizer_dir, tmp_path):
+    output = tmp_path / "run"
+    first = sbatch(slurm, "stage1.sbatch", job_env(slurm, **train_knobs(shard_corpus, tokenizer_dir, output, 3)),
+                   tmp_path, *SMALL)
+    log = read(log_of(tmp_path, first))
+    assert slurm.job(first).get("JobState") == "COMPLETED", log[-6000:]
+    assert "2 ranks, rendezvous localhost:" in log and "0: done at step 3" in log, log[-6000:]
+    assert latest_checkpoint(output).name == "step-00000003"
+
+    second = sbatch(slurm, "stage1.sbatch", job_env(slurm, **train_knobs(shard_corpus, tokenizer_dir, output, 5)),
+                    tmp_path, *SMALL)
+    log = read(log_of(tmp_path, second))
+    assert f"resumed from {output / 'checkpoints' / 'step-00000003'} at step 3" in log, log[-6000:]
+    assert "0: step       4 " in log and "0: step       1 " not in log, log[-6000:]
+    assert latest_checkpoint(output).name == "step-00000005"
+
+
+def test_preemption_signal_checkpoints_requeues_and_finishes(slurm, shard_corpus, tokenizer_dir, tmp_path):
+    """USR1 to the batch shell, exactly what `#SBATCH --signal=B:USR1@600` delivers before the time limit."""
+    output, steps = tmp_path / "run", 12
+    env = job_env(slurm, **train_knobs(shard_corpus, tokenizer_dir, output, steps))
+    job = sbatch(slurm, "stage1.sbatch", env, tmp_path, *SMALL, wait=False)
+    log = log_of(tmp_path, job)
+    # Signal once training runs (its handler is installed by then), as a time limit 10 minutes away would.
+    wait_for(lambda: "0: step       1 " in read(log), 180, "the first training step", log)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    wait_for(lambda: slurm.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240,
+             "the requeued job to finish", log)
+    text, info = read(log), slurm.job(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
+    stopped = re.search(r"stop signal: checkpointed step (\d+), exiting", text)
+    assert stopped and 1 <= int(stopped.group(1)) < steps, text[-6000:]
+    at = int(stopped.group(1))
+    assert f"checkpointed: requeueing job {job}" in text and f"job {job} restart 1 " in text, text[-6000:]
+    assert f"resumed from {output / 'checkpoints' / f'step-{at:08d}'} at step {at}" in text, text[-6000:]
+    assert f"0: done at step {steps}" in text, text[-6000:]
+    assert latest_checkpoint(output).name == f"step-{steps:08d}"
+
+
+def test_preprocess_sbatch_equals_the_embedded_run(slurm, photos, tokenizer_dir, tmp_path):
+    members = {}
+    for i, (name, image) in enumerate(list(photos.items())[:4]):
+        members[f"{i:06d}.png"] = encoded(image.convert("RGB"), "PNG")
+        members[f"{i:06d}.txt"] = f"a photograph: {name.split('.')[0]}".encode()
+    tar = write_tar(tmp_path / "photos-00000.tar", members)
+    args = ["understanding", "--input", str(tar), "--tokenizer", str(tokenizer_dir), "--no-progress"]
+
+    embedded = tmp_path / "embedded"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-m", "preprocess", *args, "--output", str(embedded), "--cpus", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    out = tmp_path / "slurm"
+    job = sbatch(slurm, "preprocess.sbatch", job_env(slurm, TASK="understanding", INPUT=str(tar), OUTPUT=str(out),
+                                                     TOKENIZER=str(tokenizer_dir)),
+                 tmp_path, "--nodes=1", "--gpus-per-node=0", "--time=30", timeout=300)
+    log = read(log_of(tmp_path, job, "preprocess.sbatch"))
+    assert "Ray cluster up: 1 node(s)" in log, log[-6000:]
+    ours, theirs = Manifest.read(out), Manifest.read(embedded)
+    assert ours.shards == theirs.shards and ours.rows_written == theirs.rows_written == 4, log[-6000:]
+    assert {p.name: p.read_bytes() for p in out.glob("*.arrow")} == \
+           {p.name: p.read_bytes() for p in embedded.glob("*.arrow")}
+    leftover = subprocess.run(["pgrep", "-f", "--", f"--temp-dir=/tmp/ray-{job}( |$)"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", f"Ray processes left behind: {leftover.stdout}"
+
+
+def sbatch_defaults(script: Path) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script.read_text(), flags=re.M))
+
+
+@pytest.mark.parametrize("stage, nodes", [(1, 32), (2, 32), (3, 16)])
+def test_render_the_default_launch_for_a_made_up_node_list(stage, nodes, tmp_path):
+    """Each script's own #SBATCH defaults, rendered through its real rank derivation (common.sh) with real
+    `scontrol show hostnames` expanding a made-up node list; no daemon, no srun."""
+    try:
+        ensure_installed()
+    except SlurmUnavailable as why:
+        pytest.skip(f"no scontrol: {why}")
+    script = SCRIPTS / f"stage{stage}.sbatch"
+    defaults = sbatch_defaults(script)
+    assert int(defaults["nodes"]) == nodes and defaults["ntasks-per-node"] == defaults["gpus-per-node"] == "8"
+    per_node = int(defaults["ntasks-per-node"])
+    conf = tmp_path / "slurm.conf"  # scontrol only needs to parse a configuration to expand host lists
+    conf.write_text("ClusterName=render\nSlurmctldHost=localhost\nNodeName=localhost\n"
+                    "PartitionName=p Nodes=localhost\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM") and k not in KNOBS}
+    env.update({"SLURM_CONF": str(conf), "JANUS_RENDER": "1", "JANUS_REPO": str(REPO), "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NODELIST": f"gpu[001-{nodes:03d}]", "SLURM_JOB_NUM_NODES": str(nodes),
+                "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_CPUS_ON_NODE": "128", "DATA": "shards/und shards/gen"})
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ranks = [dict(kv.split("=", 1) for kv in line.split(" CMD=")[0].split()) for line in done.stdout.splitlines()]
+    world = nodes * per_node
+    assert len(ranks) == world
+    assert sorted(int(r["RANK"]) for r in ranks) == list(range(world))
+    assert {r["WORLD_SIZE"] for r in ranks} == {str(world)}
+    hosts = [f"gpu{i:03d}" for i in range(1, nodes + 1)]
+    for n, host in enumerate(hosts):
+        mine = [r for r in ranks if r["host"] == host]
+        assert sorted(int(r["LOCAL_RANK"]) for r in mine) == list(range(per_node))
+        assert {r["NODE_RANK"] for r in mine} == {str(n)}
+        assert {int(r["RANK"]) // per_node for r in mine} == {n}
+    assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks} == {("gpu001", str(10000 + 4242))}
+    command = done.stdout.splitlines()[0].split(" CMD=")[1]
+    assert f"launchers/stage{stage}.py --model 7b" in command and "--resume auto" in command
+    assert "--data shards/und shards/gen" in command and "--gpus-per-node 8" in command
+    if stage > 1:
+        assert f"--init runs/stage{stage - 1}" in command
