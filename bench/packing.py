@@ -24,7 +24,7 @@ def packing_efficiency(sources: dict[str, str], ratio: tuple[int, int, int], row
     pipe = DataPipeline(DataConfig(sources=specs, ratio=ratio, seq_len=seq_len, buffer_size=buffer_size,
                                    guidance_dropout=0.0), special=None)
     start = time.perf_counter()
-    planned = [pipe._plan_micro_batch()[0] for _ in range(rows)]
+    planned = [pipe.plan_micro_batch()[0] for _ in range(rows)]
     seconds = time.perf_counter() - start
     lengths = [[sample_length(s) for s in row] for row in planned]
     real = sum(map(sum, lengths))

@@ -92,7 +92,8 @@ class DataPipeline:
                 continue
             self.packer.add(entry)
 
-    def _plan_micro_batch(self) -> list[list[Sample]]:
+    def plan_micro_batch(self) -> list[list[Sample]]:
+        """The samples of the next micro-batch's rows, without decoding anything (benchmarks use it too)."""
         rows = []
         for _ in range(self.config.rows_per_micro_batch):
             self._fill_buffer()
@@ -114,7 +115,7 @@ class DataPipeline:
         with ThreadPoolExecutor(max_workers=max(1, self.config.num_workers)) as pool:
             while True:
                 while len(pending) < max(1, self.config.prefetch):
-                    rows = self._plan_micro_batch()
+                    rows = self.plan_micro_batch()
                     future = pool.submit(pack_rows, rows, self.config.seq_len, self.special,
                                          self.config.eoi_is_target)
                     pending.append((future, self._plan_state()))

@@ -82,7 +82,7 @@ def test_ratio_per_step_and_every_task_in_every_step(shard_corpus, special):
         share = torch.tensor(ratio, dtype=torch.float64) / sum(ratio)
         measured = []
         for _ in range(200):  # a step = 4 rows of 4096 tokens on this rank
-            step = [s for _ in range(4) for s in pipe._plan_micro_batch()[0]]
+            step = [s for _ in range(4) for s in pipe.plan_micro_batch()[0]]
             amount = torch.zeros(3, dtype=torch.float64)
             for s in step:
                 from model.batch import sample_length
@@ -96,7 +96,7 @@ def test_ratio_per_step_and_every_task_in_every_step(shard_corpus, special):
 
 def test_packed_rows_are_full(shard_corpus, special):
     pipe = DataPipeline(make_config(shard_corpus, (2, 3, 5), seq_len=4096, buffer_size=64), special)
-    rows = [pipe._plan_micro_batch() for _ in range(30)]
+    rows = [pipe.plan_micro_batch() for _ in range(30)]
     from model.batch import sample_length
 
     used = [sum(sample_length(s) for s in row) for mb in rows for row in mb]
@@ -106,7 +106,7 @@ def test_packed_rows_are_full(shard_corpus, special):
 @torch.no_grad()
 def test_packer_batches_equal_samples_one_by_one(shard_corpus, special, tiny_model):
     pipe = DataPipeline(make_config(shard_corpus, guidance_dropout=0.5), special)
-    rows = pipe._plan_micro_batch()
+    rows = pipe.plan_micro_batch()
     batch = pack_rows(rows, pipe.config.seq_len, special)
     out = tiny_model(batch)
     k = 0
@@ -158,6 +158,6 @@ def test_resume_in_a_new_process_continues_exactly(shard_corpus, tokenizer_dir, 
 
 def test_generation_samples_are_dropped_at_the_configured_rate(shard_corpus, special):
     pipe = DataPipeline(make_config(shard_corpus, (0, 0, 1), guidance_dropout=0.5, seq_len=4096), special)
-    gens = [s for _ in range(40) for row in pipe._plan_micro_batch() for s in row if s.task == GENERATION]
+    gens = [s for _ in range(40) for row in pipe.plan_micro_batch() for s in row if s.task == GENERATION]
     padded = [s for s in gens if s.input_ids[1] == special.pad]
     assert 0.3 < len(padded) / len(gens) < 0.7

@@ -31,7 +31,7 @@ engine = build_engine(config, deepspeed_run_config(config, plan, special), speci
 # The same 4 rows on every run, planned once on one "rank"; this rank's share, in micro-batches.
 planner = DataPipeline(DataConfig(sources=[SourceSpec(m) for m in config.data], ratio=tuple(config.ratio),
                                   seq_len=config.seq_len, rows_per_micro_batch=4, guidance_dropout=0.0), special)
-rows = planner._plan_micro_batch()
+rows = planner.plan_micro_batch()
 mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
 micro = [pack_rows(mine[i:i + plan.rows_per_micro_batch], config.seq_len, special)
          for i in range(0, len(mine), plan.rows_per_micro_batch)]
