@@ -50,6 +50,21 @@ def _token_spans(offsets: list[tuple[int, int]], char_spans: list[tuple[int, int
     return spans
 
 
+def _expand_images(ids: list[int], special: SpecialTokens, num_image_tokens: int) -> tuple[list[int], list[int]]:
+    """BOS, then each placeholder expanded to <boi> N x <image_placeholder> <eoi>; also where token i of `ids`
+    landed (one more entry for the end), to shift loss spans."""
+    expanded = [special.bos]
+    index_map = []
+    for tid in ids:
+        index_map.append(len(expanded))
+        if tid == special.image_placeholder:
+            expanded += [special.begin_of_image] + [tid] * num_image_tokens + [special.end_of_image]
+        else:
+            expanded.append(tid)
+    index_map.append(len(expanded))
+    return expanded, index_map
+
+
 def understanding_sample(tokenizer: PreTrainedTokenizerBase, turns: list[Turn], images: list[bytes],
                          system: str | None = None, num_image_tokens: int = NUM_IMAGE_TOKENS,
                          key: str = "") -> Sample:
@@ -73,19 +88,25 @@ def understanding_sample(tokenizer: PreTrainedTokenizerBase, turns: list[Turn], 
     if n_placeholders != len(images):
         raise ValueError(f"{n_placeholders} {IMAGE_PLACEHOLDER} marker(s) for {len(images)} image(s)")
     spans = _token_spans(offsets, answers)
-
-    # Expand each placeholder to <boi> N x <image_placeholder> <eoi>, shifting the spans behind it.
-    expanded = [special.bos]
-    index_map = []  # position of token i of `ids` in `expanded`
-    for tid in ids:
-        index_map.append(len(expanded))
-        if tid == special.image_placeholder:
-            expanded += [special.begin_of_image] + [tid] * num_image_tokens + [special.end_of_image]
-        else:
-            expanded.append(tid)
-    index_map.append(len(expanded))
+    expanded, index_map = _expand_images(ids, special, num_image_tokens)
     loss_spans = [(index_map[s], index_map[e]) for s, e in spans]
     return Sample(task=UNDERSTANDING, input_ids=expanded, loss_spans=loss_spans, images=list(images), key=key)
+
+
+def understanding_prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_images: int = 1,
+                             system: str | None = JANUS_SYSTEM_PROMPT,
+                             num_image_tokens: int = NUM_IMAGE_TOKENS) -> list[int]:
+    """The inference prompt of an understanding sample: everything before the answer, ending at
+    `<|Assistant|>:` so the answer's first token (space included) is the model's to predict, as in training."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    if question.count(IMAGE_PLACEHOLDER) == 0 and n_images:
+        question = IMAGE_PLACEHOLDER * n_images + "\n" + question  # images first, as preprocessing puts them
+    text = (f"{system}\n\n" if system else "") + f"{USER}: {question}\n\n{ASSISTANT}:"
+    ids, _ = _encode(tokenizer, text)
+    found = ids.count(special.image_placeholder)
+    if found != n_images:
+        raise ValueError(f"{found} {IMAGE_PLACEHOLDER} marker(s) for {n_images} image(s)")
+    return _expand_images(ids, special, num_image_tokens)[0]
 
 
 def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str) -> list[int]:

@@ -97,7 +97,6 @@ def consolidate(run_dir: str | Path) -> Path:
     Uses DeepSpeed's own ZeRO consolidation (frozen parameters included: they are saved by default) and
     checks it got every parameter. Rank 0 does the work once; the others wait and reuse it.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
     source = latest_checkpoint(run_dir)
@@ -105,9 +104,37 @@ def consolidate(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to start from")
     out = Path(run_dir) / "consolidated" / source.name
     if dist.get_rank() == 0 and not (out / COMPLETE).exists():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
+        state = consolidated_state(source)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+        save_file(state, str(out / "model.safetensors"))
         (out / COMPLETE).write_text(json.dumps({"from": str(source), "tensors": len(state)}) + "\n")
     dist.barrier()
     return out
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """A run's complete checkpoint at `step`, or its latest; an error that lists what exists otherwise."""
+    found = complete_checkpoints(run_dir)
+    if step is not None:
+        found = [p for p in found if p.name == step_tag(step)]
+    if not found:
+        have = ", ".join(p.name for p in complete_checkpoints(run_dir)) or "none"
+        wanted = f"step {step}" if step is not None else "a complete checkpoint"
+        raise FileNotFoundError(f"{run_dir}: no {wanted} (complete checkpoints: {have})")
+    return found[-1]
+
+
+def consolidated_state(source: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of one complete ZeRO checkpoint (any world size), in one process.
+
+    DeepSpeed's own zero_to_fp32 merges every rank's shards without torch.distributed; frozen parameters are
+    included because engine.save_checkpoint saves them by default (exclude_frozen_parameters=False), which a
+    caller still checks against the model's key set.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not (source / COMPLETE).is_file():
+        raise FileNotFoundError(f"{source} is not a complete checkpoint (no {COMPLETE} marker)")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
+    # zero_to_fp32 may return views into a flat buffer: give each tensor its own storage for safetensors.
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}

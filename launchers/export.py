@@ -1,0 +1,14 @@
+"""Export a training run. `python launchers/export.py --checkpoint RUN_DIR [--step N] --out DIR --layout transformers`
+
+--layout original writes deepseek-ai's layout for the official inference code; --dtype bf16 (default) or fp32.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
+
+from pipeline.export import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Ask a question about an image, on an exported transformers checkpoint (the understanding path).
+
+    python -m model.chat --checkpoint DIR --image photo.jpg --question "What is in this image?"
+
+The prompt is built by model/chat_format.py exactly as training built its samples (system prompt, the image as
+<boi> 576 x <image_placeholder> <eoi>, question, `<|Assistant|>:`), the image by model/images.py's
+understanding transform; transformers' own `generate` does the decoding, with the SigLIP features scattered
+into the placeholder positions by `JanusForConditionalGeneration` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import JanusForConditionalGeneration, PreTrainedTokenizerBase
+
+from model.chat_format import JANUS_SYSTEM_PROMPT, understanding_prompt_ids
+from model.config import num_image_tokens
+from model.images import pixel_values, understanding_image
+from model.tokenizer import SpecialTokens
+
+
+@torch.no_grad()
+def answer(model: JanusForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, image: Image.Image,
+           question: str, system: str | None = JANUS_SYSTEM_PROMPT, max_new_tokens: int = 64,
+           greedy: bool = True, temperature: float = 1.0) -> str:
+    """The model's answer to `question` about `image` (greedy by default)."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    ids = understanding_prompt_ids(tokenizer, question, 1, system, num_image_tokens(model.config))
+    input_ids = torch.tensor([ids], device=model.device)
+    pixels = pixel_values([understanding_image(image)]).to(model.device, model.dtype)
+    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+                         max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=special.eos,
+                         pad_token_id=special.pad, generation_mode="text", **sampling)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def main(argv: list[str] | None = None) -> str:
+    from model.generate import DTYPES, load_exported
+
+    parser = argparse.ArgumentParser(description="Janus-Pro: answer a question about an image.")
+    parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--system", default=JANUS_SYSTEM_PROMPT, help="system prompt; '' for none")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--sample", action="store_true", help="sample (with --temperature) instead of greedy")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_exported(args.checkpoint, DTYPES[args.dtype])
+    with Image.open(Path(args.image)) as image:
+        image.load()
+        reply = answer(model, tokenizer, image, args.question, args.system or None, args.max_new_tokens,
+                       greedy=not args.sample, temperature=args.temperature)
+    print(reply)
+    return reply
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""`make demo`'s path end to end (few steps), and the whole chain learning: real photographs -> tars ->
+preprocess on Ray -> ZeRO-3 training on 2 CPU ranks through the launchers -> export -> generation and chat.
+
+The memorisation test reuses the demo's preprocessed shards, tokenizer and initial weights (one Ray run for
+both tests) and trains Stage II on 4 of its photographs.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.distributed import REPO
+
+DEMO_STEPS = 10
+MEMORISE = ("astronaut", "chelsea", "coffee", "rocket")
+# Opt-in: on 2 shared CPU cores the tiny model needs more Stage II steps to memorise 4 photographs than the
+# test budget holds (see the README's "Known limits"). MEMORISE_STEPS=1500 runs it.
+MEMORISE_STEPS = int(os.environ.get("MEMORISE_STEPS", "0"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "DEMO_STEPS": str(DEMO_STEPS), "DEMO_OUTPUT": str(out)}
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "launchers.demo"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    named = dict(re.findall(r"^(image grid|loss curve|exported checkpoint):\s+(\S+)$", done.stdout, re.M))
+    return {"out": out, "stdout": done.stdout, "named": {k: Path(v) for k, v in named.items()},
+            "seconds": time.time() - started}
+
+
+def test_demo_completes_and_names_valid_files(demo):
+    from PIL import Image
+    from safetensors import safe_open
+
+    named = demo["named"]
+    assert set(named) == {"image grid", "loss curve", "exported checkpoint"}, demo["stdout"][-2000:]
+    for key in ("image grid", "loss curve"):
+        with Image.open(named[key]) as image:
+            assert image.format == "PNG"
+            image.verify()
+    grid = Image.open(named["image grid"])
+    assert grid.size == (384, 6 * 384)  # 6 captions, one image each
+    shards = list(named["exported checkpoint"].glob("*.safetensors"))
+    assert shards
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            assert len(list(f.keys())) > 0
+    for stage in (1, 2, 3):
+        assert (demo["out"] / "runs" / f"stage{stage}" / "metrics.jsonl").stat().st_size > 0
+    print(f"demo with DEMO_STEPS={DEMO_STEPS}: {demo['seconds']:.0f}s")
+
+
+def subset(source: Path, out: Path, keys: tuple[str, ...]) -> dict[str, Path]:
+    """Manifests of `keys`' samples only, from the demo's preprocessed shards (same fingerprints)."""
+    from model.manifest import Manifest, read_shard, write_shard
+    from model.sample import samples_from_table, samples_to_table
+
+    dirs = {}
+    for task in ("understanding", "generation"):
+        manifest = Manifest.read(source / task)
+        samples = [s for shard in sorted((source / task).glob("*.arrow"))
+                   for s in samples_from_table(read_shard(shard)) if s.key in keys]
+        assert sorted(s.key for s in samples) == sorted(keys)
+        directory = out / task
+        directory.mkdir(parents=True)
+        kept = Manifest(task=task, tokenizer_fingerprint=manifest.tokenizer_fingerprint,
+                        vq_fingerprint=manifest.vq_fingerprint, vq_dtype=manifest.vq_dtype)
+        kept.shards.append(write_shard(samples_to_table(samples), directory / f"{task}-00000.arrow"))
+        kept.rows_in = kept.rows_written = len(samples)
+        kept.write(directory)
+        dirs[task] = directory
+    return dirs
+
+
+@pytest.mark.skipif(MEMORISE_STEPS <= 0, reason="slow: set MEMORISE_STEPS (e.g. 1500) to run memorisation")
+def test_the_whole_chain_learns(demo, tmp_path):
+    from model.chat import answer
+    from model.generate import generate_image_ids, load_exported
+    from model.manifest import read_shard
+    from model.sample import samples_from_table
+    from pipeline.export import export
+    from tests.distributed import run_ranks
+
+    out = demo["out"]
+    data = subset(out / "data", tmp_path / "data", MEMORISE)
+    run = tmp_path / "stage2"
+    started = time.time()
+    # Stage II only (it trains everything the chain's later stages do but SigLIP), a high learning rate,
+    # no guidance dropout (an unconditional row is not a training photo), mostly generation samples.
+    run_ranks([str(Path(REPO) / "launchers" / "stage2.py"), "--model", str(out / "init"), "--init", str(out / "init"),
+               "--tokenizer", str(out / "tokenizer"), "--output", str(run), "--data", str(data["understanding"]),
+               str(data["generation"]), "--seq-len", "1400", "--rows-per-step", "2", "--ratio", "1", "0", "3",
+               "--learning-rate", "1e-2", "--warmup-steps", "10", "--guidance-dropout", "0",
+               "--train-steps", str(MEMORISE_STEPS), "--save-every", str(MEMORISE_STEPS), "--log-every", "50",
+               "--num-workers", "1"], timeout=900)
+    trained = time.time() - started
+    exported = export(run, tmp_path / "export", "transformers", dtype="fp32").path
+    model, tokenizer = load_exported(exported)
+
+    generation = {s.key: s for s in samples_from_table(read_shard(next(data["generation"].glob("*.arrow"))))}
+    understanding = {s.key: s for s in samples_from_table(read_shard(next(data["understanding"].glob("*.arrow"))))}
+    keys = list(MEMORISE)
+    captions = [prompt_caption(tokenizer, generation[k].input_ids) for k in keys]
+    ids = generate_image_ids(model, tokenizer, captions, cfg=1, greedy=True)  # no guidance: see the docstring
+    truth = [torch.tensor(generation[k].image_ids) for k in keys]
+    match = [[(ids[i] == truth[j]).float().mean().item() for j in range(len(keys))] for i in range(len(keys))]
+    report = {k: [round(m, 3) for m in row] for k, row in zip(keys, match, strict=True)}
+    print(f"memorisation after {MEMORISE_STEPS} steps ({trained:.0f}s training): own/other id match {report}")
+    for i in range(len(keys)):
+        assert match[i][i] >= 0.9, report
+        assert match[i][i] > max(m for j, m in enumerate(match[i]) if j != i), report
+
+    # A question about a training photograph gets its training answer.
+    question, expected = question_answer(tokenizer, understanding["chelsea"])
+    import skimage.data
+
+    with Image.open(Path(os.path.dirname(skimage.data.__file__)) / "chelsea.png") as photo:
+        reply = answer(model, tokenizer, photo, question, max_new_tokens=12)
+    assert reply == expected, (question, reply, expected)
+
+
+def prompt_caption(tokenizer, prompt_ids: list[int]) -> str:
+    text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    return re.search(r"<\|User\|>: (.*)\n\n<\|Assistant\|>:", text, re.S).group(1)
+
+
+def question_answer(tokenizer, sample) -> tuple[str, str]:
+    """The question and the trained answer of a one-turn understanding sample."""
+    start, end = sample.loss_spans[0]
+    expected = tokenizer.decode(sample.input_ids[start:end], skip_special_tokens=True).strip()
+    text = tokenizer.decode(sample.input_ids[:start], skip_special_tokens=False)
+    question = re.search(r"<end_of_image>\n(.*)\n\n<\|Assistant\|>:", text, re.S).group(1)
+    return question, expected
