@@ -26,6 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from model.batch import PackedBatch
 from model.config import load_config
+from model.generate import decode_images, generate_image_ids, image_grid
 from model.janus import JanusProForTraining
 from model.manifest import Manifest, tokenizer_fingerprint, weights_fingerprint
 from model.sample import TASKS
@@ -210,9 +211,9 @@ def data_config(config: TrainConfig, manifests: list[str], tokenizer_print: str,
 
 # ---- the loop ----
 
-def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, special: SpecialTokens,
+def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, tokenizer,
           start_step: int, device: torch.device, val_config: DataConfig | None, stop: StopFlag) -> int:
-    rank = dist.get_rank()
+    rank, special = dist.get_rank(), SpecialTokens.from_tokenizer(tokenizer)
     weights = torch.tensor(config.task_loss_weights, dtype=torch.float32, device=device)
     watchdog, batches = Watchdog(config.watchdog_seconds), iter(data)
     monitor = Monitor(config, rank)
@@ -236,6 +237,9 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, spec
         if val_config is not None and config.val_every and step % config.val_every == 0:
             log(rank, f"step {step:7d}  validation  " + "  ".join(
                 f"{t} {v:.4f}" for t, v in validate(engine, val_config, special, config.val_batches, device).items()))
+        if config.sample_every and step % config.sample_every == 0:
+            path = sample_grid(engine, tokenizer, config, step)
+            log(rank, f"step {step:7d}  samples {path}")
         stopping = stop.any_rank(device)
         if stopping or step % config.save_every == 0 or step == config.train_steps:
             path = checkpoint.save(engine, config.output, step, {"data": data.state_dict()}, config.keep_last)
@@ -307,6 +311,24 @@ def format_record(r: dict) -> str:
 
 
 @torch.no_grad()
+def sample_grid(engine, tokenizer, config: TrainConfig, step: int) -> Path:
+    """Images from the fixed prompts, with guidance. Every rank generates (ZeRO-3 gathers weights collectively
+    in every forward, and each step is one token for every prompt, so the ranks stay in step); rank 0 saves."""
+    engine.eval()
+    ids = generate_image_ids(engine.module, tokenizer, config.sample_prompts, cfg=config.sample_cfg, seed=step,
+                             backend="loop")
+    # The VQ decoder reads its codebook's shape outside a module call, where ZeRO-3 has no hook to gather it.
+    with deepspeed.zero.GatheredParameters(list(engine.module.model.vqmodel.parameters())):
+        images = decode_images(engine.module, ids)
+    engine.train()
+    path = Path(config.output) / "samples" / f"step-{step:08d}.png"
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, columns=len(images)).save(path)
+    return path
+
+
+@torch.no_grad()
 def validate(engine, val_config: DataConfig, special: SpecialTokens, batches: int, device) -> dict[str, float]:
     """Loss per task on held-out shards; every rank runs the same number of batches (ZeRO-3 needs all)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -362,7 +384,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         data.load_state_dict(state["data"])
         start_step = state["step"]
         log(rank, f"resumed from {resume_from} at step {start_step}")
-    step = train(config, plan, engine, data, special, start_step, device, val, stop)
+    step = train(config, plan, engine, data, tokenizer, start_step, device, val, stop)
     log(rank, f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(config.output)}")
     dist.barrier()
     dist.destroy_process_group()

@@ -60,6 +60,11 @@ class TrainConfig:
     val_every: int = 0
     val_batches: int = 4
     log_every: int = 10
+    sample_every: int = 2000          # a PNG grid from sample_prompts every N steps (0: never); all ranks take part
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "A red apple on a wooden table.", "A lighthouse on a cliff at sunset.", "A cat sleeping on a sofa.",
+        "An astronaut riding a horse on the moon."])
+    sample_cfg: float = 5.0
     wandb_project: str | None = None  # also log to Weights & Biases (pip install -e '.[wandb]')
     max_nonfinite_steps: int = 5
     watchdog_seconds: float = 1800.0

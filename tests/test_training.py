@@ -227,11 +227,16 @@ def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tok
     assert len(list(latest.glob("*rank_0[01]*optim_states.pt"))) == 2  # both ranks' ZeRO shards, same step
 
 
-def test_validation_and_tensorboard(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+def test_validation_tensorboard_and_sample_grid(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    from PIL import Image
+
     output = tmp_path / "run"
     outputs = run_ranks(stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "2",
                                    "--val-data", str(shard_corpus["text"]), str(shard_corpus["generation"]),
-                                   "--val-every", "2", "--val-batches", "2"), timeout=600)
+                                   "--val-every", "2", "--val-batches", "2", "--sample-every", "2",
+                                   "--sample-prompts", "a red cat", "a blue dog"), timeout=600)
+    with Image.open(output / "samples" / "step-00000002.png") as grid:
+        assert grid.size == (2 * 384, 384)
     line = next(x for x in outputs[0].splitlines() if x.startswith("step") and " validation " in x)
     values = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
     assert values["text"] > 0 and values["generation"] > 0 and values["understanding"] != values["understanding"]
