@@ -260,7 +260,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shard_corpus, tokenizer_d
 
 
 def test_watchdog_exits_nonzero_with_stacks_when_no_step_completes():
-    code = "import time\nfrom pipeline.train import Watchdog\nWatchdog(1.0)\ntime.sleep(30)\n"
+    code = "import time\nfrom pipeline.monitor import Watchdog\nWatchdog(1.0)\ntime.sleep(30)\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3
     assert "no step completed in 1s" in done.stderr and "Thread" in done.stderr  # faulthandler's stack dump
