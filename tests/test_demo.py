@@ -112,7 +112,7 @@ def test_memorise_settings_feed_every_photo_every_step(demo, tmp_path):
             assert set(keys) == set(MEMORISE), (step, keys)
 
 
-@pytest.mark.skipif(MEMORISE_STEPS <= 0, reason="slow: set MEMORISE_STEPS (e.g. 1500) to run memorisation")
+@pytest.mark.skipif(MEMORISE_STEPS <= 0, reason="slow: set MEMORISE_STEPS (e.g. 600) to run memorisation")
 def test_the_whole_chain_learns(demo, tmp_path):
     from model.chat import answer
     from model.generate import generate_image_ids, load_exported

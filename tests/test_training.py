@@ -88,7 +88,7 @@ def test_stage1_gradients_flow_through_the_frozen_llm_with_checkpointing(tiny_mo
     rows = [[Source(SourceSpec(str(shard_corpus[t])), 0, 1, seed=0).sample(0)] for t in ("understanding",
                                                                                          "generation")]
     set_trainable(tiny_model, STAGES[1].trainable)
-    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     tiny_model.train()
     try:
         out = tiny_model(pack_rows(rows, 1400, special))
@@ -99,7 +99,7 @@ def test_stage1_gradients_flow_through_the_frozen_llm_with_checkpointing(tiny_mo
             if part_of(name) == "llm":
                 assert p.grad is None
     finally:
-        tiny_model.gradient_checkpointing_disable()
+        tiny_model.activation_checkpointing_disable()
         tiny_model.eval().zero_grad(set_to_none=True)
         for p in tiny_model.parameters():
             p.requires_grad_(True)
