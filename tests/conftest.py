@@ -233,20 +233,6 @@ def original_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports the OS reports free right now (bound together so they differ)."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _pids_using(marker: str) -> list[int]:
     """Processes whose command line names our private Ray temp dir: the ones this fixture started."""
     pids = []
@@ -279,7 +265,9 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="rayjp", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0"}
-    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(9)
+    from tests.distributed import free_ports
+
+    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",

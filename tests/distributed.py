@@ -13,10 +13,20 @@ from pathlib import Path
 REPO = str(Path(__file__).resolve().parents[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports the OS reports free right now (bound together so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class Ranks:

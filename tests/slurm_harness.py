@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.distributed import free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
@@ -49,17 +50,6 @@ def ensure_installed(timeout: float = 900) -> None:
         raise SlurmUnavailable(f"installed slurm-wlm and munge but {missing} still missing")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @dataclass
 class LocalSlurm:
     """One node named `localhost`, one partition `debug`; `env` is what a client (sbatch, srun...) needs."""
@@ -74,7 +64,7 @@ class LocalSlurm:
         return self.root / name
 
     def write_config(self) -> Path:
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = free_ports(2)
         conf = f"""\
 # Written by tests/slurm_harness.py: one node, this machine, everything under {self.root}.
 ClusterName=janustest
