@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-from model.images import decode_image, generation_image, pixel_values, to_rgb, understanding_image
+from model.images import decode_image, generation_image, pixel_values, psnr, to_rgb, understanding_image
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -61,11 +61,6 @@ def rate(fn, items: list[bytes], repeat: int) -> tuple[float, list[np.ndarray]]:
         for x in items:
             fn(x)
     return repeat * len(items) / (time.perf_counter() - start), outputs
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 def main() -> None:

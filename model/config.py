@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
 
@@ -41,6 +42,10 @@ PRESETS = {
     "1b": Preset(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=5632),
     "7b": Preset(hidden_size=4096, num_layers=30, num_heads=32, intermediate_size=11008),
 }
+
+
+# Precision names used on command lines (export, generation).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def preset_config(name: str, image_token_id: int | None = None) -> JanusConfig:

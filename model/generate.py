@@ -25,10 +25,8 @@ from PIL import Image
 from transformers import DynamicCache, JanusForConditionalGeneration, PreTrainedTokenizerBase
 
 from model.chat_format import generation_prompt_ids
-from model.config import num_image_tokens
+from model.config import DTYPES, num_image_tokens
 from model.tokenizer import SpecialTokens, load_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_exported(path: str | Path, dtype: torch.dtype = torch.float32

@@ -96,6 +96,12 @@ def encode_image(image: Image.Image, fmt: str = "jpeg") -> bytes:
     return buffer.getvalue()
 
 
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB (peak 2.0 for [-1, 1] pixels, 255 for 8-bit): the 45 dB contract."""
+    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(peak**2 / mse))
+
+
 def decode_image(data: bytes, size: int = IMAGE_SIZE) -> Image.Image:
     """RGB from encoded bytes, a large JPEG decoded at reduced scale (see draft_for_transform)."""
     return to_rgb(draft_for_transform(Image.open(io.BytesIO(data)), size))

@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 
 import torch
+from transformers import JanusConfig
 
 from model.config import PRESETS, load_config
 from model.janus import JanusProForTraining
@@ -23,9 +24,11 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {part: counts[part] for part in PARTS}
 
 
-def meta_model(name_or_path: str) -> JanusProForTraining:
+def meta_model(model: str | JanusConfig) -> JanusProForTraining:
+    """The model on the meta device: shapes only, no memory, milliseconds even for 7B."""
+    config = model if isinstance(model, JanusConfig) else load_config(model)
     with torch.device("meta"):
-        return JanusProForTraining(load_config(name_or_path))
+        return JanusProForTraining(config)
 
 
 def main(argv: list[str] | None = None) -> None:

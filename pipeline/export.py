@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from model.config import num_image_tokens
+from model.config import DTYPES, num_image_tokens
 from model.janus import JanusProForTraining
 from model.tokenizer import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, SpecialTokens, load_tokenizer
 from model.weights import (
@@ -46,7 +46,6 @@ from model.weights import (
 from pipeline import checkpoint
 from pipeline.train_config import TrainConfig
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECKSUMS = "SHA256SUMS"
 GUIDANCE_SCALE = 5.0  # the paper's and the official code's classifier-free guidance weight
 

@@ -41,13 +41,12 @@ import contextlib
 import io
 from dataclasses import dataclass
 
-import torch
 from transformers import JanusConfig
 
 from model.config import load_config
-from model.janus import JanusProForTraining
 from model.sample import TASKS
 from model.stages import NEVER_TRAINED, Stage, part_of
+from model.summary import meta_model
 
 BF16, FP32 = 2, 4
 GIB = 2 ** 30
@@ -103,15 +102,9 @@ class ParamCounts:
     decoder_layer: int    # one LLM decoder layer
 
 
-def _meta_model(model: str | JanusConfig) -> JanusProForTraining:
-    config = model if isinstance(model, JanusConfig) else load_config(model)
-    with torch.device("meta"):  # shapes only: no memory, milliseconds even for 7B
-        return JanusProForTraining(config)
-
-
 def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str]) -> ParamCounts:
     """Parameter counts of a preset, checkpoint directory or config, counted on the meta device."""
-    meta = _meta_model(model)
+    meta = meta_model(model)
     total = trainable_count = 0
     for name, param in meta.named_parameters():
         total += param.numel()

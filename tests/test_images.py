@@ -11,14 +11,10 @@ from model.images import (
     encode_image,
     generation_image,
     pixel_values,
+    psnr,
     to_rgb,
     understanding_image,
 )
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 2.0) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
 def test_understanding_matches_transformers(photos):

@@ -23,7 +23,7 @@ from transformers import JanusImageProcessor
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.config import preset_config
-from model.images import generation_image, pixel_values
+from model.images import generation_image, pixel_values, psnr
 from model.manifest import Manifest, file_sha256, read_shard, weights_fingerprint
 from model.sample import samples_from_table
 from preprocess.cli import main
@@ -125,11 +125,6 @@ def shard_by_source(out: Path, manifest: Manifest, stem: str) -> Path:
     return out / files[0]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_understanding_images_equal_janus_processor(und_run, photos, tokenizer, special):
     out, manifest = und_run
     samples = {s.key: s for s in samples_from_table(read_shard(shard_by_source(out, manifest, "photos-00000")))}
@@ -144,7 +139,7 @@ def test_understanding_images_equal_janus_processor(und_run, photos, tokenizer, 
             else photos[name]
         reference = processor(images=source.convert("RGB"), return_tensors="pt")["pixel_values"][0]
         reference = ((reference.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        assert psnr(stored, reference) >= 45, name
+        assert psnr(stored, reference, peak=255.0) >= 45, name
         width, height = source.size
         if width != height:  # every pad pixel away from the image edge (JPEG blocks) is exactly 127
             pad = (384 - round(384 * min(width, height) / max(width, height))) // 2
