@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from model.stages import PARTS, STAGES, part_of
+from model.stages import STAGES, part_of
 from pipeline.checkpoint import COMPLETE, latest_checkpoint
 from pipeline.train import lr_factor
 from tests.distributed import REPO, Ranks, run_ranks
@@ -127,7 +127,6 @@ def test_three_stages_train_and_hand_off(shard_corpus, tokenizer_dir, init_check
         end = consolidated(runs[stage - 1])
         changed = {part_of(k) for k in start if not torch.equal(start[k], end[k])}
         assert changed == set(STAGES[stage].trainable), stage
-    assert set(PARTS) - set(STAGES[3].trainable) == {"gen_encoder"}
 
 
 def test_step_loss_is_the_global_token_mean():
