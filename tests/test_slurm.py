@@ -1,21 +1,25 @@
 """launchers/slurm/ on a real one-node Slurm on localhost (tests/slurm_harness.py), through the real
 sbatch -> srun -> task.sh -> launchers/stage1.py chain, on 2 CPU ranks (DS_ACCELERATOR=cpu) and the tiny model.
 
-Kept short for 2 cores: a 3-step run then a resume to 5 steps; a run pre-empted with USR1 that requeues itself
-and finishes; the preprocess job on a Ray cluster started by the sbatch script, compared with an embedded run;
-and the 32-node launch rendered for a made-up node list (no daemons needed).
+Kept short for 2 cores: a 3-step run then a resume to 5 steps; export.sbatch exporting that run's step-3
+checkpoint; a run pre-empted with USR1 that requeues itself and finishes; the preprocess job on a Ray cluster
+started by the sbatch script, compared with an embedded run; and the 32-node launch rendered for a made-up node
+list (no daemons needed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.manifest import Manifest
 from pipeline.checkpoint import latest_checkpoint
@@ -26,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launchers" / "slurm"
 # Knobs a developer's shell may hold: every job here sets its own.
 KNOBS = ("DATA", "INIT", "MODEL", "TOKENIZER", "OUTPUT", "SAVE_EVERY", "CONFIG", "EXTRA_ARGS", "TASK", "INPUT",
-         "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT", "EXTRA_SRUN_ARGS", "PYTHON")
+         "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT", "EXTRA_SRUN_ARGS", "PYTHON",
+         "CHECKPOINT", "EXPORT_OUT", "LAYOUT", "STEP")
 # One node, two CPU ranks, no GPU: the override a user would type for a laptop-sized test.
 SMALL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]
 TRAIN_FLAGS = "--seq-len 1400 --rows-per-step 2 --log-every 1 --num-workers 1"
@@ -91,21 +96,76 @@ def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
         time.sleep(1)
 
 
-def test_stage1_runs_then_a_second_submission_resumes(slurm, shard_corpus, tokenizer_dir, tmp_path):
-    output = tmp_path / "run"
-    first = sbatch(slurm, "stage1.sbatch", job_env(slurm, **train_knobs(shard_corpus, tokenizer_dir, output, 3)),
-                   tmp_path, *SMALL)
-    log = read(log_of(tmp_path, first))
-    assert slurm.job(first).get("JobState") == "COMPLETED", log[-6000:]
-    assert "2 ranks, rendezvous localhost:" in log and "0: done at step 3" in log, log[-6000:]
-    assert latest_checkpoint(output).name == "step-00000003"
+@dataclass
+class Stage1Run:
+    output: Path            # the run directory (OUTPUT)
+    workdir: Path           # where the jobs were submitted from (their logs/)
+    jobs: list[str]         # the 3-step submission, then the resume to 5 steps
+    states: list[str]       # each job's JobState right after it ended
+    latest: list[str]       # the run's latest complete checkpoint after each job
 
-    second = sbatch(slurm, "stage1.sbatch", job_env(slurm, **train_knobs(shard_corpus, tokenizer_dir, output, 5)),
-                    tmp_path, *SMALL)
-    log = read(log_of(tmp_path, second))
-    assert f"resumed from {output / 'checkpoints' / 'step-00000003'} at step 3" in log, log[-6000:]
+
+@pytest.fixture(scope="module")
+def stage1_run(slurm, shard_corpus, tokenizer_dir, tmp_path_factory) -> Stage1Run:
+    """stage1.sbatch for 3 steps, then a second submission that resumes to 5: the resume test asserts on it and
+    the export test exports its step-3 checkpoint (kept: --keep-last defaults to 3), so it is trained once."""
+    workdir = tmp_path_factory.mktemp("stage1")
+    run = Stage1Run(output=workdir / "run", workdir=workdir, jobs=[], states=[], latest=[])
+    for steps in (3, 5):
+        job = sbatch(slurm, "stage1.sbatch", job_env(slurm, **train_knobs(shard_corpus, tokenizer_dir, run.output,
+                                                                          steps)), workdir, *SMALL)
+        latest = latest_checkpoint(run.output)
+        run.jobs.append(job)
+        run.states.append(slurm.job(job).get("JobState", "(forgotten)"))
+        run.latest.append(latest.name if latest else "(none)")
+    return run
+
+
+def test_stage1_runs_then_a_second_submission_resumes(stage1_run):
+    run = stage1_run
+    first, second = run.jobs
+    log = read(log_of(run.workdir, first))
+    assert run.states[0] == "COMPLETED", log[-6000:]
+    assert "2 ranks, rendezvous localhost:" in log and "0: done at step 3" in log, log[-6000:]
+    assert run.latest[0] == "step-00000003"
+
+    log = read(log_of(run.workdir, second))
+    assert run.states[1] == "COMPLETED", log[-6000:]
+    assert f"resumed from {run.output / 'checkpoints' / 'step-00000003'} at step 3" in log, log[-6000:]
     assert "0: step       4 " in log and "0: step       1 " not in log, log[-6000:]
-    assert latest_checkpoint(output).name == "step-00000005"
+    assert run.latest[1] == "step-00000005"
+
+
+def test_export_sbatch_writes_a_loadable_export_of_the_chosen_step(slurm, stage1_run, tmp_path):
+    """export.sbatch with its documented knobs on the resumed run's older checkpoint (STEP=3, not the latest);
+    EXTRA_ARGS unset, so the script's empty extra-args array is expanded under `set -u` too."""
+    from transformers import JanusForConditionalGeneration
+
+    from pipeline.checkpoint import consolidated_state
+
+    out = tmp_path / "export"
+    source = stage1_run.output / "checkpoints" / "step-00000003"
+    env = job_env(slurm, CHECKPOINT=str(stage1_run.output), EXPORT_OUT=str(out), LAYOUT="transformers", STEP="3")
+    job = sbatch(slurm, "export.sbatch", env, tmp_path, "--time=30", timeout=300)
+    log = read(log_of(tmp_path, job, "export.sbatch"))
+    assert slurm.job(job).get("JobState") == "COMPLETED", log[-6000:]
+    assert f"exported {source} -> {out} (transformers layout, bf16," in log, log[-6000:]
+    assert json.loads((out / "export.json").read_text())["source"] == str(source.resolve())
+    assert not out.with_name(out.name + ".partial").exists()
+
+    # Sharded safetensors with an index naming exactly the shards on disk, and a config: what from_pretrained reads.
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*-of-*.safetensors")} != set()
+    assert (out / "config.json").is_file()
+    model, info = JanusForConditionalGeneration.from_pretrained(str(out), dtype=torch.bfloat16,
+                                                                output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+    # Every tensor equals DeepSpeed's consolidation of the 2-rank ZeRO-3 checkpoint at step 3, cast to bf16.
+    state, loaded = consolidated_state(source), model.state_dict()
+    assert sorted(loaded) == sorted(state)
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
 
 
 def test_preemption_signal_checkpoints_requeues_and_finishes(slurm, shard_corpus, tokenizer_dir, tmp_path):
