@@ -41,12 +41,23 @@ from pipeline.reader import SourceSpec
 from pipeline.train_config import TrainConfig, resolve
 
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up to the stage's rate over `warmup_steps` optimizer steps, then constant (Table 2).
+def lr_factor(step: int, warmup_steps: int, decay_style: str = "constant", decay_steps: int = 0) -> float:
+    """The learning rate of optimizer step `step` (from 0) as a share of the stage's rate.
 
-    DeepSpeed's WarmupLR would warm up on a log curve by default; this is the paper's linear one.
+    Linear warm-up over `warmup_steps`, then Table 2's constant rate; or, for a run that must end
+    converged (a short fine-tune, the memorisation test), a linear or cosine decay that reaches 0 at
+    `decay_steps`. DeepSpeed's WarmupLR would warm up on a log curve by default; this is the paper's linear one.
     """
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay_style == "constant":
+        return 1.0
+    done = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    if decay_style == "linear":
+        return 1.0 - done
+    if decay_style == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"lr_decay_style must be constant, linear or cosine, not {decay_style!r}")
 
 
 def step_loss(loss_sum: torch.Tensor, step_counts: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
@@ -108,7 +119,8 @@ def build_engine(config: TrainConfig, ds: dict, special: SpecialTokens):
     model = build_model(config, ds, special.image_placeholder)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
-        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, config.warmup_steps)))
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(
+            s, config.warmup_steps, config.lr_decay_style, config.lr_decay_steps or config.train_steps)))
     return engine
 
 
@@ -143,17 +155,17 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, toke
     while step < config.train_steps:
         started, lr = time.perf_counter(), engine.get_lr()[0]  # the rate this step uses
         micro_batches = [next(batches).to(device) for _ in range(plan.accumulation_steps)]
-        loss_sums, step_counts, finite = optimizer_step(engine, micro_batches, weights, config.loss_normalisation)
+        loss_sums, step_counts, applied = optimizer_step(engine, micro_batches, weights, config.loss_normalisation)
         step += 1
         watchdog.beat()
         task_loss = (loss_sums / step_counts.clamp(min=1)).tolist()
-        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
         if nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise FloatingPointError(f"step {step}: {nonfinite_in_a_row} non-finite steps in a row; task losses "
                                      f"{dict(zip(TASKS, task_loss, strict=True))}")
         if step % config.log_every == 0 or step == config.train_steps or step == start_step + 1:
             record = step_record(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started,
-                                 config, finite)
+                                 config, applied)
             log(rank, format_record(record))
             monitor.record(record)
         if val_config is not None and config.val_every and step % config.val_every == 0:
@@ -175,40 +187,28 @@ def train(config: TrainConfig, plan: BatchPlan, engine, data: DataPipeline, toke
 
 def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tensor,
                    normalisation: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One optimizer step over this rank's micro-batches: (loss sums per task, target counts, finite), global."""
+    """One optimizer step over this rank's micro-batches: (loss sums per task, target counts, applied), global.
+
+    A step whose global gradient norm is not finite is not applied: DeepSpeed's ZeRO-3 optimizer then skips
+    the update, Adam's moments and step count included, and clears the gradients, on every rank alike.
+    """
     device, world = weights.device, dist.get_world_size()
     # The whole step's target count, on every rank, before the first backward.
     step_counts = torch.stack([b.target_counts() for b in micro_batches]).sum(0).to(device, torch.float32)
     dist.all_reduce(step_counts)
-    loss_sums, finite = torch.zeros(len(TASKS), device=device), True
+    loss_sums = torch.zeros(len(TASKS), device=device)
     for batch in micro_batches:
         out = engine(batch)
-        loss = step_loss(out.loss_sum, step_counts, weights, normalisation)
-        finite = finite and all_ranks_finite(loss, device)
         # DeepSpeed divides by the accumulation steps and averages over ranks: undo both.
-        scale = len(micro_batches) * world
-        engine.backward(loss * scale if finite else out.loss_sum.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0)
-        if not finite:
-            zero_lr(engine)  # a step at rate 0 leaves the weights as they were; the scheduler resets the rate
+        engine.backward(step_loss(out.loss_sum, step_counts, weights, normalisation) * len(micro_batches) * world)
         engine.step()
         loss_sums += out.loss_sum.detach().float()
     dist.all_reduce(loss_sums)
-    return loss_sums, step_counts, finite
-
-
-def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).item())], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def zero_lr(engine) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = 0.0
+    return loss_sums, step_counts, engine.was_step_applied()
 
 
 def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
-                seconds: float, config: TrainConfig, finite: bool) -> dict:
+                seconds: float, config: TrainConfig, applied: bool) -> dict:
     """The log line's figures, all from pipeline/metrics.py, on counts summed over every rank."""
     counts = sum((batch_counts(b) for b in micro_batches), BatchCounts())
     summed = counts.to_tensor().to(engine.device)
@@ -218,7 +218,7 @@ def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batc
                            config.trainable, config.gradient_checkpointing, peak_flops(device_name))
     grad_norm = engine.get_global_grad_norm()
     return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not finite,
+            "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not applied,
             "step_seconds": seconds, **figures.as_dict(),
             "eta_hours": (config.train_steps - step) * seconds / 3600}
 

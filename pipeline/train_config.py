@@ -37,6 +37,8 @@ class TrainConfig:
     weight_decay: float | None = None
     grad_clip: float | None = None   # 0 turns clipping off
     seq_len: int | None = None
+    lr_decay_style: str = "constant"   # Table 2; linear or cosine decay to 0 at lr_decay_steps
+    lr_decay_steps: int | None = None  # default: train_steps
     adam_eps: float = 1e-8
     # data path
     rows_per_micro_batch: int = 1

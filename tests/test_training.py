@@ -80,6 +80,18 @@ def test_lr_schedule_is_linear_warmup_then_constant():
     assert STAGES[3].warmup_steps == 0 and lr_factor(0, 0) == 1.0
 
 
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_lr_decay_warms_up_then_falls_to_zero_at_decay_steps(style):
+    factors = [lr_factor(s, 10, style, 110) for s in range(120)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == 1.0 and factors[60] == pytest.approx(0.5)  # halfway for both styles
+    assert all(a > b for a, b in zip(factors[10:110], factors[11:111], strict=True))
+    assert factors[110:] == [0.0] * 10
+    assert (factors[35] > 0.75) == (style == "cosine")  # cosine stays high longer
+    with pytest.raises(ValueError, match="lr_decay_style"):
+        lr_factor(20, 10, "step", 110)
+
+
 def test_stage1_gradients_flow_through_the_frozen_llm_with_checkpointing(tiny_model, special, shard_corpus):
     from model.batch import pack_rows
     from model.stages import set_trainable
@@ -144,26 +156,43 @@ def test_step_loss_is_the_global_token_mean():
 
 def test_two_ranks_two_micro_batches_equal_one_process_one_batch(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                  tmp_path):
+    """Also: a non-finite step first (NaN images) is skipped whole, so the next step equals a first step."""
     from safetensors.torch import load_file
 
-    def step(world: int, rows_per_micro_batch: int) -> dict[str, torch.Tensor]:
-        out = tmp_path / f"params-{world}.safetensors"
+    def step(world: int, rows_per_micro_batch: int, poison_first: bool = False) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"params-{world}-{poison_first}.safetensors"
         flags = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), "--init", str(init_checkpoint),
                  "--data", *[str(shard_corpus[t]) for t in ("understanding", "text", "generation")],
                  "--seq-len", "1400", "--rows-per-step", "4", "--rows-per-micro-batch", str(rows_per_micro_batch),
                  "--grad-clip", "0", "--warmup-steps", "0", "--learning-rate", "10", "--adam-eps", "1000",
-                 "--output", str(tmp_path / f"run-{world}")]
+                 "--output", str(tmp_path / f"run-{world}-{poison_first}")]
         script = str(Path(REPO) / "tests" / "train_step_equivalence.py")
-        run_ranks([script, json.dumps({"flags": flags, "out": str(out)})], world_size=world, timeout=300)
+        run_ranks([script, json.dumps({"flags": flags, "out": str(out), "poison_first": poison_first})],
+                  world_size=world, timeout=300)
         return load_file(str(out))
 
     # With eps 1000 Adam's first update is ~lr * g / eps: linear in the gradient, so a wrong normalisation shows.
-    split, whole = step(2, 1), step(1, 4)
+    split, whole, after_skip = step(2, 1), step(1, 4), step(2, 1, poison_first=True)
     before = tensors(init_checkpoint)
     moved = max((whole[k] - before[k]).abs().max().item() for k in whole)
     assert moved > 1e-4
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=0, msg=name)
+        # Had the skipped step fed Adam (moments or its step count), this step's update would differ.
+        torch.testing.assert_close(after_skip[name], whole[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_bucket_sizes_follow_the_width_above_a_floor():
+    from pipeline.ds_config import MIN_BUCKET, batch_plan, deepspeed_config
+
+    def zero(width: int) -> dict:
+        return deepspeed_config("zero3_bf16", batch_plan(512, 256, 1), width, 1e-4, (0.9, 0.95), 0.0, 1e-8,
+                                1.0)["zero_optimization"]
+
+    assert zero(4096)["reduce_bucket_size"] == 4096 * 4096  # 7b: transformers' "auto" values
+    assert zero(4096)["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+    assert zero(64)["reduce_bucket_size"] == zero(64)["stage3_prefetch_bucket_size"] == MIN_BUCKET  # tiny
+    assert zero(64)["stage3_param_persistence_threshold"] == 640  # small tensors stay partitioned in tests
 
 
 def test_dry_run_estimates_and_refuses(tmp_path):

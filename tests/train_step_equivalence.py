@@ -1,11 +1,13 @@
 """One optimizer step through the real engine set-up, on explicit rows: each rank takes its share of 4 rows
 as micro-batches of `rows_per_micro_batch` rows. Rank 0 writes every trainable parameter after the step.
+With "poison_first", a step whose images are all NaN comes first: it must be skipped and change nothing.
 
     python tests/train_step_equivalence.py ARGS_JSON   (under tests.distributed.run_ranks)
 """
 
 import json
 import sys
+from dataclasses import replace
 
 import deepspeed
 import torch
@@ -37,7 +39,12 @@ micro = [pack_rows(mine[i:i + plan.rows_per_micro_batch], config.seq_len, specia
          for i in range(0, len(mine), plan.rows_per_micro_batch)]
 assert len(micro) == plan.accumulation_steps
 weights = torch.tensor(config.task_loss_weights)
-loss_sums, counts, finite = optimizer_step(engine, micro, weights, config.loss_normalisation)
+if args.get("poison_first"):
+    poisoned = [replace(b, pixel_values=torch.full_like(b.pixel_values, float("nan"))) for b in micro]
+    _, _, applied = optimizer_step(engine, poisoned, weights, config.loss_normalisation)
+    assert not applied and engine.skipped_steps == 1
+loss_sums, counts, applied = optimizer_step(engine, micro, weights, config.loss_normalisation)
+assert applied
 params = {}
 for name, p in engine.module.named_parameters():
     if p.requires_grad:
@@ -45,4 +52,4 @@ for name, p in engine.module.named_parameters():
             params[name] = p.detach().clone()
 if rank == 0:
     save_file(params, args["out"])
-    print(f"loss {(loss_sums.sum() / counts.sum()).item():.6f} finite {finite}")
+    print(f"loss {(loss_sums.sum() / counts.sum()).item():.6f}")
