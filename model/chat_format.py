@@ -1,7 +1,7 @@
 """The Janus "deepseek" chat format and token layout, for understanding, generation and text samples.
 
     understanding: <bos>[system\n\n]<|User|>: <boi> 576 x <image_placeholder> <eoi>\n{question}\n\n
-                   <|Assistant|>: {answer}<eos>          loss on answer + EOS
+                   <|Assistant|>: {answer}<eos>          loss on " " + answer + EOS
     generation:    <bos><|User|>: {caption}\n\n<|Assistant|>:<boi>  then 576 VQ ids
     text:          <bos>{text}[<eos>]                       loss on everything after BOS
 
@@ -76,9 +76,12 @@ def understanding_sample(tokenizer: PreTrainedTokenizerBase, turns: list[Turn], 
         if turn.role == "user":
             text += f"{USER}: {turn.text}\n\n"
         elif turn.role == "assistant":
-            text += f"{ASSISTANT}: "
-            answers.append((len(text), len(text) + len(turn.text) + len(EOS)))
-            text += turn.text + EOS
+            # The target starts right after the colon, its space included: inference prompts end at
+            # `<|Assistant|>:`, and a small vocabulary may encode that space as a token of its own.
+            text += f"{ASSISTANT}:"
+            answer = f" {turn.text}{EOS}"
+            answers.append((len(text), len(text) + len(answer)))
+            text += answer
         else:
             raise ValueError(f"unknown chat role {turn.role!r}")
     if not answers:

@@ -151,7 +151,7 @@ def test_understanding_images_equal_janus_processor(und_run, photos, tokenizer, 
         assert ids[start + 1:start + 577] == [special.image_placeholder] * 576
         assert ids[start + 577] == special.end_of_image
         (s, e), = sample.loss_spans
-        assert tokenizer.decode(ids[s:e]) == caption + tokenizer.eos_token
+        assert tokenizer.decode(ids[s:e]) == " " + caption + tokenizer.eos_token
 
 
 def test_bad_inputs_are_counted_skips(und_run, und_inputs):
@@ -268,7 +268,7 @@ def test_llava_multi_turn_multi_image(ray_client, photos, tokenizer, tokenizer_d
     two = samples["two"]
     assert len(two.images) == 2 and two.input_ids.count(special.image_placeholder) == 2 * 576
     assert [tokenizer.decode(two.input_ids[s:e]) for s, e in two.loss_spans] == [
-        "A cat, a cup." + tokenizer.eos_token, "The coffee." + tokenizer.eos_token]
+        " A cat, a cup." + tokenizer.eos_token, " The coffee." + tokenizer.eos_token]
     assert samples["nomarker"].input_ids.count(special.image_placeholder) == 576
 
 

@@ -2,7 +2,15 @@ import pyarrow as pa
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from model.chat_format import NUM_IMAGE_TOKENS, Turn, generation_sample, text_sample, understanding_sample
+from model.chat_format import (
+    JANUS_SYSTEM_PROMPT,
+    NUM_IMAGE_TOKENS,
+    Turn,
+    generation_sample,
+    text_sample,
+    understanding_prompt_ids,
+    understanding_sample,
+)
 from model.sample import SAMPLE_SCHEMA, samples_from_table, samples_to_table
 from model.tokenizer import SpecialTokens
 
@@ -24,6 +32,17 @@ def test_understanding_layout(tokenizer, special):
     assert all(ids[b - 1] == special.eos for _, b in s.loss_spans)
     between = tokenizer.decode(ids[boi + 2 + NUM_IMAGE_TOKENS:s.loss_spans[0][0]])
     assert between.startswith("\nWhat is in the picture?\n\n<|Assistant|>:")
+
+
+@pytest.mark.parametrize("answer", ["A cat.", "Brown and white.", "tabby"])
+def test_inference_prompt_is_the_training_sample_up_to_its_answer(tokenizer, answer):
+    """What chat feeds the model is exactly what training conditioned the answer on: the target starts right
+    after `<|Assistant|>:`, whether the tokenizer merges the space into the answer's first token or not."""
+    turns = [Turn("user", "<image_placeholder>\nWhat is it?"), Turn("assistant", answer)]
+    s = understanding_sample(tokenizer, turns, [b"img"], system=JANUS_SYSTEM_PROMPT)
+    (start, end), = s.loss_spans
+    assert understanding_prompt_ids(tokenizer, "What is it?") == s.input_ids[:start]
+    assert tokenizer.decode(s.input_ids[start:end], skip_special_tokens=True) == " " + answer
 
 
 def test_understanding_image_count_must_match(tokenizer):
