@@ -23,7 +23,8 @@ MEMORISE = ("astronaut", "chelsea", "coffee", "rocket")
 # Stage II steps for the tiny model to memorise 4 photographs, on one rank (ZeRO-3 through the same launcher; 2 ranks
 # cost ~40% more per step here and compute the same step, test_training's equivalence test). Measured in plain
 # PyTorch, seeds 0-2: every id is predicted with p > 0.5 (teacher-forced) from step 650, <= 850 and 925, and greedy
-# decoding reproduced 100% of each photo's ids at 1000 steps; at 700, seeds 1 and 2 were at loss 0.3 and 0.8, 2-33%.
+# decoding reproduced 100% of each photo's ids (seed 0 at 700 steps, seeds 1 and 2 at 1000); at 700 steps seeds 1
+# and 2 were still at loss 0.3 and 0.8, 2-33%.
 # The linear decay to 0 is what lets it converge: at a constant rate the loss stalls and one wrong id derails
 # the rest of a greedy image. MEMORISE_STEPS=0 skips it.
 MEMORISE_STEPS = int(os.environ.get("MEMORISE_STEPS", "1000"))
