@@ -14,14 +14,14 @@ import time
 
 from model.stages import STAGES
 from model.tokenizer import SpecialTokens, load_tokenizer
-from pipeline.data import DataConfig, DataPipeline
-from pipeline.reader import SourceSpec
+from pipeline.config import DataConfig
+from pipeline.data import DataPipeline
 
 
 def loader_throughput(special: SpecialTokens, sources: dict[str, str], ratio: tuple[int, int, int], batches: int,
                       workers: int, seq_len: int = 4096, rows: int = 2) -> dict:
-    specs = [SourceSpec(sources[t]) for t, r in zip(("und", "text", "gen"), ratio, strict=True) if r > 0]
-    config = DataConfig(sources=specs, ratio=ratio, seq_len=seq_len, rows_per_micro_batch=rows,
+    manifests = [sources[t] for t, r in zip(("und", "text", "gen"), ratio, strict=True) if r > 0]
+    config = DataConfig(data=manifests, ratio=list(ratio), seq_len=seq_len, rows_per_micro_batch=rows,
                         num_workers=workers, prefetch=2 * workers)
     pipe = iter(DataPipeline(config, special))
     next(pipe)  # warm-up: opens and verifies the shards

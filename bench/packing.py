@@ -14,14 +14,14 @@ import time
 
 from model.batch import sample_length
 from model.stages import STAGES
-from pipeline.data import DataConfig, DataPipeline
-from pipeline.reader import SourceSpec
+from pipeline.config import DataConfig
+from pipeline.data import DataPipeline
 
 
 def packing_efficiency(sources: dict[str, str], ratio: tuple[int, int, int], rows: int, seq_len: int,
                        buffer_size: int = 64) -> dict:
-    specs = [SourceSpec(sources[t]) for t, r in zip(("und", "text", "gen"), ratio, strict=True) if r > 0]
-    pipe = DataPipeline(DataConfig(sources=specs, ratio=ratio, seq_len=seq_len, buffer_size=buffer_size,
+    manifests = [sources[t] for t, r in zip(("und", "text", "gen"), ratio, strict=True) if r > 0]
+    pipe = DataPipeline(DataConfig(data=manifests, ratio=list(ratio), seq_len=seq_len, buffer_size=buffer_size,
                                    guidance_dropout=0.0), special=None)
     start = time.perf_counter()
     planned = [pipe.plan_micro_batch()[0] for _ in range(rows)]

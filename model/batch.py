@@ -60,7 +60,7 @@ class _Layout:
 
 
 def sample_layout(sample: Sample, special: SpecialTokens, eoi_is_target: bool = False) -> _Layout:
-    """The per-position inputs and targets of one sample (the facts sheet's token layout)."""
+    """The per-position inputs and targets of one sample (docs/facts.md: token layout)."""
     ids = list(sample.input_ids)
     text_targets = [IGNORE] * len(ids)
     for start, end in sample.loss_spans:

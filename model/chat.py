@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import JanusForConditionalGeneration, PreTrainedTokenizerBase
 
 from model.chat_format import JANUS_SYSTEM_PROMPT, understanding_prompt_ids
-from model.config import num_image_tokens
+from model.config import DTYPES, num_image_tokens
 from model.images import pixel_values, understanding_image
 from model.tokenizer import SpecialTokens
 
@@ -39,8 +39,8 @@ def answer(model: JanusForConditionalGeneration, tokenizer: PreTrainedTokenizerB
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def main(argv: list[str] | None = None) -> str:
-    from model.generate import DTYPES, load_exported
+def main(argv: list[str] | None = None) -> None:
+    from model.generate import load_exported
 
     parser = argparse.ArgumentParser(description="Janus-Pro: answer a question about an image.")
     parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> str:
         reply = answer(model, tokenizer, image, args.question, args.system or None, args.max_new_tokens,
                        greedy=not args.sample, temperature=args.temperature)
     print(reply)
-    return reply
 
 
 if __name__ == "__main__":

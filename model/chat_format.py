@@ -26,6 +26,36 @@ JANUS_SYSTEM_PROMPT = (
     "that the user provides, and assist the user with a variety of tasks using natural language."
 )
 
+# This format as the Jinja chat template of an exported JanusProcessor, for `processor.apply_chat_template`. Built
+# like transformers' own Janus template: it writes neither BOS (the tokenizer adds it) nor the default system prompt
+# (the processor prepends it in text mode when `use_default_system_prompt` is on, and image mode appends
+# <begin_of_image> instead). Unlike that template, the images of a turn stay adjacent, as understanding_prompt_ids
+# puts them. A first "system" message is written as "{text}\n\n": with the default turned off, it replaces it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set role = message['role'] | lower -%}"
+    "{%- set content = message['content'] if message['content'] is not string"
+    " else [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- if role == 'user' -%}{{- '" + USER + ": ' -}}"
+    "{%- elif role == 'assistant' -%}{{- '" + ASSISTANT + ": ' -}}"
+    "{%- elif role != 'system' or not loop.first -%}"
+    "{{- raise_exception('Janus chat roles are user and assistant, after an optional first system message') -}}"
+    "{%- endif -%}"
+    "{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}"
+    "{%- if not loop.first and content[loop.index0 - 1]['type'] == 'text' -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '" + IMAGE_PLACEHOLDER + "' -}}"
+    "{%- if not loop.last and content[loop.index0 + 1]['type'] == 'text' -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{%- if not loop.first and content[loop.index0 - 1]['type'] == 'text' -%}{{- ' ' -}}{%- endif -%}"
+    "{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if role == 'assistant' -%}{{- '" + EOS + "' -}}{%- else -%}{{- '\\n\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + ":' -}}{%- endif -%}"
+)
+
 
 @dataclass(frozen=True)
 class Turn:

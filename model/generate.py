@@ -12,21 +12,36 @@ Where transformers' image-mode `generate` does the job (guidance > 1) it is used
 (`--cfg 1`; transformers 5.24 crashes there: it doubles the batch but never merges it) goes through
 `cfg_image_ids`, our one hand-written loop with a KV cache, which a test holds token for token against
 transformers' at guidance 5. A memorised model is checked without guidance: guidance pulls it off its
-training image (the facts sheet measured 99.5% -> 63%).
+training image (docs/facts.md: 99.5% -> 63% measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 from transformers import DynamicCache, JanusForConditionalGeneration, PreTrainedTokenizerBase
 
 from model.chat_format import generation_prompt_ids
 from model.config import DTYPES, num_image_tokens
 from model.tokenizer import SpecialTokens, load_tokenizer
+
+MIN_TRANSFORMERS = (5, 24)
+
+
+def check_transformers_version() -> None:
+    """Refuse a transformers older than 5.24: its Llama model swallows the `cache=` keyword cfg_image_ids passes
+    and runs without a KV cache, so generated ids silently diverge from the second token on."""
+    installed = transformers.__version__
+    found = re.match(r"(\d+)\.(\d+)", installed)
+    if found is None or tuple(map(int, found.groups())) < MIN_TRANSFORMERS:
+        needed = ".".join(map(str, MIN_TRANSFORMERS))
+        raise RuntimeError(f"transformers {installed} is installed but image generation needs transformers>={needed}"
+                           f" (older ones ignore the KV cache it passes): pip install 'transformers>={needed},<6'")
 
 
 def load_exported(path: str | Path, dtype: torch.dtype = torch.float32
@@ -57,6 +72,7 @@ def cfg_image_ids(model: JanusForConditionalGeneration, prompts: list[list[int]]
     logits = uncond + cfg * (cond - uncond) from the generation head at each step, one batched forward for
     both halves with a KV cache; prompts of different lengths are left-padded and masked.
     """
+    check_transformers_version()
     num_tokens = num_tokens or num_image_tokens(model.config)
     guided = cfg != 1.0
     batch = len(prompts)
@@ -130,7 +146,7 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Janus-Pro text to image (classifier-free guidance).")
     parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
     parser.add_argument("--prompt", nargs="+", required=True, help="one or more prompts: one grid row each")
@@ -151,7 +167,6 @@ def main(argv: list[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(decode_images(model, ids), columns=args.n).save(out)
     print(f"wrote {out}: {len(args.prompt)} prompt(s) x {args.n}, guidance {args.cfg}")
-    return out
 
 
 if __name__ == "__main__":

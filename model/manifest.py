@@ -105,10 +105,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's tensors (name, dtype, shape, bytes), in name order."""
+    """sha256 over a module's tensors (name, shape, values rounded to bf16), in name order.
+
+    Rounded to bf16 so that one VQ has one fingerprint whatever precision holds it: preprocessing loads it as
+    stored (fp32), a bf16 ZeRO-3 run holds it in bf16, and a consolidated checkpoint gives fp32 of those bf16
+    values; all three round to the same bf16 bits.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = tensor.detach().cpu()
+        t = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

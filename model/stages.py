@@ -27,12 +27,12 @@ NEVER_TRAINED = ("model.vision_model.head.",)
 
 @dataclass(frozen=True)
 class Stage:
-    """One column of Table 2. `batch_rows` counts packed rows of `seq_len` tokens (see facts sheet)."""
+    """One column of Table 2. `rows_per_step` counts packed rows of `seq_len` tokens (docs/facts.md)."""
 
     learning_rate: float
     warmup_steps: int
     train_steps: int
-    batch_rows: int
+    rows_per_step: int
     ratio: tuple[int, int, int]  # und : text : gen
     trainable: tuple[str, ...] = field(default=())
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -46,13 +46,13 @@ ADAPTORS_AND_HEADS = ("und_adaptor", "gen_embedding", "gen_adaptor", "gen_head")
 STAGES = {
     # Stage I: LLM frozen; ImageNet category names as generation prompts. Whether the generation
     # embedding trains here is not in the paper: it is on by default (drop it from `trainable`).
-    1: Stage(learning_rate=1.0e-3, warmup_steps=600, train_steps=20_000, batch_rows=256, ratio=(1, 0, 3),
+    1: Stage(learning_rate=1.0e-3, warmup_steps=600, train_steps=20_000, rows_per_step=256, ratio=(1, 0, 3),
              trainable=ADAPTORS_AND_HEADS),
     # Stage II: everything but the two encoders. 360K steps planned; the paper stopped at 270K.
-    2: Stage(learning_rate=1.0e-4, warmup_steps=5000, train_steps=270_000, batch_rows=512, ratio=(2, 3, 5),
+    2: Stage(learning_rate=1.0e-4, warmup_steps=5000, train_steps=270_000, rows_per_step=512, ratio=(2, 3, 5),
              trainable=ADAPTORS_AND_HEADS + ("llm", "lm_head")),
     # Stage III: SigLIP unfrozen too. 80K steps for 1B, 40K for 7B (see stage_for).
-    3: Stage(learning_rate=4.0e-5, warmup_steps=0, train_steps=80_000, batch_rows=128, ratio=(5, 1, 4),
+    3: Stage(learning_rate=4.0e-5, warmup_steps=0, train_steps=80_000, rows_per_step=128, ratio=(5, 1, 4),
              trainable=ADAPTORS_AND_HEADS + ("llm", "lm_head", "und_encoder")),
 }
 

@@ -8,7 +8,7 @@ from collections import Counter
 import torch
 from transformers import JanusConfig
 
-from model.config import PRESETS, load_config
+from model.config import PRESETS, model_config
 from model.janus import JanusProForTraining
 from model.stages import PARTS, part_of
 
@@ -26,7 +26,7 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
 
 def meta_model(model: str | JanusConfig) -> JanusProForTraining:
     """The model on the meta device: shapes only, no memory, milliseconds even for 7B."""
-    config = model if isinstance(model, JanusConfig) else load_config(model)
+    config = model if isinstance(model, JanusConfig) else model_config(model)
     with torch.device("meta"):
         return JanusProForTraining(config)
 

@@ -100,6 +100,10 @@ def build_tokenizer(out_dir: str | Path, corpus: tuple[str, ...] | list[str] = D
         show_progress=False,
     )
     bpe.train_from_iterator(list(corpus), trainer=trainer)
+    # Encoding with special tokens adds BOS, as DeepSeek's tokenizer does: an exported processor relies on it.
+    bos = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                        special_tokens=[(BOS, bpe.token_to_id(BOS))])
+    bpe.post_processor = processors.Sequence([bpe.post_processor, bos])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,

@@ -1,6 +1,6 @@
 """Janus-Pro weights in and out: released checkpoints in both layouts, starting from parts, export.
 
-Two layouts of the same weights exist (see the facts sheet):
+Two layouts of the same weights exist (docs/facts.md):
 
 - `transformers`: the converted `deepseek-community` layout, whose names are exactly our parameter
   names (`JanusProForTraining` adds no parameters to `JanusForConditionalGeneration`);
@@ -37,7 +37,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+from transformers import JanusConfig
+
+from model.config import DTYPES, model_config, original_config
 
 Layout = Literal["transformers", "original"]
 LAYOUTS: tuple[Layout, ...] = ("transformers", "original")
@@ -369,82 +371,6 @@ def load_parts(model: nn.Module, llm: str | Path, siglip: str | Path, vq: str | 
     return {k: e.read().clone() for k, e in aside.items()}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Configs: ours <-> the original config.json
-# ---------------------------------------------------------------------------------------------------
-
-def original_config(config: JanusConfig) -> dict:
-    """The original (`multi_modality`) config.json for `config`, with ours embedded for an exact reload.
-
-    The official code hard-codes SigLIP-L and VQ-16 by name; the embedded `janus_pipeline` entry keeps
-    the sizes of other configs (the tiny test model) and is ignored by the official loader.
-    """
-    text, vision, vq = config.text_config, config.vision_config, config.vq_config
-    return {
-        "architectures": ["MultiModalityCausalLM"],
-        "model_type": "multi_modality",
-        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision", "params": {
-            "image_size": vision.image_size, "model_name": "siglip_large_patch16_384",
-            "select_feature": "same", "select_layer": -1}},
-        "aligner_config": {"cls": "MlpProjector", "model_type": "aligner", "params": {
-            "depth": vision.depth, "input_dim": vision.hidden_size, "n_embed": vision.projection_dim,
-            "projector_type": "mlp_gelu"}},
-        "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision", "params": {
-            "image_token_size": vq.num_embeddings, "n_embed": vq.embed_dim}},
-        "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner", "params": {
-            "depth": vq.num_hidden_layers, "input_dim": vq.embed_dim, "n_embed": vq.projection_dim,
-            "projector_type": "mlp_gelu"}},
-        "gen_head_config": {"cls": "vision_head", "model_type": "gen_head", "params": {
-            "image_token_embed": vq.image_token_embed_dim, "image_token_size": vq.num_embeddings,
-            "n_embed": text.hidden_size}},
-        "language_config": {k: v for k, v in text.to_dict().items() if k in {
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "model_type", "tie_word_embeddings"}},
-        "janus_pipeline": config.to_dict(),
-    }
-
-
-def config_from_original(data: Mapping, image_token_id: int | None = None) -> JanusConfig:
-    """A JanusConfig from an original config.json (ours when embedded, else read as transformers'
-    convert_janus_weights_to_hf.py reads it: SigLIP-L and VQ-16 are the config classes' defaults)."""
-    if "janus_pipeline" in data:
-        config = JanusConfig.from_dict(dict(data["janus_pipeline"]))
-    else:
-        p = {name: data.get(name, {}).get("params", {}) for name in (
-            "vision_config", "aligner_config", "gen_vision_config", "gen_aligner_config", "gen_head_config")}
-        lang = {k: v for k, v in data["language_config"].items() if k not in ("model_type", "torch_dtype",
-                                                                               "_attn_implementation")}
-        text = LlamaConfig(**{**lang, "tie_word_embeddings": False})
-        vision = JanusVisionConfig(image_size=p["vision_config"].get("image_size", 384),
-                                   projection_dim=p["aligner_config"].get("n_embed", text.hidden_size),
-                                   depth=p["aligner_config"].get("depth", 2))
-        vq = JanusVQVAEConfig(embed_dim=p["gen_vision_config"].get("n_embed", 8),
-                              num_embeddings=p["gen_vision_config"].get("image_token_size", 16_384),
-                              projection_dim=p["gen_aligner_config"].get("n_embed", text.hidden_size),
-                              num_hidden_layers=p["gen_aligner_config"].get("depth", 2),
-                              image_token_embed_dim=p["gen_head_config"].get("image_token_embed", text.hidden_size))
-        config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq)
-    config.tie_word_embeddings = False  # DeepSeek-LLM does not tie its LM head to the embedding
-    config.text_config.tie_word_embeddings = False
-    if image_token_id is not None:
-        config.image_token_id = image_token_id
-    return config
-
-
-def checkpoint_config(path: str | Path, image_token_id: int | None = None) -> JanusConfig:
-    """The JanusConfig of a checkpoint directory of either layout."""
-    data = json.loads((Path(path) / "config.json").read_text())
-    if data.get("model_type") == "multi_modality":
-        return config_from_original(data, image_token_id)
-    config = JanusConfig.from_pretrained(str(path))
-    config.tie_word_embeddings = False
-    config.text_config.tie_word_embeddings = False
-    if image_token_id is not None:
-        config.image_token_id = image_token_id
-    return config
-
-
 def load_model(path: str | Path, zero_config: dict | None = None, dtype: torch.dtype = torch.float32,
                image_token_id: int | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Build `JanusProForTraining` from a checkpoint's config and load its weights: (model, kept aside).
@@ -455,7 +381,7 @@ def load_model(path: str | Path, zero_config: dict | None = None, dtype: torch.d
     """
     from model.janus import JanusProForTraining
 
-    config = checkpoint_config(path, image_token_id)
+    config = model_config(path, image_token_id)
     if zero_config is None:
         context: AbstractContextManager = nullcontext()
     else:
@@ -574,10 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="checkpoint directory (transformers or original layout)")
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--to", choices=LAYOUTS, required=True)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--image-token-id", type=int, default=None, help="needed for an original source")
     args = parser.parse_args(argv)
-    model, aside = load_model(args.src, dtype=getattr(torch, args.dtype), image_token_id=args.image_token_id)
+    model, aside = load_model(args.src, dtype=DTYPES[args.dtype], image_token_id=args.image_token_id)
     out = save_checkpoint(model, args.dst, args.to, aside)
     print(f"wrote {args.to}-layout checkpoint to {out}")
 

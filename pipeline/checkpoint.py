@@ -41,6 +41,11 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def due(step: int, save_every: int, last_step: int) -> bool:
+    """Every `save_every` steps and at the stage's last step (a stop signal saves too: the loop asks)."""
+    return step % save_every == 0 or step == last_step
+
+
 def rng_state() -> dict:
     """The RNGs training draws from (the data path's randomness is seeded and positional, not drawn)."""
     state = {"torch": torch.get_rng_state()}

@@ -14,33 +14,15 @@ import struct
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from model.batch import PackedBatch, pack_rows, sample_length
 from model.sample import GENERATION, Sample
 from model.tokenizer import SpecialTokens
+from pipeline.config import DataConfig
 from pipeline.mixer import Mixer
 from pipeline.packer import Entry, Packer
 from pipeline.reader import Source, SourceSpec
-
-
-@dataclass
-class DataConfig:
-    sources: list[SourceSpec]
-    ratio: tuple[float, float, float]  # und : text : gen
-    seq_len: int = 4096
-    rows_per_micro_batch: int = 1
-    ratio_unit: str = "samples"  # or "tokens"
-    guidance_dropout: float = 0.1  # P(generation prompt -> pad), for classifier-free guidance
-    eoi_is_target: bool = False
-    buffer_size: int = 64
-    max_age: int = 16
-    seed: int = 0
-    num_workers: int = 2
-    prefetch: int = 4
-    allow_fingerprint_mismatch: bool = False
-    tokenizer_fingerprint: str | None = field(default=None, repr=False)
-    vq_fingerprint: str | None = field(default=None, repr=False)
 
 
 def drops_prompt(seed: int, source: int, epoch: int, row_id: int, p: float) -> bool:
@@ -58,14 +40,21 @@ def with_prompt_dropped(sample: Sample, pad: int) -> Sample:
 
 
 class DataPipeline:
-    def __init__(self, config: DataConfig, special: SpecialTokens | None, rank: int = 0, world_size: int = 1):
+    """The data section of the run's config (pipeline/config.py) as packed micro-batches for one rank.
+
+    Fingerprints, when given, are checked against every shard's manifest (tokenizer and VQ the shards were made with).
+    """
+
+    def __init__(self, config: DataConfig, special: SpecialTokens | None, rank: int = 0, world_size: int = 1, *,
+                 tokenizer_fingerprint: str | None = None, vq_fingerprint: str | None = None):
         if special is None and config.guidance_dropout > 0:
             raise ValueError("guidance dropout needs the tokenizer's special tokens (the pad id)")
         self.config, self.special = config, special
+        weights = config.data_weights or [1.0] * len(config.data)
         self.sources = [
-            Source(spec, rank, world_size, config.seed, config.tokenizer_fingerprint, config.vq_fingerprint,
-                   config.allow_fingerprint_mismatch)
-            for spec in config.sources
+            Source(SourceSpec(manifest, weight), rank, world_size, config.seed, tokenizer_fingerprint,
+                   vq_fingerprint, config.allow_fingerprint_mismatch)
+            for manifest, weight in zip(config.data, weights, strict=True)
         ]
         self.mixer = Mixer(config.ratio, [s.task for s in self.sources], [s.weight for s in self.sources],
                            config.ratio_unit)

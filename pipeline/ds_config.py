@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
-DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+# The templates are package data of `ds_configs`: found the same way from a checkout and from an installed wheel.
+DS_CONFIGS = Path(str(files("ds_configs")))
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,22 @@ def batch_plan(rows_per_step: int, world_size: int, rows_per_micro_batch: int, g
 MIN_BUCKET = 1 << 20
 
 
-def deepspeed_config(template: str | Path, plan: BatchPlan, hidden_size: int, learning_rate: float,
-                     betas: tuple[float, float], weight_decay: float, eps: float, grad_clip: float) -> dict:
-    """A template from ds_configs/ (a name or a path) with the run's numbers filled in."""
+def template_path(template: str | Path) -> Path:
+    """A DeepSpeed template: a JSON file, or the name of one in ds_configs/."""
     path = Path(template)
-    if not path.is_file():
-        path = DS_CONFIGS / f"{template}.json"
-    config = json.loads(path.read_text())
+    if path.is_file():
+        return path
+    named = DS_CONFIGS / f"{template}.json"
+    if not named.is_file():
+        names = sorted(p.stem for p in DS_CONFIGS.glob("*.json"))
+        raise FileNotFoundError(f"{template}: neither a JSON file nor one of {', '.join(names)}")
+    return named
+
+
+def deepspeed_config(template: str | Path, plan: BatchPlan, *, hidden_size: int, learning_rate: float,
+                     betas: list[float], weight_decay: float, eps: float, grad_clip: float) -> dict:
+    """A template from ds_configs/ (a name or a path) with the run's numbers filled in."""
+    config = json.loads(template_path(template).read_text())
     zero = config.setdefault("zero_optimization", {})
     zero["reduce_bucket_size"] = max(hidden_size * hidden_size, MIN_BUCKET)
     zero["stage3_prefetch_bucket_size"] = max(int(0.9 * hidden_size * hidden_size), MIN_BUCKET)

@@ -12,12 +12,12 @@
 
 The weights come from DeepSpeed's own consolidation (pipeline/checkpoint.py, one process, no
 torch.distributed); the export refuses unless it holds every tensor of the model, frozen ones included, and
-ends with SHA256SUMS over every file it wrote.
+ends with a model card (README.md: what it was trained from, its data's fingerprints, how to load it) and
+SHA256SUMS over every file it wrote.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from model.chat_format import CHAT_TEMPLATE, generation_prompt_ids, understanding_prompt_ids
 from model.config import DTYPES, num_image_tokens
 from model.janus import JanusProForTraining
+from model.manifest import MANIFEST_NAME, Manifest, file_sha256, tokenizer_fingerprint
 from model.tokenizer import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, SpecialTokens, load_tokenizer
 from model.weights import (
     LAYOUTS,
@@ -44,9 +45,47 @@ from model.weights import (
     save_checkpoint,
 )
 from pipeline import checkpoint
-from pipeline.train_config import TrainConfig
+from pipeline.config import TrainConfig, run_directory
+from pipeline.engine import run_model_config
 
 CHECKSUMS = "SHA256SUMS"
+MODEL_CARD = "README.md"
+# How a model card says to load each layout; tests/test_export.py runs the transformers one.
+USAGE = {
+    "transformers": """```python
+import torch
+from PIL import Image
+from transformers import JanusForConditionalGeneration, JanusProcessor
+
+path = "."  # this directory, or the repository it is published as
+model = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+processor = JanusProcessor.from_pretrained(path)
+
+# Understanding: the chat template and the processor write the prompt exactly as training did
+# (system prompt, image tokens, "<|Assistant|>:" at the end).
+image = Image.open("photo.jpg").convert("RGB")
+messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": "What is in this image?"}]}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt").to(model.device, dtype=model.dtype)
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False, generation_mode="text")
+answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+# Generation: 576 image tokens, classifier-free guidance 5 (generation_config.json), decoded by the VQ.
+messages = [{"role": "user", "content": [{"type": "text", "text": "A red apple on a wooden table."}]}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt", processor_kwargs={"generation_mode": "image"})
+ids = model.generate(**inputs.to(model.device), generation_mode="image", do_sample=True)
+pixels = model.decode_image_tokens(ids).float()  # [batch, 384, 384, 3] in [-1, 1]
+images = [Image.fromarray(((p.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()) for p in pixels]
+images[0].save("apple.png")
+```
+""",
+    "original": """In deepseek-ai's original layout (its official inference code's), with the tokenizer beside it.
+janus-pipeline converts its weights to the transformers layout:
+`python -m model.weights THIS_DIR OUT --to transformers`.
+""",
+}
 GUIDANCE_SCALE = 5.0  # the paper's and the official code's classifier-free guidance weight
 
 
@@ -63,17 +102,23 @@ def run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a training run directory (launchers/stageN.py)?")
-    return TrainConfig(**yaml.safe_load(path.read_text()))
+    return TrainConfig.load(path)
 
 
 def _initial_weights(config: TrainConfig) -> Path | None:
     """The released weights at the root of a chain of runs (each stage's --init is the previous run)."""
     seen = 0
-    init = Path(config.init) if config.init else None
-    while init is not None and (init / "checkpoints").is_dir() and seen < 16:
+    init = Path(config.model.init) if config.model.init else None
+    while init is not None and run_directory(init) and seen < 16:
         parent = run_config(init)
-        init, seen = (Path(parent.init) if parent.init else None), seen + 1
+        init, seen = (Path(parent.model.init) if parent.model.init else None), seen + 1
     return init
+
+
+def _run_facts(config: TrainConfig) -> dict:
+    """What an export reads of a run's saved config: the one place that names its fields."""
+    return {"stage": config.stage, "init": config.model.init, "tokenizer": config.model.tokenizer,
+            "data": list(config.data.data)}
 
 
 def _aside_for(config: TrainConfig, model_config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -87,18 +132,10 @@ def _aside_for(config: TrainConfig, model_config, dtype: torch.dtype) -> dict[st
         return initial_kept_aside(model_config, dtype)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checksums(directory: Path) -> list[str]:
     """`sha256sum -c SHA256SUMS` checks the export; returns the files it covers."""
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    (directory / CHECKSUMS).write_text("".join(f"{_sha256(directory / f)}  {f}\n" for f in files))
+    (directory / CHECKSUMS).write_text("".join(f"{file_sha256(directory / f)}  {f}\n" for f in files))
     return files
 
 
@@ -108,6 +145,24 @@ def processor_tokenizer(path: str | Path):
 
     return AutoTokenizer.from_pretrained(str(path), extra_special_tokens={
         "image_token": IMAGE_PLACEHOLDER, "boi_token": BEGIN_OF_IMAGE, "eoi_token": END_OF_IMAGE})
+
+
+def check_chat_template(processor) -> None:
+    """Refuse a processor whose chat template does not give the training prompts (model/chat_format.py), e.g.
+    with a tokenizer that does not add BOS as DeepSeek's does (the template leaves BOS to the tokenizer)."""
+    user = [{"role": "user", "content": [{"type": "text", "text": "Describe a cat."}]}]
+    tokenizer, image = processor.tokenizer, {"generation_mode": "image"}
+    pairs = {"understanding": (processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True),
+                               understanding_prompt_ids(tokenizer, "Describe a cat.", n_images=0)),
+             "generation": (processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                                          processor_kwargs=image),
+                            generation_prompt_ids(tokenizer, "Describe a cat."))}
+    for task, (theirs, ours) in pairs.items():
+        theirs = torch.as_tensor(theirs)[0].tolist()
+        if theirs != ours:
+            raise ValueError(f"the exported processor's {task} prompt is not the one training used:\n"
+                             f"  chat template {theirs}\n  training      {ours}\n"
+                             f"(does the tokenizer add BOS {tokenizer.bos_token!r} when encoding, as DeepSeek's does?)")
 
 
 def write_inference_files(out: Path, model_config, tokenizer_dir: str | Path) -> None:
@@ -120,9 +175,12 @@ def write_inference_files(out: Path, model_config, tokenizer_dir: str | Path) ->
     # Janus' images: long side to 384, padded with grey 127 (= 0.5 * 255), scaled to [-1, 1] (mean = std = 0.5).
     image_processor = JanusImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
                                           image_std=[0.5] * 3)
-    processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    # The chat template and the default system prompt, as the public Janus checkpoints carry them, so that
+    # `apply_chat_template` gives the prompts training used (model/chat_format.py).
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
                                use_default_system_prompt=True, num_image_tokens=num_image_tokens(model_config))
     processor.save_pretrained(str(out))  # processor_config.json (with the image processor inside)
+    check_chat_template(JanusProcessor.from_pretrained(str(out)))
     image_processor.save_pretrained(str(out))  # preprocessor_config.json, which older readers look for
     GenerationConfig(
         bos_token_id=special.bos, eos_token_id=special.eos, pad_token_id=special.pad,
@@ -131,10 +189,78 @@ def write_inference_files(out: Path, model_config, tokenizer_dir: str | Path) ->
     ).save_pretrained(str(out))
 
 
+def _checkpoint_step(source: Path) -> int:
+    """The step of a complete checkpoint, from the marker written once every rank had saved it."""
+    return int(json.loads((source / checkpoint.COMPLETE).read_text())["step"])
+
+
+def _lineage(run_dir: Path, source: Path) -> tuple[list[dict], str | None]:
+    """The runs behind an export, oldest first (each started from the one before it through --init), with the
+    step each reached (an earlier run: its latest checkpoint, which --init takes), and what the oldest started
+    from: released weights, or None for random weights."""
+    runs: list[dict] = []
+    path: Path | None = run_dir
+    while path is not None and run_directory(path) and len(runs) < 16:
+        facts = _run_facts(run_config(path))
+        latest = source if not runs else checkpoint.latest_checkpoint(path)
+        runs.append({**facts, "run": str(path), "step": _checkpoint_step(latest) if latest else None})
+        path = Path(facts["init"]) if facts["init"] else None
+    return runs[::-1], (str(path) if path is not None else None)
+
+
+def _manifest_row(stage: int, path: str) -> str:
+    """A data manifest as a table row: its task, rows and sha256, and the tokenizer and VQ it was made with."""
+    file = Path(path) / MANIFEST_NAME if Path(path).is_dir() else Path(path)
+    try:
+        m = Manifest.read(file)
+    except (OSError, ValueError) as exc:  # moved or from another schema version: say so, still export
+        return f"| {stage} | `{path}` | unreadable: {type(exc).__name__} | | | | |"
+    return (f"| {stage} | `{path}` | {m.task} | {m.rows_written} | `{file_sha256(file)}` | `{m.tokenizer_fingerprint}`"
+            f" | `{m.vq_fingerprint or '-'}` |")
+
+
+def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenizer_fp: str) -> str:
+    """README.md of an export: what it was trained from, on which data, and how to load it."""
+    runs, root = _lineage(run_dir, source)
+    last = runs[-1]
+    rows = [f"| {r['stage']} | `{r['run']}` | {r['step']} |" for r in runs]
+    data = [_manifest_row(r["stage"], m) for r in runs for m in r["data"]]
+    header = "---\nlibrary_name: transformers\npipeline_tag: any-to-any\ntags:\n- janus-pro\n---\n\n"
+    return "\n".join([
+        (header if layout == "transformers" else "") + f"# Janus-Pro: stage {last['stage']}, step {last['step']}",
+        "",
+        f"Trained with janus-pipeline and exported from checkpoint `{source.name}` of the run `{run_dir}`, "
+        f"in the {layout} layout, {dtype}.",
+        "",
+        "## Training",
+        "",
+        f"Started from {f'`{root}`' if root else 'random weights'}, then these runs, oldest first "
+        "(each started from the one before it):",
+        "",
+        "| stage | run | step |", "|---|---|---|", *rows,
+        "",
+        "## Data",
+        "",
+        "The manifests each stage trained on, with the fingerprints of the tokenizer and VQ that made them.",
+        "",
+        "| stage | manifest | task | rows | manifest sha256 | tokenizer fingerprint | VQ fingerprint |",
+        "|---|---|---|---|---|---|---|", *data,
+        "",
+        f"The tokenizer exported here has the fingerprint `{tokenizer_fp}`.",
+        "",
+        "## Use",
+        "",
+        USAGE[layout],
+        "## Files",
+        "",
+        f"`sha256sum -c {CHECKSUMS}` checks every file; `export.json` names the checkpoint it came from.",
+        "",
+    ])
+
+
 def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers", step: int | None = None,
            dtype: str = "bf16", tokenizer_dir: str | Path | None = None) -> Exported:
     """A run's checkpoint at `step` (default: its latest complete one) as a release in `layout`."""
-    from pipeline.train import model_config_for  # the model config a run trains, decided in one place
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -142,11 +268,12 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     run_dir, out = Path(run_dir), Path(out)
     config = run_config(run_dir)
+    facts = _run_facts(config)
     source = checkpoint.find_checkpoint(run_dir, step)
-    tokenizer_dir = tokenizer_dir or config.tokenizer or config.init
+    tokenizer_dir = tokenizer_dir or facts["tokenizer"] or facts["init"]
     tokenizer = load_tokenizer(tokenizer_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
-    model_config = model_config_for(config, special.image_placeholder)
+    model_config = run_model_config(config, special.image_placeholder)
 
     state = checkpoint.consolidated_state(source)
     with torch.device("meta"):  # shapes and names only: the consolidated tensors become the parameters
@@ -172,7 +299,8 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     else:
         tokenizer.save_pretrained(str(tmp))
     (tmp / "export.json").write_text(json.dumps({"source": str(source.resolve()), "layout": layout, "dtype": dtype,
-                                                 "stage": config.stage}, indent=2) + "\n")
+                                                 "stage": facts["stage"]}, indent=2) + "\n")
+    (tmp / MODEL_CARD).write_text(model_card(run_dir, source, layout, dtype, tokenizer_fingerprint(tokenizer)))
     files = write_checksums(tmp)
     if out.exists():
         shutil.rmtree(out)

@@ -39,14 +39,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import JanusConfig
 
-from model.config import load_config
+from model.config import model_config
 from model.sample import TASKS
-from model.stages import NEVER_TRAINED, Stage, part_of
+from model.stages import NEVER_TRAINED, Stage, part_of, stage_for
 from model.summary import meta_model
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.preflight import checked_plan
 
 BF16, FP32 = 2, 4
 GIB = 2 ** 30
@@ -228,7 +230,7 @@ def estimate_memory(model: str | JanusConfig, stage: Stage, world_size: int, mic
                     seq_len: int | None = None, checkpointing: bool = True, gpus_per_node: int = 8,
                     prefetch_layers: int = 2) -> MemoryEstimate:
     """Our ZeRO-3 per-GPU estimate (see the module docstring) next to DeepSpeed's all-trainable one."""
-    config = model if isinstance(model, JanusConfig) else load_config(model)
+    config = model if isinstance(model, JanusConfig) else model_config(model)
     seq_len = seq_len or stage.seq_len
     params = param_counts(config, stage.trainable)
     mix = row_mix(stage.ratio, seq_len)
@@ -282,3 +284,17 @@ def format_dry_run(est: MemoryEstimate) -> str:
         est.deepspeed_table.rstrip(),
     ]
     return "\n".join(out)
+
+
+def dry_run(config: TrainConfig, world_size: int | None) -> str:
+    """`--dry-run`: the batch plan (refused if impossible) and the per-GPU memory estimate, building nothing."""
+    if not world_size:
+        raise ConfigError("--dry-run needs --world-size (the data-parallel size to plan for)")
+    plan = checked_plan(config, world_size)
+    stage = replace(stage_for(config.stage), ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
+                    seq_len=config.data.seq_len)
+    estimate = estimate_memory(config.model.model, stage, world_size, config.data.rows_per_micro_batch,
+                               config.data.seq_len, config.model.gradient_checkpointing, config.system.gpus_per_node)
+    return (f"Stage {config.stage}, model {config.model.model}: {plan.rows_per_step} rows/step over {world_size} "
+            f"ranks = {plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) x "
+            f"{config.data.seq_len} tokens per rank\n" + format_dry_run(estimate))

@@ -1,8 +1,10 @@
-"""Watching a training run: rank 0's records (metrics.jsonl, TensorBoard, W&B), stop signals, the watchdog."""
+"""Watching a training run: rank 0's log lines and records (metrics.jsonl, TensorBoard, W&B), stop signals,
+non-finite steps, the watchdog."""
 
 from __future__ import annotations
 
 import faulthandler
+import hashlib
 import json
 import os
 import signal
@@ -14,7 +16,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.train_config import TrainConfig
+from model.batch import PackedBatch
+from model.sample import TASKS
+from pipeline.config import TrainConfig
+from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
+
+
+def log(*parts: object) -> None:
+    """Rank 0 prints (every rank before torch.distributed starts)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*parts, flush=True)
 
 
 class StopFlag:
@@ -54,24 +65,58 @@ class Watchdog:
                 os._exit(3)
 
 
-class Monitor:
-    """Rank 0's record of the run: metrics.jsonl, TensorBoard event files, and W&B when asked for."""
+class NonfiniteSteps:
+    """Counts non-finite steps in a row (DeepSpeed skips each one itself) and stops the run after too many."""
 
-    def __init__(self, config: TrainConfig, rank: int):
-        self.active = rank == 0
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def check(self, step: int, applied: bool, task_loss: list[float]) -> None:
+        self.in_a_row = 0 if applied else self.in_a_row + 1
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(f"step {step}: {self.in_a_row} non-finite steps in a row; task losses "
+                                     f"{dict(zip(TASKS, task_loss, strict=True))}")
+
+
+def wandb_run_id(output: str | Path) -> str:
+    """Unique per run directory (its full path), readable by its name: two runs/stage1 elsewhere stay apart."""
+    path = Path(output).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
+class Monitor:
+    """Rank 0's record of the run every --log-every steps (and the first and last): a log line,
+    metrics.jsonl, TensorBoard event files, and W&B when asked for. Every rank calls `maybe_log` (the figures
+    are summed over ranks)."""
+
+    def __init__(self, config: TrainConfig, rank: int, start_step: int):
+        self.config, self.start_step, self.active = config, start_step, rank == 0
         if not self.active:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        output = Path(config.output)
+        output = Path(config.checkpoint.output)
         self.jsonl = open(output / "metrics.jsonl", "a")
         self.tensorboard = SummaryWriter(str(output / "tensorboard"))
         self.wandb = None
-        if config.wandb_project:
-            import wandb  # pip install -e '.[wandb]'
+        if config.logging.wandb_project:
+            import wandb  # pip install '.[wandb]'
 
-            self.wandb = wandb.init(project=config.wandb_project, dir=str(output), config=vars(config),
-                                    resume="allow", id=output.resolve().name)
+            self.wandb = wandb.init(project=config.logging.wandb_project, dir=str(output), config=config.as_dict(),
+                                    resume="allow", id=wandb_run_id(output), name=output.resolve().name)
+
+    def due(self, step: int) -> bool:
+        return (step % self.config.logging.log_every == 0 or step == self.config.optim.train_steps
+                or step == self.start_step + 1)
+
+    def maybe_log(self, step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
+                  seconds: float, applied: bool) -> dict | None:
+        if not self.due(step):
+            return None
+        record = step_record(step, task_loss, lr, engine, micro_batches, seconds, self.config, applied)
+        log(format_record(record))
+        self.record(record)
+        return record
 
     def record(self, record: dict) -> None:
         if not self.active:
@@ -93,3 +138,26 @@ class Monitor:
                 self.wandb.finish()
 
 
+def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
+                seconds: float, config: TrainConfig, applied: bool) -> dict:
+    """The log line's figures, all from pipeline/metrics.py, on counts summed over every rank."""
+    counts = sum((batch_counts(b) for b in micro_batches), BatchCounts())
+    summed = counts.to_tensor().to(engine.device)
+    dist.all_reduce(summed)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    figures = step_figures(BatchCounts.from_tensor(summed), seconds, dist.get_world_size(), engine.module.config,
+                           config.optim.trainable, config.model.gradient_checkpointing, peak_flops(device_name))
+    grad_norm = engine.get_global_grad_norm()
+    return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not applied,
+            "step_seconds": seconds, **figures.as_dict(),
+            "eta_hours": (config.optim.train_steps - step) * seconds / 3600}
+
+
+def format_record(r: dict) -> str:
+    losses = "  ".join(f"{t} {v:.4f}" for t, v in r["loss"].items())
+    norm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    return (f"step {r['step']:7d}  {losses}  lr {r['lr']:.3e}  grad-norm {norm}  {r['tokens_per_s']:,.0f} tok/s  "
+            f"{r['samples_per_s']:.1f} samples/s  MFU {mfu}  packing {r['packing_efficiency']:.1%}  "
+            f"ETA {r['eta_hours']:.1f} h" + ("  SKIPPED (non-finite)" if r["skipped"] else ""))

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 from model.chat_format import JANUS_SYSTEM_PROMPT
+from model.config import DTYPES
 from model.manifest import Manifest
 from model.sample import TASKS
 from preprocess.job import JobConfig, run
 from preprocess.records import DEFAULT_INSTRUCTIONS, ConvertConfig
 from preprocess.sources import FORMATS
-from preprocess.vq_loader import DTYPES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,6 +58,11 @@ def read_instructions(path: str) -> tuple[str, ...]:
     return lines
 
 
+def vq_dtype_name(name: str) -> str:
+    """torch's spelling of a --vq-dtype (`bf16` -> `bfloat16`): the manifest and the resume guard record one name."""
+    return str(DTYPES[name]).removeprefix("torch.")
+
+
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     if args.shard_size < 1:
         raise ValueError("--shard-size must be >= 1")
@@ -67,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                             system_prompt=args.system_prompt or None, text_field=args.text_field)
     return JobConfig(inputs=args.input, output=args.output, convert=convert, input_format=args.input_format,
                      shard_size=args.shard_size, image_root=args.image_root, class_names=args.class_names,
-                     vq=args.vq, vq_dtype=args.vq_dtype, vq_batch_size=args.vq_batch_size,
+                     vq=args.vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
                      vq_actors=args.vq_actors, cpus=args.cpus, gpus=args.gpus, address=args.address,
                      progress=not args.no_progress)
 
@@ -75,3 +80,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 def main(argv: list[str] | None = None) -> Manifest:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run(config_from_args(parser().parse_args(argv)))
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`janus-preprocess`: a console script exits with what its function returns, so return nothing."""
+    main(argv)

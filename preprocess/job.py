@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from model.chat_format import generation_sample
+from model.config import DTYPES
 from model.images import IMAGE_SIZE, pixel_values
 from model.manifest import (
     MANIFEST_NAME,
@@ -46,7 +47,7 @@ from model.sample import GENERATION, SAMPLE_SCHEMA, Sample, samples_to_table
 from model.vq import vq_encode
 from preprocess.records import EMPTY_SHARD, OUT_SCHEMA, RAW_SCHEMA, ConvertConfig, cached_tokenizer, convert_batch
 from preprocess.sources import InputShard, list_shards, read_shard_records
-from preprocess.vq_loader import DTYPES, load_vq
+from preprocess.vq_loader import load_vq
 
 log = logging.getLogger("preprocess")
 PROGRESS_DIR = ".progress"
@@ -103,7 +104,7 @@ def check_output_path(output: str) -> Path:
 
 def job_settings(cfg: JobConfig, shards: list[InputShard], tok_fp: str, vq_fp: str | None) -> dict:
     """What decides the bytes of the shards (not CPUs, address or output): hashed to guard resumes."""
-    convert = {k: v for k, v in asdict(cfg.convert).items() if k != "settings"}
+    convert = asdict(cfg.convert)
     convert["instructions"] = list(convert["instructions"])
     return {
         "input_format": cfg.input_format,

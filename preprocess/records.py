@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -105,7 +105,6 @@ class ConvertConfig:
     system_prompt: str | None = JANUS_SYSTEM_PROMPT
     text_field: str = "text"
     num_image_tokens: int = NUM_IMAGE_TOKENS
-    settings: dict = field(default_factory=dict, compare=False)
 
 
 class Skip(Exception):

@@ -23,7 +23,7 @@ import fsspec
 from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from preprocess.records import EMPTY_SHARD
+from preprocess.records import BAD_RECORD, EMPTY_SHARD, IMAGE_MISSING
 
 FORMATS = ("wds", "llava", "imagenet", "jsonl")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -179,7 +179,7 @@ def read_wds(shard: InputShard) -> Iterator[dict]:
                     meta = None  # img2dataset metadata is optional; a broken one only loses the caption source
                 meta = meta if isinstance(meta, dict) else None
             yield _record(i, sample["__key__"], [image] if image is not None else [], sample.get("txt"), meta,
-                          None if image is not None else "image_missing")
+                          None if image is not None else IMAGE_MISSING)
 
 
 def _read_file(path: str) -> bytes | None:
@@ -194,12 +194,12 @@ def read_llava(shard: InputShard) -> Iterator[dict]:
     for i, entry in enumerate(shard.entries):
         key = str(entry.get("id", shard.start + i)) if isinstance(entry, dict) else str(shard.start + i)
         if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
-            yield _record(i, key, error="bad_record")
+            yield _record(i, key, error=BAD_RECORD)
             continue
         names = entry.get("image") or []
         names = [names] if isinstance(names, str) else names
         images = [_read_file(os.path.join(shard.image_root, n)) for n in names]
-        error = "image_missing" if any(b is None for b in images) else None
+        error = IMAGE_MISSING if any(b is None for b in images) else None
         yield _record(i, key, [b for b in images if b is not None], meta={"conversations": entry["conversations"]},
                       error=error)
 
@@ -208,7 +208,7 @@ def read_imagenet(shard: InputShard) -> Iterator[dict]:
     for i, (relpath, name) in enumerate(shard.entries):
         data = _read_file(os.path.join(shard.image_root, relpath))
         yield _record(i, relpath, [data] if data is not None else [], meta={"class_name": name},
-                      error=None if data is not None else "image_missing")
+                      error=None if data is not None else IMAGE_MISSING)
 
 
 def read_jsonl(shard: InputShard) -> Iterator[dict]:

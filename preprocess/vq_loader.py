@@ -13,7 +13,9 @@ import torch
 from transformers import JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from model.config import model_config
+from model.weights import detect_layout, from_original, read_entries
+
 VQ_PREFIX = "model.vqmodel."  # where our (transformers') Janus model keeps its VQ
 
 
@@ -30,12 +32,7 @@ def load_vq(path: str | Path) -> JanusVQVAE:
 
 def _vq_from_checkpoint(path: Path) -> JanusVQVAE:
     """Only the VQ's tensors of a whole checkpoint, either layout, via model/weights.py's reader and name map."""
-    try:
-        from model.weights import checkpoint_config, detect_layout, from_original, read_entries
-    except ImportError as exc:  # model/weights.py is issue 3's; without it only JanusVQVAE directories load
-        raise NotImplementedError(f"--vq {path}: loading the VQ of a whole Janus checkpoint needs model/weights.py "
-                                  "(issue 3); pass a JanusVQVAE directory instead") from exc
-    vq = JanusVQVAE(checkpoint_config(path).vq_config)
+    vq = JanusVQVAE(model_config(path).vq_config)
     names = [VQ_PREFIX + name for name in vq.state_dict()]
     entries = read_entries(path)
     if detect_layout(entries) == "original":

@@ -1,7 +1,12 @@
-"""Run a script on N local CPU ranks (gloo), the way the deepspeed launcher sets them up."""
+"""Run a script on N local CPU ranks (gloo), the way the deepspeed launcher sets them up.
+
+Per-rank scripts live in tests/ranks/: each takes one JSON argument, prints what the test checks, and exits 0
+on success. Start one with `run_ranks(rank_script(name, args))`, or `Ranks(...)` to watch it while it runs.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +16,15 @@ import time
 from pathlib import Path
 
 REPO = str(Path(__file__).resolve().parents[1])
+RANK_SCRIPTS = Path(REPO) / "tests" / "ranks"
+
+
+def rank_script(name: str, args: dict) -> list[str]:
+    """The command line of tests/ranks/`name` with its one JSON argument."""
+    path = RANK_SCRIPTS / name
+    if not path.is_file():  # a missing script would otherwise surface as N rank tracebacks
+        raise FileNotFoundError(path)
+    return [str(path), json.dumps(args)]
 
 
 def free_ports(n: int) -> list[int]:

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline.attention import BACKENDS, _causal_kwargs, use_attention
-from pipeline.data import DataConfig, DataPipeline
-from pipeline.reader import SourceSpec
+from pipeline.config import DataConfig
+from pipeline.data import DataPipeline
 
 
 def test_causal_argument_is_picked_by_signature():
@@ -34,8 +34,8 @@ def test_backend_matches_fp32_sdpa_reference_in_bf16(backend, shard_corpus, spec
 
     torch.manual_seed(0)
     model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder)).cuda().eval()
-    config = DataConfig(sources=[SourceSpec(str(shard_corpus[t])) for t in ("understanding", "text", "generation")],
-                        ratio=(2, 3, 5), seq_len=4096, rows_per_micro_batch=2)
+    config = DataConfig(data=[str(shard_corpus[t]) for t in ("understanding", "text", "generation")],
+                        ratio=[2, 3, 5], seq_len=4096, rows_per_micro_batch=2)
     batch = next(iter(DataPipeline(config, special))).to("cuda")
     with torch.no_grad():
         reference = model(batch).token_loss

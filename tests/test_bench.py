@@ -2,6 +2,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # each test runs a bench script in its own process
+
 
 def test_packing_bench_runs_on_real_shards(shard_corpus, tmp_path):
     out = tmp_path / "packing.json"

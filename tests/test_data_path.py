@@ -8,14 +8,15 @@ import torch
 from model.batch import pack_rows
 from model.manifest import Manifest
 from model.sample import GENERATION, TASK_INDEX, TASKS
-from pipeline.data import DataConfig, DataPipeline, drops_prompt, with_prompt_dropped
+from pipeline.config import DataConfig
+from pipeline.data import DataPipeline, drops_prompt, with_prompt_dropped
 from pipeline.packer import best_subset
 from pipeline.reader import FingerprintMismatch, Source, SourceSpec
 
 
 def make_config(corpus, ratio=(2, 3, 5), **overrides) -> DataConfig:
-    sources = [SourceSpec(str(corpus[t])) for t, r in zip(TASKS, ratio, strict=True) if r > 0]
-    defaults = dict(sources=sources, ratio=ratio, seq_len=2048, rows_per_micro_batch=2, buffer_size=16,
+    manifests = [str(corpus[t]) for t, r in zip(TASKS, ratio, strict=True) if r > 0]
+    defaults = dict(data=manifests, ratio=list(ratio), seq_len=2048, rows_per_micro_batch=2, buffer_size=16,
                     max_age=8, seed=3, num_workers=2, prefetch=2)
     return DataConfig(**{**defaults, **overrides})
 
@@ -122,10 +123,10 @@ def test_packer_batches_equal_samples_one_by_one(shard_corpus, special, tiny_mod
 RESUME_SCRIPT = r"""
 import json, sys, torch
 from model.tokenizer import SpecialTokens, load_tokenizer
-from pipeline.data import DataConfig, DataPipeline
-from pipeline.reader import SourceSpec
+from pipeline.config import DataConfig
+from pipeline.data import DataPipeline
 args = json.loads(sys.argv[1])
-cfg = DataConfig(**{**args["config"], "sources": [SourceSpec(**s) for s in args["config"]["sources"]]})
+cfg = DataConfig(**args["config"])
 pipe = DataPipeline(cfg, SpecialTokens.from_tokenizer(load_tokenizer(args["tokenizer"])))
 if args["state"]:
     pipe.load_state_dict(json.load(open(args["state"])))
@@ -138,6 +139,7 @@ json.dump(digests, open(args["out"], "w"))
 """
 
 
+@pytest.mark.integration
 def test_resume_in_a_new_process_continues_exactly(shard_corpus, tokenizer_dir, tmp_path):
     from dataclasses import asdict
 

@@ -18,6 +18,8 @@ from PIL import Image
 
 from tests.distributed import REPO
 
+pytestmark = pytest.mark.integration
+
 DEMO_STEPS = 10
 MEMORISE = ("astronaut", "chelsea", "coffee", "rocket")
 # Stage II steps for the tiny model to memorise 4 photographs, on one rank (ZeRO-3 through the same launcher; 2 ranks
@@ -99,16 +101,15 @@ def test_memorise_settings_feed_every_photo_every_step(demo, tmp_path):
     step (all ranks together) holds every photo's generation sample; the run learns nothing from a photo it
     does not see."""
     from model.tokenizer import SpecialTokens, load_tokenizer
+    from pipeline.config import resolve
     from pipeline.data import DataPipeline
-    from pipeline.train import data_config
-    from pipeline.train_config import resolve
 
     data = subset(demo["out"] / "data", tmp_path / "data", MEMORISE)
-    config, _ = resolve(2, [*MEMORISE_FLAGS, "--data", str(data["understanding"]), str(data["generation"])])
+    config, _ = resolve(2, [*MEMORISE_FLAGS, "--model", "tiny", "--data", str(data["understanding"]),
+                            str(data["generation"])])
     special = SpecialTokens.from_tokenizer(load_tokenizer(demo["out"] / "tokenizer"))
-    pipes = [DataPipeline(data_config(config, config.data, None, None), special, rank, MEMORISE_RANKS)
-             for rank in range(MEMORISE_RANKS)]
-    per_rank = config.rows_per_step // MEMORISE_RANKS // config.rows_per_micro_batch
+    pipes = [DataPipeline(config.data, special, rank, MEMORISE_RANKS) for rank in range(MEMORISE_RANKS)]
+    per_rank = config.optim.rows_per_step // MEMORISE_RANKS // config.data.rows_per_micro_batch
     for step in range(40):
         keys = [s.key for p in pipes for _ in range(per_rank) for row in p.plan_micro_batch() for s in row
                 if s.task == "generation"]

@@ -12,6 +12,8 @@ import torch
 
 from tests.distributed import REPO, run_ranks
 
+pytestmark = pytest.mark.integration  # every test uses the checkpoints the ranks write
+
 LAUNCHER = str(Path(REPO) / "launchers" / "stage3.py")
 
 
@@ -87,7 +89,7 @@ def test_checksums_cover_every_file(exported):
         lines = (path / "SHA256SUMS").read_text().splitlines()
         listed = {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines}
         on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
-        assert set(listed) == on_disk
+        assert set(listed) == on_disk and "README.md" in listed  # the model card too
         for name, digest in listed.items():
             assert hashlib.sha256((path / name).read_bytes()).hexdigest() == digest, name
 
@@ -156,3 +158,81 @@ def test_our_guidance_loop_equals_transformers_generate(exported, tokenizer):
     assert unguided.shape == (2, 576)
     images = decode_images(model, ours)
     assert len(images) == 2 and images[0].size == (384, 384)
+
+
+def test_exported_chat_template_gives_the_training_prompts(exported, tokenizer, photos):
+    from transformers import JanusProcessor
+
+    from model.chat_format import (
+        JANUS_SYSTEM_PROMPT,
+        Turn,
+        generation_prompt_ids,
+        understanding_prompt_ids,
+        understanding_sample,
+    )
+    from model.tokenizer import IMAGE_PLACEHOLDER
+
+    processor = JanusProcessor.from_pretrained(str(exported[(1, "transformers")]))
+    question, answer, caption = "What is in this image?", "A cat.", "A brown tabby cat with green eyes."
+    asked = [{"role": "user", "content": [{"type": "image", "image": photos["chelsea.png"]},
+                                          {"type": "text", "text": question}]}]
+    drawn = [{"role": "user", "content": [{"type": "text", "text": caption}]}]
+
+    def ids(conversation: list[dict], generation_prompt: bool = True, **kwargs) -> list[int]:
+        out = processor.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=True,
+                                            return_dict=True, **kwargs)
+        return out["input_ids"][0].tolist()
+
+    assert ids(asked) == understanding_prompt_ids(tokenizer, question)  # the default system prompt included
+    assert ids(drawn, processor_kwargs={"generation_mode": "image"}) == generation_prompt_ids(tokenizer, caption)
+    assert ids(drawn, generation_mode="image") == generation_prompt_ids(tokenizer, caption)  # the older spelling
+    answered = [*asked, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    trained = understanding_sample(tokenizer, [Turn("user", f"{IMAGE_PLACEHOLDER}\n{question}"),
+                                               Turn("assistant", answer)], [b""], system=JANUS_SYSTEM_PROMPT)
+    assert ids(answered, generation_prompt=False) == trained.input_ids  # a whole training sample, answer and EOS
+    processor.use_default_system_prompt = False
+    assert ids(asked) == understanding_prompt_ids(tokenizer, question, system=None)
+    assert ids([{"role": "system", "content": "Be brief."}, *asked]) == understanding_prompt_ids(
+        tokenizer, question, system="Be brief.")
+
+
+def test_export_refuses_a_tokenizer_that_breaks_the_chat_template(tokenizer_dir):
+    from tokenizers import processors
+    from transformers import JanusImageProcessor, JanusProcessor
+
+    from model.chat_format import CHAT_TEMPLATE
+    from pipeline.export import check_chat_template, processor_tokenizer
+
+    tokenizer = processor_tokenizer(tokenizer_dir)
+    processor = JanusProcessor(JanusImageProcessor(), tokenizer, chat_template=CHAT_TEMPLATE,
+                               use_default_system_prompt=True)
+    check_chat_template(processor)  # adds BOS when encoding, as DeepSeek's tokenizer does
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # one that does not
+    with pytest.raises(ValueError, match="add BOS"):
+        check_chat_template(processor)
+
+
+def test_model_card_names_what_it_was_trained_from_and_its_snippet_runs(exported, runs, init_weights, shard_corpus,
+                                                                         tokenizer, photos, tmp_path, monkeypatch):
+    from model.manifest import MANIFEST_NAME, file_sha256, tokenizer_fingerprint
+
+    for layout in ("transformers", "original"):
+        card = (exported[(2, layout)] / "README.md").read_text()
+        assert "# Janus-Pro: stage 3, step 1" in card and f"`{runs[2]}` | 1 |" in card
+        assert f"Started from `{init_weights}`" in card
+        for task, manifest in shard_corpus.items():
+            assert f"| {task} |" in card and file_sha256(manifest / MANIFEST_NAME) in card, task
+        assert card.count(tokenizer_fingerprint(tokenizer)) == 4  # the three manifests' and the exported one
+    path = exported[(2, "transformers")]
+    snippet = card_python(path / "README.md")
+    photos["chelsea.png"].save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(snippet.replace('path = "."', f"path = {str(path)!r}"), scope)  # the card's own loading code
+    assert isinstance(scope["answer"], str)
+    assert scope["images"][0].size == (384, 384) and (tmp_path / "apple.png").is_file()
+
+
+def card_python(card: Path) -> str:
+    text = card.read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]

@@ -125,6 +125,7 @@ def shard_by_source(out: Path, manifest: Manifest, stem: str) -> Path:
     return out / files[0]
 
 
+@pytest.mark.integration
 def test_understanding_images_equal_janus_processor(und_run, photos, tokenizer, special):
     out, manifest = und_run
     samples = {s.key: s for s in samples_from_table(read_shard(shard_by_source(out, manifest, "photos-00000")))}
@@ -154,6 +155,7 @@ def test_understanding_images_equal_janus_processor(und_run, photos, tokenizer, 
         assert tokenizer.decode(ids[s:e]) == " " + caption + tokenizer.eos_token
 
 
+@pytest.mark.integration
 def test_bad_inputs_are_counted_skips(und_run, und_inputs):
     out, manifest = und_run
     expected = und_inputs["expected_bad"]
@@ -185,6 +187,7 @@ def tiny_vq_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_generation_from_imagenet_folders_is_cosine_nearest(ray_client, tiny_vq_dir, photos, tokenizer,
                                                              tokenizer_dir, special, tmp_path):
     root = tmp_path / "train"
@@ -223,6 +226,7 @@ def test_generation_from_imagenet_folders_is_cosine_nearest(ray_client, tiny_vq_
         assert (cos.gather(1, ids[:, None]).squeeze(1) >= top2[:, 0] - 1e-5).all()
 
 
+@pytest.mark.integration
 def test_text_jsonl_splits_long_documents(ray_client, tokenizer, tokenizer_dir, special, tmp_path):
     long_doc = " ".join(f"word{i} the quick brown fox" for i in range(3000))  # several 4096-token pieces
     lines = [json.dumps({"text": "A short document."}).encode(), json.dumps({"text": long_doc}).encode(),
@@ -243,6 +247,7 @@ def test_text_jsonl_splits_long_documents(ray_client, tokenizer, tokenizer_dir, 
     assert manifest.rows_in == manifest.rows_written + 4 and manifest.rows_written == 1 + len(pieces)
 
 
+@pytest.mark.integration
 def test_llava_multi_turn_multi_image(ray_client, photos, tokenizer, tokenizer_dir, special, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -281,10 +286,20 @@ def test_relative_output_is_refused_inside_a_ray_job(monkeypatch, tmp_path):
     assert check_output_path(str(tmp_path / "abs")) == tmp_path / "abs"
 
 
+def test_either_spelling_of_a_vq_dtype_is_recorded_as_one_name():
+    from preprocess.cli import config_from_args, parser
+
+    for spelling in ("bf16", "bfloat16"):  # the one precision table of every command line (model/config.py)
+        args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok",
+                                    "--vq-dtype", spelling])
+        assert config_from_args(args).vq_dtype == "bfloat16"  # what the manifest and the resume guard hold
+
+
 def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.arrow"))}
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_to_identical_output(und_run, und_inputs, tokenizer_dir, ray_cluster, tmp_path):
     """SIGKILL the driver while a shard is half written under its temporary name; rerun the same command
     (this time on an embedded Ray): the finished shard is kept, the rest done, output byte-identical."""
@@ -312,6 +327,7 @@ def test_killed_run_resumes_to_identical_output(und_run, und_inputs, tokenizer_d
     assert manifest.shards == ref_manifest.shards and manifest.skipped == ref_manifest.skipped
 
 
+@pytest.mark.integration
 def test_ray_job_submit_equals_embedded_run(und_run, und_inputs, tokenizer_dir, ray_cluster, tmp_path):
     ref_out, ref_manifest = und_run
     out = tmp_path / "submitted"

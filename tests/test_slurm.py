@@ -121,6 +121,7 @@ def stage1_run(slurm, shard_corpus, tokenizer_dir, tmp_path_factory) -> Stage1Ru
     return run
 
 
+@pytest.mark.integration
 def test_stage1_runs_then_a_second_submission_resumes(stage1_run):
     run = stage1_run
     first, second = run.jobs
@@ -136,6 +137,7 @@ def test_stage1_runs_then_a_second_submission_resumes(stage1_run):
     assert run.latest[1] == "step-00000005"
 
 
+@pytest.mark.integration
 def test_export_sbatch_writes_a_loadable_export_of_the_chosen_step(slurm, stage1_run, tmp_path):
     """export.sbatch with its documented knobs on the resumed run's older checkpoint (STEP=3, not the latest);
     EXTRA_ARGS unset, so the script's empty extra-args array is expanded under `set -u` too."""
@@ -168,6 +170,7 @@ def test_export_sbatch_writes_a_loadable_export_of_the_chosen_step(slurm, stage1
         assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
 
 
+@pytest.mark.integration
 def test_preemption_signal_checkpoints_requeues_and_finishes(slurm, shard_corpus, tokenizer_dir, tmp_path):
     """USR1 to the batch shell, exactly what `#SBATCH --signal=B:USR1@600` delivers before the time limit."""
     output, steps = tmp_path / "run", 12
@@ -190,6 +193,7 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(slurm, shard_corpus
     assert latest_checkpoint(output).name == f"step-{steps:08d}"
 
 
+@pytest.mark.integration
 def test_preprocess_sbatch_equals_the_embedded_run(slurm, photos, tokenizer_dir, tmp_path):
     members = {}
     for i, (name, image) in enumerate(list(photos.items())[:4]):

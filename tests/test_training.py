@@ -13,8 +13,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from model.stages import STAGES, part_of
 from pipeline.checkpoint import COMPLETE, latest_checkpoint
-from pipeline.train import lr_factor
-from tests.distributed import REPO, Ranks, run_ranks
+from pipeline.schedule import lr_factor
+from tests.distributed import REPO, Ranks, rank_script, run_ranks
 
 LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
 
@@ -117,6 +117,7 @@ def test_stage1_gradients_flow_through_the_frozen_llm_with_checkpointing(tiny_mo
             p.requires_grad_(True)
 
 
+@pytest.mark.integration
 def test_three_stages_train_and_hand_off(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
     runs = [tmp_path / f"stage{s}" for s in (1, 2, 3)]
     run_ranks(stage_args(1, shard_corpus, tokenizer_dir, runs[0], init_checkpoint, "--train-steps", "50",
@@ -142,7 +143,7 @@ def test_three_stages_train_and_hand_off(shard_corpus, tokenizer_dir, init_check
 
 
 def test_step_loss_is_the_global_token_mean():
-    from pipeline.train import step_loss
+    from pipeline.loss import step_loss
 
     counts = torch.tensor([10.0, 0.0, 30.0])
     halves = [torch.tensor([4.0, 0.0, 9.0]), torch.tensor([6.0, 0.0, 21.0])]  # two micro-batches' loss sums
@@ -154,6 +155,7 @@ def test_step_loss_is_the_global_token_mean():
     assert weighted == pytest.approx((2 * 10.0 + 30.0) / (2 * 10 + 30))
 
 
+@pytest.mark.integration
 def test_two_ranks_two_micro_batches_equal_one_process_one_batch(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                  tmp_path):
     """Also: a non-finite step first (NaN images) is skipped whole, so the next step equals a first step."""
@@ -166,8 +168,8 @@ def test_two_ranks_two_micro_batches_equal_one_process_one_batch(shard_corpus, t
                  "--seq-len", "1400", "--rows-per-step", "4", "--rows-per-micro-batch", str(rows_per_micro_batch),
                  "--grad-clip", "0", "--warmup-steps", "0", "--learning-rate", "10", "--adam-eps", "1000",
                  "--output", str(tmp_path / f"run-{world}-{poison_first}")]
-        script = str(Path(REPO) / "tests" / "train_step_equivalence.py")
-        run_ranks([script, json.dumps({"flags": flags, "out": str(out), "poison_first": poison_first})],
+        run_ranks(rank_script("train_step_equivalence.py", {"flags": flags, "out": str(out),
+                                                            "poison_first": poison_first}),
                   world_size=world, timeout=300)
         return load_file(str(out))
 
@@ -186,8 +188,8 @@ def test_bucket_sizes_follow_the_width_above_a_floor():
     from pipeline.ds_config import MIN_BUCKET, batch_plan, deepspeed_config
 
     def zero(width: int) -> dict:
-        return deepspeed_config("zero3_bf16", batch_plan(512, 256, 1), width, 1e-4, (0.9, 0.95), 0.0, 1e-8,
-                                1.0)["zero_optimization"]
+        return deepspeed_config("zero3_bf16", batch_plan(512, 256, 1), hidden_size=width, learning_rate=1e-4,
+                                betas=[0.9, 0.95], weight_decay=0.0, eps=1e-8, grad_clip=1.0)["zero_optimization"]
 
     assert zero(4096)["reduce_bucket_size"] == 4096 * 4096  # 7b: transformers' "auto" values
     assert zero(4096)["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
@@ -195,6 +197,7 @@ def test_bucket_sizes_follow_the_width_above_a_floor():
     assert zero(64)["stage3_param_persistence_threshold"] == 640  # small tensors stay partitioned in tests
 
 
+@pytest.mark.integration
 def test_dry_run_estimates_and_refuses(tmp_path):
     ok = subprocess.run([sys.executable, LAUNCHER.format(2), "--dry-run", "--model", "7b", "--world-size", "256"],
                         capture_output=True, text=True, timeout=120)
@@ -206,6 +209,7 @@ def test_dry_run_estimates_and_refuses(tmp_path):
     assert "128 rows per step cannot feed 256" in refused.stderr and "1, 2, 4, 8, 16" in refused.stderr
 
 
+@pytest.mark.integration
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
     def args(output: Path) -> list[str]:
         return stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "8",
@@ -238,6 +242,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokeniz
     assert (torn / COMPLETE).exists() and len(list(torn.glob("rank-*.pt"))) == 2  # re-saved whole this time
 
 
+@pytest.mark.integration
 def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                 tmp_path):
     output = tmp_path / "run"
@@ -255,6 +260,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tok
     assert len(list(latest.glob("*rank_0[01]*optim_states.pt"))) == 2  # both ranks' ZeRO shards, same step
 
 
+@pytest.mark.integration
 def test_validation_tensorboard_and_sample_grid(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
     from PIL import Image
 
@@ -272,6 +278,7 @@ def test_validation_tensorboard_and_sample_grid(shard_corpus, tokenizer_dir, ini
     assert (output / "config.yaml").is_file() and (output / "ds_config.json").is_file()
 
 
+@pytest.mark.integration
 def test_nonfinite_steps_are_skipped_then_stop_the_run(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
     from safetensors.torch import save_file
 

@@ -28,3 +28,20 @@ def test_vq_encode_on_photos_and_the_transformers_trap(photos):
         assert torch.equal(ids.flatten(), cos.argmax(-1))
         plain = vq.encode(images).image_tokens.view(2, -1)  # transformers: argmin of plain distance
     assert (plain != ids).float().mean() > 0.5
+
+
+def test_vq_fingerprint_is_the_same_in_any_precision_that_holds_it():
+    """Preprocessing fingerprints the VQ as stored (fp32); a bf16 ZeRO-3 run holds it in bf16, a consolidated
+    checkpoint as fp32 of those bf16 values: one VQ, one fingerprint. A changed weight changes it."""
+    import copy
+
+    from model.manifest import weights_fingerprint
+
+    vq = JanusVQVAE(preset_config("tiny").vq_config).eval()
+    stored = weights_fingerprint(vq)
+    held = copy.deepcopy(vq).to(torch.bfloat16)
+    assert weights_fingerprint(held) == stored
+    assert weights_fingerprint(copy.deepcopy(held).float()) == stored
+    with torch.no_grad():
+        next(held.parameters()).view(-1)[0] += 1.0
+    assert weights_fingerprint(held) != stored

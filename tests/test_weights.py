@@ -10,13 +10,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import JanusForConditionalGeneration, LlamaForCausalLM
 
-from model.config import preset_config
+from model.config import config_from_original, preset_config
 from model.janus import JanusProForTraining
 from model.weights import (
     ATTN_POOL,
     CODEBOOK_USED,
     WeightsError,
-    config_from_original,
     load_model,
     load_parts,
     original_groups,

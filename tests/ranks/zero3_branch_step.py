@@ -1,5 +1,9 @@
 """One ZeRO-3 training step on 2 CPU ranks where rank 0 sees only generation rows and rank 1 only
-understanding rows. Without the branch rule (every module runs on every rank) this hangs."""
+understanding rows. Without the branch rule (every module runs on every rank) this hangs on NCCL and aborts on
+gloo with a collective mismatch.
+
+    python tests/ranks/zero3_branch_step.py ARGS_JSON   (under tests.distributed.run_ranks)
+"""
 
 import json
 import os
@@ -10,15 +14,15 @@ import deepspeed
 from model.config import preset_config
 from model.janus import JanusProForTraining
 from model.tokenizer import SpecialTokens, load_tokenizer
-from pipeline.data import DataConfig, DataPipeline
-from pipeline.reader import SourceSpec
+from pipeline.config import DataConfig
+from pipeline.data import DataPipeline
 
 args = json.loads(sys.argv[1])
 rank = int(os.environ["RANK"])
 deepspeed.init_distributed(dist_backend="gloo")
 special = SpecialTokens.from_tokenizer(load_tokenizer(args["tokenizer"]))
 task_ratio = (0, 0, 1) if rank == 0 else (1, 0, 0)
-config = DataConfig(sources=[SourceSpec(args["corpus"]["generation" if rank == 0 else "understanding"])],
+config = DataConfig(data=[args["corpus"]["generation" if rank == 0 else "understanding"]],
                     ratio=task_ratio, seq_len=1400, rows_per_micro_batch=1, buffer_size=4, num_workers=1)
 batch = next(iter(DataPipeline(config, special)))
 ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,

@@ -2,7 +2,7 @@
 as micro-batches of `rows_per_micro_batch` rows. Rank 0 writes every trainable parameter after the step.
 With "poison_first", a step whose images are all NaN comes first: it must be skipped and change nothing.
 
-    python tests/train_step_equivalence.py ARGS_JSON   (under tests.distributed.run_ranks)
+    python tests/ranks/train_step_equivalence.py ARGS_JSON   (under tests.distributed.run_ranks)
 """
 
 import json
@@ -16,34 +16,34 @@ from safetensors.torch import save_file
 
 from model.batch import pack_rows
 from model.tokenizer import SpecialTokens, load_tokenizer
-from pipeline.data import DataConfig, DataPipeline
+from pipeline.config import resolve
+from pipeline.data import DataPipeline
 from pipeline.ds_config import batch_plan
-from pipeline.reader import SourceSpec
-from pipeline.train import build_engine, deepspeed_run_config, optimizer_step
-from pipeline.train_config import resolve
+from pipeline.engine import build_engine, run_deepspeed_config, run_model_config
+from pipeline.train import optimizer_step
 
 args = json.loads(sys.argv[1])
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 config, _ = resolve(2, args["flags"])
-special = SpecialTokens.from_tokenizer(load_tokenizer(config.tokenizer))
-plan = batch_plan(config.rows_per_step, world, config.rows_per_micro_batch)
-engine = build_engine(config, deepspeed_run_config(config, plan, special), special)
+special = SpecialTokens.from_tokenizer(load_tokenizer(config.model.tokenizer))
+plan = batch_plan(config.optim.rows_per_step, world, config.data.rows_per_micro_batch)
+width = run_model_config(config, special.image_placeholder).text_config.hidden_size
+engine = build_engine(config, run_deepspeed_config(config, plan, width), special.image_placeholder)
 
 # The same 4 rows on every run, planned once on one "rank"; this rank's share, in micro-batches.
-planner = DataPipeline(DataConfig(sources=[SourceSpec(m) for m in config.data], ratio=tuple(config.ratio),
-                                  seq_len=config.seq_len, rows_per_micro_batch=4, guidance_dropout=0.0), special)
+planner = DataPipeline(replace(config.data, rows_per_micro_batch=4, guidance_dropout=0.0), special)
 rows = planner.plan_micro_batch()
 mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-micro = [pack_rows(mine[i:i + plan.rows_per_micro_batch], config.seq_len, special)
+micro = [pack_rows(mine[i:i + plan.rows_per_micro_batch], config.data.seq_len, special)
          for i in range(0, len(mine), plan.rows_per_micro_batch)]
 assert len(micro) == plan.accumulation_steps
-weights = torch.tensor(config.task_loss_weights)
+weights = torch.tensor(config.optim.task_loss_weights)
 if args.get("poison_first"):
     poisoned = [replace(b, pixel_values=torch.full_like(b.pixel_values, float("nan"))) for b in micro]
-    _, _, applied = optimizer_step(engine, poisoned, weights, config.loss_normalisation)
+    _, _, applied = optimizer_step(engine, poisoned, weights, config.optim.loss_normalisation)
     assert not applied and engine.skipped_steps == 1
-loss_sums, counts, applied = optimizer_step(engine, micro, weights, config.loss_normalisation)
+loss_sums, counts, applied = optimizer_step(engine, micro, weights, config.optim.loss_normalisation)
 assert applied
 params = {}
 for name, p in engine.module.named_parameters():

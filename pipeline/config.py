@@ -1,0 +1,442 @@
+"""The configuration of a training run, one dataclass per concern: this file is its documentation.
+
+Precedence: Table 2 for the stage and the model's size (model/stages.py) < a YAML file (`--config`) < flags.
+Every field is a flag of the stage launchers (`--learning-rate` and `--learning_rate` both work; no prefix
+abbreviations), with its help, default and choices in `--help`. Values are type-checked and range-checked
+when a section is built, whatever they came from; paths and data are checked by pipeline/preflight.py before
+anything heavy starts. The resolved configuration is saved beside the checkpoints (`OUTPUT/config.yaml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from model.config import PRESETS, model_config, model_size
+from model.stages import PARTS, Stage, stage_for
+
+
+class ConfigError(ValueError):
+    """A user's mistake in flags, YAML or paths: reported as one `error:` line, without a traceback."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def doc(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field with its help string (shown by --help); mutable defaults are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+class Section:
+    """Checks every field's type (a YAML `warmup_steps: '100'` is refused), then the section's own rules."""
+
+    title: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and hints[f.name] is int and value.is_integer():
+                value = int(value)  # 1e3 in YAML is a float
+            if isinstance(value, int) and not isinstance(value, bool) and hints[f.name] is float:
+                value = float(value)
+            if isinstance(value, tuple):
+                value = list(value)
+            setattr(self, f.name, value)
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(f"{flag(f.name)}: {value!r} is not {_type_name(hints[f.name])}")
+        self.check()
+
+    def check(self) -> None:
+        """Range checks; raise ConfigError naming the flag."""
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "unset"}.get(hint, str(hint))
+
+
+def need(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(name)}: {why}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Section):
+    title: ClassVar[str] = "model"
+    model: str | None = doc(f"a preset ({', '.join(PRESETS)}) or a checkpoint directory (config.json); unset: "
+                            "the model --init holds", None)
+    init: str | None = doc("released weights (either layout) or a previous stage's run directory", None)
+    tokenizer: str | None = doc("tokenizer directory; unset: --init's (of a run directory: the tokenizer it used)",
+                                None)
+    attention: Literal["sdpa", "flash_attention_2", "varlen"] = doc(
+        "attention backend: sdpa (any device), flash_attention_2 (pip install flash-attn), varlen (CUDA)", "sdpa")
+    gradient_checkpointing: bool = doc("recompute each LLM layer in backward (less memory, ~1/3 more compute)",
+                                       False)
+
+
+@dataclass(kw_only=True)
+class DataConfig(Section):
+    title: ClassVar[str] = "data"
+    data: list[str] = doc("training manifests (file or directory), any task; mixed by --ratio", [])
+    data_weights: list[float] = doc("per --data manifest, its weight among the manifests of its task "
+                                    "(unset: 1 each)", [])
+    val_data: list[str] = doc("held-out manifests for validation", [])
+    ratio: list[float] = doc("Table 2: und : text : gen, mixed inside every step")
+    seq_len: int = doc("Table 2: tokens per packed row", 4096)
+    rows_per_micro_batch: int = doc("packed rows per rank per forward", 1)
+    ratio_unit: Literal["samples", "tokens"] = doc("what --ratio counts", "samples")
+    guidance_dropout: float = doc("P(generation prompt -> pad), for classifier-free guidance", 0.1)
+    eoi_is_target: bool = doc("train <end_of_image> as a generation target", False)
+    buffer_size: int = doc("samples the packer chooses from", 64)
+    max_age: int = doc("rows a sample may wait in the packer's buffer before it is packed first", 16)
+    num_workers: int = doc("threads decoding images and building batches", 2)
+    prefetch: int = doc("micro-batches built ahead of the step", 4)
+    allow_fingerprint_mismatch: bool = doc("train on shards made with another tokenizer or VQ (not advised)",
+                                           False)
+    seed: int = doc("seed of the data order, guidance dropout and the model's random state", 0)
+
+    def check(self) -> None:
+        need(len(self.ratio) == 3 and min(self.ratio) >= 0 and sum(self.ratio) > 0, "ratio",
+             f"three non-negative parts (und text gen), not all 0; got {self.ratio}")
+        need(not self.data_weights or len(self.data_weights) == len(self.data), "data_weights",
+             f"one weight per --data manifest ({len(self.data)}); got {len(self.data_weights)}")
+        need(all(w > 0 for w in self.data_weights), "data_weights", "weights must be positive")
+        need(self.seq_len > 0, "seq_len", "must be positive")
+        need(0 <= self.guidance_dropout <= 1, "guidance_dropout", "a probability, in [0, 1]")
+        for name in ("rows_per_micro_batch", "buffer_size", "max_age", "num_workers", "prefetch"):
+            need(getattr(self, name) >= 1, name, "must be at least 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig(Section):
+    title: ClassVar[str] = "optimiser and schedule"
+    learning_rate: float = doc("Table 2: the stage's peak learning rate")
+    warmup_steps: int = doc("Table 2: linear warm-up steps")
+    train_steps: int = doc("Table 2: optimizer steps of the stage")
+    rows_per_step: int = doc("Table 2's batch size: packed rows of --seq-len tokens per optimizer step, global")
+    trainable: list[str] = doc(f"Table 2: the parts that train, of {', '.join(p for p in PARTS if p != 'gen_encoder')}")
+    lr_decay_style: Literal["constant", "linear", "cosine"] = doc(
+        "after warm-up: constant (Table 2), or a linear/cosine decay to 0 at --lr-decay-steps", "constant")
+    lr_decay_steps: int | None = doc("where a decay reaches 0 (unset: --train-steps)", None)
+    adam_betas: list[float] = doc("Table 2: AdamW beta1 beta2", [0.9, 0.95])
+    adam_eps: float = doc("AdamW epsilon", 1e-8)
+    weight_decay: float = doc("Table 2: AdamW weight decay", 0.0)
+    grad_clip: float = doc("Table 2: global gradient-norm clip (0: off)", 1.0)
+    loss_normalisation: Literal["token", "task"] = doc(
+        "token: one token mean over the global batch; task: per-task means, then weighted", "token")
+    task_loss_weights: list[float] = doc("und text gen loss weights", [1.0, 1.0, 1.0])
+    max_nonfinite_steps: int = doc("stop after this many non-finite steps in a row (each is skipped)", 5)
+
+    def check(self) -> None:
+        need(self.learning_rate >= 0, "learning_rate", "must be 0 (weights unchanged: tests, a dry check) or more")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
+        need(self.train_steps >= 1, "train_steps", "must be at least 1")
+        need(self.rows_per_step >= 1, "rows_per_step", "must be at least 1")
+        unknown = sorted(set(self.trainable) - set(PARTS) | ({"gen_encoder"} & set(self.trainable)))
+        need(not unknown, "trainable", f"cannot train {unknown}; parts are "
+             f"{', '.join(p for p in PARTS if p != 'gen_encoder')} (the VQ never trains)")
+        need(self.lr_decay_steps is None or self.lr_decay_steps > self.warmup_steps, "lr_decay_steps",
+             "must be after --warmup-steps")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+             f"two numbers in [0, 1); got {self.adam_betas}")
+        need(self.adam_eps > 0, "adam_eps", "must be positive")
+        need(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
+        need(self.grad_clip >= 0, "grad_clip", "must be 0 (off) or more")
+        need(len(self.task_loss_weights) == 3 and min(self.task_loss_weights) >= 0, "task_loss_weights",
+             f"three non-negative weights (und text gen); got {self.task_loss_weights}")
+        need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be at least 1")
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.train_steps
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(Section):
+    title: ClassVar[str] = "checkpoints"
+    output: str = doc("the run directory: config, checkpoints, logs, samples", "runs/stage")
+    save_every: int = doc("steps between checkpoints (and at the end, and on SIGTERM/SIGUSR1)", 1000)
+    keep_last: int = doc("complete checkpoints kept", 3)
+    resume: str = doc("auto: the latest complete checkpoint in --output, if any; none; or a checkpoint path",
+                      "auto")
+
+    def check(self) -> None:
+        need(self.save_every >= 1, "save_every", "must be at least 1")
+        need(self.keep_last >= 1, "keep_last", "must be at least 1")
+
+
+SAMPLE_PROMPTS = ["A red apple on a wooden table.", "A lighthouse on a cliff at sunset.",
+                  "A cat sleeping on a sofa.", "An astronaut riding a horse on the moon."]
+
+
+@dataclass(kw_only=True)
+class LoggingConfig(Section):
+    title: ClassVar[str] = "logging and evaluation"
+    log_every: int = doc("steps between log lines (metrics.jsonl, TensorBoard, W&B)", 10)
+    val_every: int = doc("steps between validations on --val-data (0: never)", 0)
+    val_batches: int = doc("micro-batches per validation, per rank", 4)
+    sample_every: int = doc("steps between PNG grids from --sample-prompts (0: never); all ranks take part", 2000)
+    sample_prompts: list[str] = doc("prompts of the sample grid", SAMPLE_PROMPTS)
+    sample_cfg: float = doc("classifier-free guidance weight of the sample grid", 5.0)
+    wandb_project: str | None = doc("also log to this Weights & Biases project (pip install '.[wandb]')", None)
+
+    def check(self) -> None:
+        need(self.log_every >= 1, "log_every", "must be at least 1")
+        need(self.val_every >= 0, "val_every", "must be 0 (never) or more")
+        need(self.val_batches >= 1, "val_batches", "must be at least 1")
+        need(self.sample_every >= 0, "sample_every", "must be 0 (never) or more")
+        need(self.sample_cfg > 0, "sample_cfg", "must be positive")
+
+
+@dataclass(kw_only=True)
+class SystemConfig(Section):
+    title: ClassVar[str] = "system"
+    ds_config: str | None = doc("a ds_configs/ name or a JSON path; unset: zero3_bf16 on GPU, zero3_cpu on CPU",
+                                None)
+    gpus_per_node: int = doc("GPUs per node, for the batch plan's advice", 8)
+    watchdog_seconds: float = doc("exit non-zero if no step completes in this long (0: off)", 1800.0)
+
+    def check(self) -> None:
+        need(self.gpus_per_node >= 1, "gpus_per_node", "must be at least 1")
+        need(self.watchdog_seconds >= 0, "watchdog_seconds", "must be 0 (off) or more")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig,
+            "logging": LoggingConfig, "system": SystemConfig}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    stage: int
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    system: SystemConfig
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.as_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        return cls(stage=values["stage"], **{name: kind(**values[name]) for name, kind in SECTIONS.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """A run's saved config.yaml."""
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def table2(stage: Stage) -> dict[str, Any]:
+    """A Table 2 column as field values: model/stages.py's Stage names its fields as the config does."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(stage).items()}
+
+
+# ---- where defaults come from: the model --init holds, Table 2 for its size ----
+
+def run_directory(path: str | Path) -> bool:
+    """A training run's OUTPUT: its config.yaml and checkpoints/."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
+def init_defaults(init: str | None) -> dict[str, str]:
+    """What --init holds: the model and tokenizer of a previous stage's run, or released weights (their own
+    config.json and tokenizer)."""
+    if not init:
+        return {}
+    path = Path(init)
+    if run_directory(path):
+        previous = yaml.safe_load((path / "config.yaml").read_text()).get("model")
+        if not isinstance(previous, dict) or not previous.get("model"):
+            raise ConfigError(f"--init {init}: its config.yaml was not written by this version's training")
+        return {"model": previous["model"], "tokenizer": previous["tokenizer"]}
+    if (path / "config.json").is_file():
+        return {"model": str(path), "tokenizer": str(path)}
+    if path.is_dir() and any(path.glob("*.safetensors")):  # bare weights: --model names their architecture
+        return {"tokenizer": str(path)}
+    raise ConfigError(f"--init {init}: neither a training run directory (config.yaml and checkpoints/) nor "
+                      "weights (config.json, *.safetensors)" + ("" if path.exists() else "; it does not exist"))
+
+
+def resolved_model(model: str | None, init: str | None) -> str:
+    """--model, else the model --init holds; a preset name or a checkpoint directory."""
+    held = init_defaults(init).get("model")
+    if model is None and held is None:
+        raise ConfigError(f"--model: give a preset ({', '.join(PRESETS)}) or a checkpoint directory, or --init "
+                          "weights whose config.json names the model")
+    if model is not None and held is not None and model != held and shape(model) != shape(held):
+        raise ConfigError(f"--model {model}: --init {init} holds another model ({held}); drop --model")
+    return model if model is not None else held
+
+
+def shape(spec: str) -> tuple:
+    """What makes two model configs the same network."""
+    try:
+        config = model_config(spec)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"--model {spec}: {error}") from None
+    t, v, q = config.text_config, config.vision_config, config.vq_config
+    return (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+            t.num_key_value_heads, v.hidden_size, v.num_hidden_layers, q.num_embeddings, q.embed_dim)
+
+
+# ---- the command line ----
+
+class Parser(HfArgumentParser):
+    """HfArgumentParser (flags from the dataclasses, --x_y and --x-y both, help with defaults and choices),
+    without prefix abbreviations, with "did you mean" and one-line errors."""
+
+    def __init__(self, stage: int):
+        super().__init__(list(SECTIONS.values()), prog=f"janus-train --stage {stage}", allow_abbrev=False,
+                         usage="%(prog)s [--flag VALUE ...]   (flags by section below)",
+                         description=f"Janus-Pro Stage {stage} training on DeepSpeed ZeRO-3. Defaults: Table 2 "
+                                     f"(model/stages.py) for the stage and --model's size, then --config.")
+        for action in self._actions:
+            action.required = False  # Table 2 fields get their defaults from set_defaults
+            action.option_strings.sort(key=lambda option: "_" in option)  # --learning-rate shown first
+        self.add_argument("--config", help="YAML file of settings (sections as in OUTPUT/config.yaml, or flat); "
+                                           "flags override it")
+        self.add_argument("--dry-run", action="store_true",
+                          help="print the batch plan and per-GPU memory estimate for --world-size, build nothing")
+        self.add_argument("--world-size", type=int, help="data-parallel size for --dry-run")
+        self.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        group = self.add_argument_group(dtype.title)
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            f.type = hints[f.name]
+            self._parse_dataclass_field(group, f)
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message + self._suggestion(message))
+
+    def _suggestion(self, message: str) -> str:
+        if "unrecognized arguments" not in message:
+            return ""
+        options = sorted(self._option_string_actions, key=lambda option: "_" in option)  # --x-y spellings first
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                name = word.split("=")[0]
+                close = [o for o in options if o.startswith(name)] or difflib.get_close_matches(name, options, 1, 0.6)
+                if close:
+                    hints.append(f"{name}: did you mean {close[0]}?")
+        return ("; " + "; ".join(hints)) if hints else "; see --help"
+
+
+def yaml_values(path: str) -> dict[str, Any]:
+    """A YAML file's settings, flat: sections (as in a run's config.yaml) or field names at the top level."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({error})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    values: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key in SECTIONS and isinstance(value, dict):
+            values.update(value)
+        elif key != "stage":
+            values[key] = value
+    hints = {name: hint for kind in SECTIONS.values() for name, hint in typing.get_type_hints(kind).items()
+             if name != "title"}
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, hints, 1) for u in unknown}
+        raise ConfigError(f"--config {path}: unknown setting(s) " + ", ".join(
+            u + (f" (did you mean {c[0]}?)" if c else "") for u, c in close.items()))
+    for name, value in values.items():  # before argparse, which would convert a string default silently
+        if not _matches(value, hints[name]):
+            raise ConfigError(f"--config {path}: {name}: {value!r} is not {_type_name(hints[name])}")
+    return values
+
+
+def resolve(stage: int, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Table 2 for the stage and the model's real size, then the YAML file, then the flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        stage_for(stage)
+    except ValueError as error:
+        raise ConfigError(f"--stage: {error}") from None
+    first = Parser(stage)  # a first pass finds --config, --model and --init, which decide the defaults
+    known, _ = first.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    from_file = yaml_values(known.config) if known.config else {}
+    model = flag_or(known, from_file, "model")
+    init = flag_or(known, from_file, "init")
+    defaults = {**table2(stage_for(stage, table2_size(model, init))), "output": f"runs/stage{stage}", **from_file}
+    parser = Parser(stage)
+    parser.set_defaults(**defaults)
+    values = vars(parser.parse_args(argv))
+    args = argparse.Namespace(**{k: values.pop(k) for k in ("config", "dry_run", "world_size", "local_rank")})
+    held = init_defaults(values["init"])
+    values["model"] = resolved_model(values["model"], values["init"])
+    values["tokenizer"] = values["tokenizer"] or held.get("tokenizer")
+    sections = {name: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind)})
+                for name, kind in SECTIONS.items()}
+    return TrainConfig(stage=stage, **sections), args
+
+
+def flag_or(args: Any, from_file: dict, name: str) -> Any:
+    value = getattr(args, name)
+    return value if value is not None else from_file.get(name)
+
+
+def table2_size(model: str | None, init: str | None) -> str:
+    """The model's real size (its config's width), not the flag's spelling; 1b until a model is named."""
+    try:
+        spec = resolved_model(model, init)
+    except ConfigError:
+        return "1b"
+    try:
+        return model_size(model_config(spec))
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"--model {spec}: {error}") from None

@@ -1,0 +1,124 @@
+"""Everything a run needs, checked in seconds before any rank waits on another or a model is built.
+
+Each check raises ConfigError naming the flag and the fix: a mistyped path or a wrong tokenizer stops the run
+at start, not after the engine is built or hours in when a shard is first sampled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from model.manifest import Manifest, tokenizer_fingerprint
+from model.sample import TASKS
+from model.tokenizer import load_tokenizer
+from pipeline import checkpoint
+from pipeline.config import ConfigError, DataConfig, TrainConfig, flag, run_directory
+from pipeline.ds_config import BatchPlan, batch_plan, template_path
+
+
+@dataclass(frozen=True)
+class Checked:
+    tokenizer: PreTrainedTokenizerBase
+    plan: BatchPlan
+
+
+def preflight(config: TrainConfig, world_size: int) -> Checked:
+    tokenizer = checked_tokenizer(config.model.tokenizer, config.model.init)
+    if not config.data.data:
+        raise ConfigError("--data: at least one manifest is needed (a preprocess output directory)")
+    check_manifests("data", config.data, tokenizer)
+    check_manifests("val_data", config.data, tokenizer)
+    check_init(config.model.init)
+    check_resume(config.checkpoint.resume)
+    check_attention(config.model.attention)
+    check_ds_config(config.system.ds_config)
+    return Checked(tokenizer, checked_plan(config, world_size))
+
+
+def checked_tokenizer(path: str | None, init: str | None) -> PreTrainedTokenizerBase:
+    """A local tokenizer directory with the Janus special tokens (never a hub lookup that retries for minutes)."""
+    if path is None:
+        raise ConfigError("--tokenizer: needed (a tokenizer directory), or --init weights that hold one")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"--tokenizer {path}: no such directory")
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        whose = " (the default: --init's)" if path == init else ""
+        raise ConfigError(f"--tokenizer {path}{whose}: holds no tokenizer.json or tokenizer_config.json; pass the "
+                          "tokenizer directory with --tokenizer")
+    try:
+        return load_tokenizer(directory)
+    except Exception as error:  # any loader failure is the same user error: name the flag, not the stack
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--tokenizer {path}: cannot load it as a Janus tokenizer: {reason}") from None
+
+
+def check_manifests(name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Each manifest exists and reads, its shards are all there, and it was made with this tokenizer; the ratio
+    asks only for tasks some training manifest holds."""
+    tasks = set()
+    expected = tokenizer_fingerprint(tokenizer)
+    for path in getattr(data, name):
+        where = f"{flag(name)} {path}"
+        if not Path(path).exists():
+            raise ConfigError(f"{where}: no such file or directory")
+        try:
+            manifest = Manifest.read(path)
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ConfigError(f"{where}: not a readable manifest.json ({error}); point it at a preprocess "
+                              "output directory") from None
+        root = Path(path) if Path(path).is_dir() else Path(path).parent
+        missing = [s.file for s in manifest.shards if not (root / s.file).is_file()]
+        if missing:
+            raise ConfigError(f"{where}: {len(missing)} shard(s) listed in the manifest are missing, e.g. "
+                              f"{missing[0]}; rerun preprocessing into that directory to complete it")
+        if manifest.tokenizer_fingerprint != expected and not data.allow_fingerprint_mismatch:
+            raise ConfigError(f"{where}: made with another tokenizer (fingerprint {manifest.tokenizer_fingerprint[:12]}"
+                              f", --tokenizer's is {expected[:12]}); preprocess again with this tokenizer, or pass "
+                              "--allow-fingerprint-mismatch if they are the same vocabulary")
+        tasks.add(manifest.task)
+    if name == "data":
+        wanted = [t for t, r in zip(TASKS, data.ratio, strict=True) if r > 0 and t not in tasks]
+        if wanted:
+            raise ConfigError(f"--ratio {' '.join(map(str, data.ratio))} asks for {', '.join(wanted)} data but no "
+                              f"--data manifest holds it; add one or set its part of --ratio to 0")
+
+
+def check_init(init: str | None) -> None:
+    if init and run_directory(init) and checkpoint.latest_checkpoint(init) is None:
+        raise ConfigError(f"--init {init}: a run directory without a complete checkpoint to start from")
+
+
+def check_resume(resume: str) -> None:
+    if resume not in ("auto", "none") and not (Path(resume) / checkpoint.COMPLETE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (auto, none, or "
+                          "OUTPUT/checkpoints/step-N)")
+
+
+def check_attention(attention: str) -> None:
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("--attention flash_attention_2: flash-attn is not installed "
+                          "(pip install flash-attn --no-build-isolation), or use --attention varlen")
+    if attention in ("flash_attention_2", "varlen") and not torch.cuda.is_available():
+        raise ConfigError(f"--attention {attention}: needs a CUDA GPU; use --attention sdpa on the CPU")
+
+
+def check_ds_config(name: str | None) -> None:
+    if name is not None:
+        try:
+            template_path(name)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--ds-config {error}") from None
+
+
+def checked_plan(config: TrainConfig, world_size: int) -> BatchPlan:
+    try:
+        return batch_plan(config.optim.rows_per_step, world_size, config.data.rows_per_micro_batch,
+                          config.system.gpus_per_node)
+    except ValueError as error:
+        raise ConfigError(f"--rows-per-step {config.optim.rows_per_step}: {error}") from None

@@ -1,0 +1,188 @@
+"""The training CLI and config: Table 2 defaults by the real model size, one-line errors for every known user
+mistake (before anything heavy), YAML type checks, --help that documents itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.config import preset_config
+from pipeline.config import ConfigError, TrainConfig, resolve
+from pipeline.monitor import wandb_run_id
+from tests.distributed import REPO
+
+LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
+
+
+def run_dir_of(path: Path, model: str, tokenizer: str) -> Path:
+    """A previous stage's run directory as training leaves it (config.yaml, checkpoints/)."""
+    config, _ = resolve(1, ["--model", model, "--tokenizer", tokenizer, "--output", str(path)])
+    path.mkdir(parents=True)
+    config.save(path / "config.yaml")
+    (path / "checkpoints").mkdir()
+    return path
+
+
+def weights_dir_of(path: Path, preset: str) -> Path:
+    """Released weights as far as the config goes: a config.json of the preset's widths."""
+    path.mkdir(parents=True)
+    preset_config(preset).to_json_file(str(path / "config.json"))
+    return path
+
+
+def test_model_and_table2_column_follow_what_init_holds(tmp_path):
+    run = run_dir_of(tmp_path / "stage2-run", "7b", "/tok")
+    config, _ = resolve(3, ["--init", str(run)])
+    assert config.model.model == "7b" and config.model.tokenizer == "/tok"  # not the tiny model, not "None"
+    assert config.optim.train_steps == 40_000  # 7B's Stage III column
+    released = weights_dir_of(tmp_path / "Janus-Pro-7B", "7b")
+    config, _ = resolve(3, ["--model", str(released)])
+    assert config.optim.train_steps == 40_000  # the size is read from the config, not the name's spelling
+    assert resolve(3, ["--model", "1b"])[0].optim.train_steps == 80_000
+    with pytest.raises(ConfigError, match="--model 1b: --init .* holds another model"):
+        resolve(3, ["--model", "1b", "--init", str(released)])
+
+
+def test_precedence_table2_then_yaml_then_flags_and_both_spellings(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump({"optim": {"learning_rate": 3e-4, "warmup_steps": 7}, "log_every": 3}))
+    config, _ = resolve(2, ["--model", "tiny", "--config", str(file), "--warmup_steps", "9"])
+    assert (config.optim.learning_rate, config.optim.warmup_steps, config.logging.log_every) == (3e-4, 9, 3)
+    assert config.optim.rows_per_step == 512 and config.data.ratio == [2, 3, 5]  # Table 2, Stage II
+    assert resolve(2, ["--model", "tiny", "--learning-rate", "2e-5"])[0].optim.learning_rate == 2e-5
+
+
+def test_saved_config_reloads_equal(tmp_path):
+    config, _ = resolve(2, ["--model", "tiny", "--data", "a", "b", "--ratio", "1", "0", "1"])
+    config.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(("values", "match"), [
+    ({"warmup_steps": "100"}, "warmup_steps: '100' is not an integer"),
+    ({"optim": {"lr_decay_style": "cosin"}}, "lr_decay_style: 'cosin' is not one of constant, linear, cosine"),
+    ({"learning_rat": 1e-4}, "unknown setting.*learning_rat .did you mean learning_rate"),
+    ({"ratio": [1, 2]}, "--ratio: three non-negative parts"),
+])
+def test_yaml_values_are_type_checked(tmp_path, values, match):
+    file = tmp_path / "bad.yaml"
+    file.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=match):
+        resolve(2, ["--model", "tiny", "--config", str(file)])
+
+
+def test_wandb_ids_differ_for_runs_of_the_same_name(tmp_path):
+    a, b = tmp_path / "x" / "runs" / "stage1", tmp_path / "y" / "runs" / "stage1"
+    assert wandb_run_id(a) != wandb_run_id(b) and wandb_run_id(a).startswith("stage1-")
+    assert wandb_run_id(a) == wandb_run_id(tmp_path / "x" / "runs" / ".." / "runs" / "stage1")
+
+
+# ---- every known user mistake, as a user meets it: one `error:` line naming the flag, no traceback ----
+
+def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (stage 2 flags, text the error line must hold)."""
+    data = ["--data", *(str(corpus[t]) for t in ("understanding", "text", "generation"))]
+    ok = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), *data, "--output", str(tmp / "run")]
+    other_tokenizer = tmp / "other-tok"
+    other_tokenizer.mkdir(exist_ok=True)
+    (other_tokenizer / "tokenizer_config.json").write_text("{}")
+    torn = tmp / "torn"
+    if not torn.exists():
+        torn.mkdir()
+        manifest = json.loads((corpus["text"] / "manifest.json").read_text())
+        (torn / "manifest.json").write_text(json.dumps(manifest))  # its shards are not there
+    return {
+        "abbreviation": ([*ok, "--learn", "1e-3"], "--learn: did you mean --learning-rate?"),
+        "typo": ([*ok, "--warmup-step", "5"], "did you mean --warmup-steps"),
+        "bad choice": ([*ok, "--lr-decay-style", "cosin"], "--lr-decay-style"),
+        "attention": ([*ok, "--attention", "flash"], "--attention"),
+        "flash on cpu": ([*ok, "--attention", "varlen"], "--attention varlen: needs a CUDA GPU"),
+        "no model": (["--tokenizer", str(tokenizer_dir), *data], "--model: give a preset"),
+        "no tokenizer": (["--model", "tiny", *data], "--tokenizer: needed"),
+        "wrong tokenizer": ([*ok, "--tokenizer", str(other_tokenizer)], f"--tokenizer {other_tokenizer}: cannot"),
+        "missing tokenizer": ([*ok, "--tokenizer", str(tmp / "nope")], "no such directory"),
+        "no data": (ok[:4], "--data: at least one manifest"),
+        "mistyped data": ([*ok, "--data", str(tmp / "shards" / "und")], "--data " + str(tmp / "shards" / "und")),
+        "missing shards": ([*ok, "--data", str(corpus["understanding"]), str(corpus["generation"]), str(torn),
+                            "--ratio", "1", "1", "1"], "shard(s) listed in the manifest are missing"),
+        "ratio without data": ([*ok, "--data", str(corpus["understanding"])], "asks for text, generation data"),
+        "missing init": ([*ok, "--init", str(tmp / "runs" / "stage1")], "--init"),
+        "missing resume": ([*ok, "--resume", str(tmp / "step-7")], "--resume"),
+        "impossible batch": ([*ok, "--rows-per-step", "3", "--rows-per-micro-batch", "2"], "--rows-per-step 3"),
+        "decay before warm-up": ([*ok, "--warmup-steps", "10", "--lr-decay-steps", "5"], "--lr-decay-steps"),
+        "bad ds config": ([*ok, "--ds-config", "zero3_gpu"], "--ds-config zero3_gpu: neither a JSON file"),
+        "not trainable": ([*ok, "--trainable", "llm", "gen_encoder"], "--trainable: cannot train ['gen_encoder']"),
+    }
+
+
+MISTAKES = ["abbreviation", "typo", "bad choice", "attention", "flash on cpu", "no model", "no tokenizer",
+            "wrong tokenizer", "missing tokenizer", "no data", "mistyped data", "missing shards",
+            "ratio without data", "missing init", "missing resume", "impossible batch", "decay before warm-up",
+            "bad ds config", "not trainable"]
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_user_mistakes_stop_at_once_with_one_line(mistake, shard_corpus, tokenizer_dir, tmp_path, capsys):
+    from pipeline.train import main
+
+    flags, expected = mistakes(shard_corpus, tokenizer_dir, tmp_path)[mistake]
+    with pytest.raises(SystemExit) as stopped:
+        main(2, flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+@pytest.mark.integration
+def test_a_mistake_from_the_command_line_has_no_traceback(shard_corpus, tokenizer_dir, tmp_path):
+    flags, expected = mistakes(shard_corpus, tokenizer_dir, tmp_path)["mistyped data"]
+    done = subprocess.run([sys.executable, LAUNCHER.format(2), *flags], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], done.stderr
+
+
+@pytest.mark.integration
+def test_help_documents_every_field_with_its_default_and_choices():
+    import dataclasses
+
+    from pipeline.config import SECTIONS
+
+    done = subprocess.run([sys.executable, LAUNCHER.format(2), "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu", "COLUMNS": "400"})
+    assert done.returncode == 0, done.stderr
+    entries: dict[str, str] = {}  # option -> its help entry, continuation lines joined
+    for line in done.stdout.splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0]
+            entries[option] = line
+        elif line.startswith("    ") and entries:
+            entries[option] += " " + line.strip()
+    for kind in SECTIONS.values():
+        for f in dataclasses.fields(kind):
+            entry = " ".join(entries["--" + f.name.replace("_", "-")].split())
+            assert " ".join(f.metadata["help"].split()) in entry and "(default: " in entry, entry
+    assert "{constant,linear,cosine}" in done.stdout and "(default: 270000)" in done.stdout  # Table 2, Stage II
+
+
+@pytest.mark.integration
+def test_without_a_launcher_a_script_runs_as_one_rank(shard_corpus, tokenizer_dir, tmp_path):
+    """`python launchers/stage1.py ...` with no launcher environment: one rank, not DeepSpeed's MPI discovery."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, LAUNCHER.format(1), "--model", "tiny", "--tokenizer", str(tokenizer_dir),
+                           "--data", str(shard_corpus["understanding"]), str(shard_corpus["generation"]),
+                           "--train-steps", "1", "--rows-per-step", "1", "--seq-len", "1400", "--sample-every", "0",
+                           "--num-workers", "1", "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Stage 1, 1 ranks" in done.stdout and (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
