@@ -9,7 +9,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from transformers import JanusConfig
 
 from model.config import model_config
 from model.janus import JanusProForTraining
@@ -23,15 +22,11 @@ from pipeline.ds_config import BatchPlan, deepspeed_config
 from pipeline.schedule import lr_scheduler
 
 
-def run_model_config(config: TrainConfig, image_token_id: int) -> JanusConfig:
-    """The model a run trains: --model as resolved (a preset or a checkpoint directory's own config)."""
-    return model_config(config.model.model, image_token_id)
-
-
-def run_deepspeed_config(config: TrainConfig, plan: BatchPlan, hidden_size: int) -> dict:
+def run_deepspeed_config(config: TrainConfig, plan: BatchPlan) -> dict:
+    """--ds-config's template with this run's batch plan, bucket sizes for its model's width and its optimiser."""
     template = config.system.ds_config or ("zero3_bf16" if torch.cuda.is_available() else "zero3_cpu")
-    optim = config.optim
-    return deepspeed_config(template, plan, hidden_size=hidden_size, learning_rate=optim.learning_rate,
+    optim, width = config.optim, model_config(config.model.model).text_config.hidden_size
+    return deepspeed_config(template, plan, hidden_size=width, learning_rate=optim.learning_rate,
                             betas=optim.adam_betas, weight_decay=optim.weight_decay, eps=optim.adam_eps,
                             grad_clip=optim.grad_clip)
 
@@ -39,7 +34,7 @@ def run_deepspeed_config(config: TrainConfig, plan: BatchPlan, hidden_size: int)
 def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProForTraining:
     """Built sharded (each rank holds only its part), then filled from --init if given."""
     with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = JanusProForTraining(run_model_config(config, image_token_id))
+        model = JanusProForTraining(model_config(config.model.model, image_token_id))
     if config.model.init:
         init = Path(config.model.init)
         # A previous stage's run directory is consolidated with DeepSpeed's utilities first.

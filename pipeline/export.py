@@ -28,6 +28,7 @@ import torch
 
 from model.chat_format import CHAT_TEMPLATE, generation_prompt_ids, understanding_prompt_ids
 from model.config import DTYPES, num_image_tokens
+from model.config import model_config as resolve_model_config
 from model.janus import JanusProForTraining
 from model.manifest import MANIFEST_NAME, Manifest, file_sha256, tokenizer_fingerprint
 from model.tokenizer import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, SpecialTokens, load_tokenizer
@@ -46,7 +47,6 @@ from model.weights import (
 )
 from pipeline import checkpoint
 from pipeline.config import TrainConfig, run_directory
-from pipeline.engine import run_model_config
 
 CHECKSUMS = "SHA256SUMS"
 MODEL_CARD = "README.md"
@@ -105,26 +105,16 @@ def run_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.load(path)
 
 
-def _initial_weights(config: TrainConfig) -> Path | None:
-    """The released weights at the root of a chain of runs (each stage's --init is the previous run)."""
-    seen = 0
-    init = Path(config.model.init) if config.model.init else None
-    while init is not None and run_directory(init) and seen < 16:
-        parent = run_config(init)
-        init, seen = (Path(parent.model.init) if parent.model.init else None), seen + 1
-    return init
-
-
 def _run_facts(config: TrainConfig) -> dict:
     """What an export reads of a run's saved config: the one place that names its fields."""
     return {"stage": config.stage, "init": config.model.init, "tokenizer": config.model.tokenizer,
             "data": list(config.data.data)}
 
 
-def _aside_for(config: TrainConfig, model_config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The kept-aside tensors: the original initial weights' if the chain of runs started from them, else
-    initialised as the official code does, from a fixed seed so that re-exports are identical (checksums too)."""
-    root = _initial_weights(config)
+def _aside_for(root: str | None, model_config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The kept-aside tensors: those of the weights the chain of runs started from (`root`) if in the original
+    layout, else initialised as the official code does, from a fixed seed so that re-exports are identical."""
+    root = Path(root) if root else None
     if root is not None and root.exists() and detect_layout(read_entries(root)) == "original":
         return {k: v.to(dtype) for k, v in kept_aside(root).items()}
     with torch.random.fork_rng(devices=[]):
@@ -273,7 +263,7 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     tokenizer_dir = tokenizer_dir or facts["tokenizer"] or facts["init"]
     tokenizer = load_tokenizer(tokenizer_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
-    model_config = run_model_config(config, special.image_placeholder)
+    model_config = resolve_model_config(config.model.model, special.image_placeholder)
 
     state = checkpoint.consolidated_state(source)
     with torch.device("meta"):  # shapes and names only: the consolidated tensors become the parameters
@@ -286,7 +276,7 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    aside = _aside_for(config, model_config, DTYPES[dtype]) if layout == "original" else None
+    aside = _aside_for(_lineage(run_dir, source)[1], model_config, DTYPES[dtype]) if layout == "original" else None
     save_checkpoint(model, tmp, layout, aside)
     written = read_entries(tmp)
     if layout == "original":

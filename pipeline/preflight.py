@@ -7,18 +7,22 @@ at start, not after the engine is built or hours in when a shard is first sample
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from model.manifest import Manifest, tokenizer_fingerprint
+from model.manifest import Manifest, tokenizer_fingerprint, weights_fingerprint
 from model.sample import TASKS
 from model.tokenizer import load_tokenizer
+from model.vq import load_vq
 from pipeline import checkpoint
 from pipeline.config import ConfigError, DataConfig, TrainConfig, flag, run_directory
 from pipeline.ds_config import BatchPlan, batch_plan, template_path
+
+FINGERPRINTS = "fingerprints.json"  # a run's tokenizer and VQ fingerprints, for the next stage's checks
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,10 @@ def preflight(config: TrainConfig, world_size: int) -> Checked:
     tokenizer = checked_tokenizer(config.model.tokenizer, config.model.init)
     if not config.data.data:
         raise ConfigError("--data: at least one manifest is needed (a preprocess output directory)")
-    check_manifests("data", config.data, tokenizer)
-    check_manifests("val_data", config.data, tokenizer)
     check_init(config.model.init)
+    fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer), "VQ": init_vq_fingerprint(config.model.init)}
+    check_manifests("data", config.data, fingerprints)
+    check_manifests("val_data", config.data, fingerprints)
     check_resume(config.checkpoint.resume)
     check_attention(config.model.attention)
     check_ds_config(config.system.ds_config)
@@ -58,11 +63,26 @@ def checked_tokenizer(path: str | None, init: str | None) -> PreTrainedTokenizer
         raise ConfigError(f"--tokenizer {path}: cannot load it as a Janus tokenizer: {reason}") from None
 
 
-def check_manifests(name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Each manifest exists and reads, its shards are all there, and it was made with this tokenizer; the ratio
-    asks only for tasks some training manifest holds."""
+def init_vq_fingerprint(init: str | None) -> str | None:
+    """The fingerprint of the VQ the run will hold: --init's own, or the one the run it names recorded; None
+    when unknown (random weights, bare weights without a config, a run from before fingerprints were kept)."""
+    if not init:
+        return None
+    if run_directory(init):
+        recorded = Path(init) / FINGERPRINTS
+        return json.loads(recorded.read_text()).get("vq_fingerprint") if recorded.is_file() else None
+    if not (Path(init) / "config.json").is_file():
+        return None
+    try:
+        return weights_fingerprint(load_vq(init))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--init {init}: cannot read its VQ ({error})") from None
+
+
+def check_manifests(name: str, data: DataConfig, fingerprints: dict[str, str | None]) -> None:
+    """Each manifest exists and reads, its shards are all there, and it was made with this tokenizer and VQ; the
+    ratio asks only for tasks some training manifest holds."""
     tasks = set()
-    expected = tokenizer_fingerprint(tokenizer)
     for path in getattr(data, name):
         where = f"{flag(name)} {path}"
         if not Path(path).exists():
@@ -77,10 +97,14 @@ def check_manifests(name: str, data: DataConfig, tokenizer: PreTrainedTokenizerB
         if missing:
             raise ConfigError(f"{where}: {len(missing)} shard(s) listed in the manifest are missing, e.g. "
                               f"{missing[0]}; rerun preprocessing into that directory to complete it")
-        if manifest.tokenizer_fingerprint != expected and not data.allow_fingerprint_mismatch:
-            raise ConfigError(f"{where}: made with another tokenizer (fingerprint {manifest.tokenizer_fingerprint[:12]}"
-                              f", --tokenizer's is {expected[:12]}); preprocess again with this tokenizer, or pass "
-                              "--allow-fingerprint-mismatch if they are the same vocabulary")
+        made_with = {"tokenizer": manifest.tokenizer_fingerprint, "VQ": manifest.vq_fingerprint}
+        for what, theirs in made_with.items():
+            ours = fingerprints[what]
+            if theirs and ours and theirs != ours and not data.allow_fingerprint_mismatch:
+                whose = "--tokenizer's" if what == "tokenizer" else "--init's"
+                raise ConfigError(f"{where}: made with another {what} (fingerprint {theirs[:12]}, {whose} is "
+                                  f"{ours[:12]}); preprocess again with this {what}, or pass "
+                                  "--allow-fingerprint-mismatch if you know they agree")
         tasks.add(manifest.task)
     if name == "data":
         wanted = [t for t, r in zip(TASKS, data.ratio, strict=True) if r > 0 and t not in tasks]

@@ -31,12 +31,12 @@ from pipeline import checkpoint
 from pipeline.config import ConfigError, TrainConfig, resolve
 from pipeline.data import DataPipeline
 from pipeline.ds_config import BatchPlan
-from pipeline.engine import build_engine, run_deepspeed_config, run_model_config, vq_fingerprint
+from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
 from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
 from pipeline.memory import dry_run
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
-from pipeline.preflight import preflight
+from pipeline.preflight import FINGERPRINTS, preflight
 
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,
@@ -108,7 +108,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
 
     tokenizer, plan = checked.tokenizer, checked.plan
     special = SpecialTokens.from_tokenizer(tokenizer)
-    ds = run_deepspeed_config(config, plan, run_model_config(config, special.image_placeholder).text_config.hidden_size)
+    ds = run_deepspeed_config(config, plan)
     output = Path(config.checkpoint.output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
@@ -120,6 +120,8 @@ def main(stage: int, argv: list[str] | None = None) -> None:
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}
+    if rank == 0:
+        (output / FINGERPRINTS).write_text(json.dumps(fingerprints, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **fingerprints)
     start_step = resume(config, engine, data)
     step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, device=device, stop=stop,

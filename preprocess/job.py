@@ -44,10 +44,9 @@ from model.manifest import (
     write_shard,
 )
 from model.sample import GENERATION, SAMPLE_SCHEMA, Sample, samples_to_table
-from model.vq import vq_encode
+from model.vq import load_vq, vq_encode
 from preprocess.records import EMPTY_SHARD, OUT_SCHEMA, RAW_SCHEMA, ConvertConfig, cached_tokenizer, convert_batch
 from preprocess.sources import InputShard, list_shards, read_shard_records
-from preprocess.vq_loader import load_vq
 
 log = logging.getLogger("preprocess")
 PROGRESS_DIR = ".progress"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,18 +86,33 @@ def test_wandb_ids_differ_for_runs_of_the_same_name(tmp_path):
 
 # ---- every known user mistake, as a user meets it: one `error:` line naming the flag, no traceback ----
 
-def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, shard_corpus, tiny_model) -> dict[str, Path]:
+    """Inputs that are wrong in one way each, and tiny weights with a VQ to check manifests against."""
+    from model.weights import save_checkpoint
+
+    root = tmp_path_factory.mktemp("mistakes")
+    out = {"init": root / "init", "torn": root / "torn", "other-tok": root / "other-tok"}
+    save_checkpoint(tiny_model, out["init"], "transformers")
+    out["torn"].mkdir()  # a manifest whose shards are not there
+    shutil.copy(shard_corpus["text"] / "manifest.json", out["torn"])
+    out["other-tok"].mkdir()  # a tokenizer directory that does not hold a Janus tokenizer
+    (out["other-tok"] / "tokenizer_config.json").write_text("{}")
+    for name, field, value in (("retokenized", "tokenizer_fingerprint", "ab" * 32), ("other-vq", "vq_fingerprint",
+                                                                                      "cd" * 32)):
+        out[name] = root / name  # generation shards as made with another tokenizer or VQ
+        shutil.copytree(shard_corpus["generation"], out[name])
+        manifest = json.loads((out[name] / "manifest.json").read_text())
+        (out[name] / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    return out
+
+
+def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path], tmp: Path
+             ) -> dict[str, tuple[list[str], str]]:
     """name -> (stage 2 flags, text the error line must hold)."""
     data = ["--data", *(str(corpus[t]) for t in ("understanding", "text", "generation"))]
     ok = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), *data, "--output", str(tmp / "run")]
-    other_tokenizer = tmp / "other-tok"
-    other_tokenizer.mkdir(exist_ok=True)
-    (other_tokenizer / "tokenizer_config.json").write_text("{}")
-    torn = tmp / "torn"
-    if not torn.exists():
-        torn.mkdir()
-        manifest = json.loads((corpus["text"] / "manifest.json").read_text())
-        (torn / "manifest.json").write_text(json.dumps(manifest))  # its shards are not there
+    other_tokenizer, torn = made["other-tok"], made["torn"]
     return {
         "abbreviation": ([*ok, "--learn", "1e-3"], "--learn: did you mean --learning-rate?"),
         "typo": ([*ok, "--warmup-step", "5"], "did you mean --warmup-steps"),
@@ -118,20 +134,24 @@ def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, tmp: Path) -> dict[st
         "decay before warm-up": ([*ok, "--warmup-steps", "10", "--lr-decay-steps", "5"], "--lr-decay-steps"),
         "bad ds config": ([*ok, "--ds-config", "zero3_gpu"], "--ds-config zero3_gpu: neither a JSON file"),
         "not trainable": ([*ok, "--trainable", "llm", "gen_encoder"], "--trainable: cannot train ['gen_encoder']"),
+        "other tokenizer's shards": ([*ok, "--data", str(corpus["understanding"]), str(corpus["text"]),
+                                      str(made["retokenized"])], "made with another tokenizer"),
+        "other VQ's shards": ([*ok, "--init", str(made["init"]), "--data", str(corpus["understanding"]),
+                               str(corpus["text"]), str(made["other-vq"])], "made with another VQ"),
     }
 
 
 MISTAKES = ["abbreviation", "typo", "bad choice", "attention", "flash on cpu", "no model", "no tokenizer",
             "wrong tokenizer", "missing tokenizer", "no data", "mistyped data", "missing shards",
             "ratio without data", "missing init", "missing resume", "impossible batch", "decay before warm-up",
-            "bad ds config", "not trainable"]
+            "bad ds config", "not trainable", "other tokenizer's shards", "other VQ's shards"]
 
 
 @pytest.mark.parametrize("mistake", MISTAKES)
-def test_user_mistakes_stop_at_once_with_one_line(mistake, shard_corpus, tokenizer_dir, tmp_path, capsys):
+def test_user_mistakes_stop_at_once_with_one_line(mistake, shard_corpus, tokenizer_dir, made, tmp_path, capsys):
     from pipeline.train import main
 
-    flags, expected = mistakes(shard_corpus, tokenizer_dir, tmp_path)[mistake]
+    flags, expected = mistakes(shard_corpus, tokenizer_dir, made, tmp_path)[mistake]
     with pytest.raises(SystemExit) as stopped:
         main(2, flags)
     err = capsys.readouterr().err.strip().splitlines()
@@ -140,8 +160,8 @@ def test_user_mistakes_stop_at_once_with_one_line(mistake, shard_corpus, tokeniz
 
 
 @pytest.mark.integration
-def test_a_mistake_from_the_command_line_has_no_traceback(shard_corpus, tokenizer_dir, tmp_path):
-    flags, expected = mistakes(shard_corpus, tokenizer_dir, tmp_path)["mistyped data"]
+def test_a_mistake_from_the_command_line_has_no_traceback(shard_corpus, tokenizer_dir, made, tmp_path):
+    flags, expected = mistakes(shard_corpus, tokenizer_dir, made, tmp_path)["mistyped data"]
     done = subprocess.run([sys.executable, LAUNCHER.format(2), *flags], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -8,7 +8,7 @@ from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.config import preset_config
 from model.janus import JanusProForTraining
-from preprocess.vq_loader import load_vq
+from model.vq import load_vq
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

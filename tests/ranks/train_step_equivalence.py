@@ -19,7 +19,7 @@ from model.tokenizer import SpecialTokens, load_tokenizer
 from pipeline.config import resolve
 from pipeline.data import DataPipeline
 from pipeline.ds_config import batch_plan
-from pipeline.engine import build_engine, run_deepspeed_config, run_model_config
+from pipeline.engine import build_engine, run_deepspeed_config
 from pipeline.train import optimizer_step
 
 args = json.loads(sys.argv[1])
@@ -28,8 +28,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 config, _ = resolve(2, args["flags"])
 special = SpecialTokens.from_tokenizer(load_tokenizer(config.model.tokenizer))
 plan = batch_plan(config.optim.rows_per_step, world, config.data.rows_per_micro_batch)
-width = run_model_config(config, special.image_placeholder).text_config.hidden_size
-engine = build_engine(config, run_deepspeed_config(config, plan, width), special.image_placeholder)
+engine = build_engine(config, run_deepspeed_config(config, plan), special.image_placeholder)
 
 # The same 4 rows on every run, planned once on one "rank"; this rank's share, in micro-batches.
 planner = DataPipeline(replace(config.data, rows_per_micro_batch=4, guidance_dropout=0.0), special)
