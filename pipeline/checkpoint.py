@@ -1,11 +1,17 @@
-"""Checkpoints that are either complete or ignored, resume as the default path, and stage hand-off.
+"""Checkpoints that are complete and intact or ignored, resume as the default path, and stage hand-off.
 
 Layout: OUTPUT/checkpoints/step-00001000/ holds DeepSpeed's files (every rank's ZeRO shards), one
 `rank-{r}.pt` per rank (data-path state, RNG states) and, last, `COMPLETE`. DeepSpeed's own `latest`
 is never written: its rank 0 writes it before the other ranks finish their shards, so a crash then
-leaves it pointing at a torn checkpoint. Here every rank saves, all meet at a barrier, and only then
-rank 0 writes `COMPLETE` (an atomic rename) and prunes old checkpoints. Resume takes the newest
-directory with `COMPLETE`.
+leaves it pointing at a torn checkpoint. Here a re-save first removes the step's old `COMPLETE`, every
+rank saves, all meet at a barrier, the files are hashed (each rank hashes its share), and only then rank 0
+writes `COMPLETE` (an atomic rename) listing every file with its size and sha256, and prunes old checkpoints.
+
+Resume takes the newest checkpoint whose files all match its `COMPLETE` (a flipped bit or a truncated file is
+reported by name and skipped). Resuming from an older step sets newer ones aside in `checkpoints/abandoned/`:
+a checkpoint is never deleted except by pruning, which keeps the step a run resumed from. DeepSpeed unpickles
+its checkpoint files, so only checkpoints whose `COMPLETE` this code wrote are loaded unless the user says
+they trust them (`--trust-checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+WRITER = "janus-pipeline"  # in every COMPLETE this code writes
+ABANDONED = "abandoned"
 
 
 def checkpoints_dir(output: str | Path) -> Path:
@@ -54,28 +62,128 @@ def rng_state() -> dict:
     return state
 
 
-def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int) -> Path:
-    """Collective: every rank writes its part; the checkpoint counts only once all have."""
+def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int, keep: Path | None = None) -> Path:
+    """Collective: every rank writes its part; the checkpoint counts only once all have and every file is listed
+    in its COMPLETE. Pruning keeps the `keep_last` newest and `keep` (the checkpoint the run resumed from)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = step_tag(step)
     path = checkpoints_dir(output) / tag
+    if rank == 0 and (path / COMPLETE).exists():
+        (path / COMPLETE).unlink()  # a re-save: the old marker must not vouch for a mix of new and old files
+    dist.barrier()
     engine.save_checkpoint(str(checkpoints_dir(output)), tag=tag, client_state={"step": step}, save_latest=False)
     state = {**rank_state, "step": step, "world_size": world, "rng": rng_state()}
     tmp = path / f".rank-{rank}.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path / f"rank-{rank}.pt")
     dist.barrier()
+    files = file_records(path)
     if rank == 0:
         marker = path / f".{COMPLETE}.tmp"
-        marker.write_text(json.dumps({"step": step, "world_size": world}) + "\n")
+        marker.write_text(json.dumps({"writer": WRITER, "step": step, "world_size": world, "files": files}) + "\n")
         os.replace(marker, path / COMPLETE)
         for old in complete_checkpoints(output)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if keep is None or old.resolve() != keep.resolve():
+                shutil.rmtree(old, ignore_errors=True)
         for torn in checkpoints_dir(output).glob("step-*"):  # older, never completed
             if not (torn / COMPLETE).exists() and torn.name < tag:
                 shutil.rmtree(torn, ignore_errors=True)
     dist.barrier()
     return path
+
+
+def _collective(collective: bool) -> bool:
+    return collective and dist.is_initialized()
+
+
+def _share(items: list[str], collective: bool = True) -> list[str]:
+    """This rank's share of a list every rank holds alike (all of it when one process does the work)."""
+    if not _collective(collective):
+        return items
+    return items[dist.get_rank()::dist.get_world_size()]
+
+
+def _gathered(part: dict | list, collective: bool = True) -> list:
+    if not _collective(collective):
+        return [part]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                  if f.is_file() and f.name != COMPLETE and not f.name.startswith("."))
+
+
+def file_records(path: Path) -> dict[str, dict]:
+    """Every file of a checkpoint with its size and sha256; collective, each rank hashing its share once."""
+    from model.manifest import file_sha256
+
+    mine = {name: {"bytes": (path / name).stat().st_size, "sha256": file_sha256(path / name)}
+            for name in _share(_files(path))}
+    return {name: record for part in _gathered(mine) for name, record in sorted(part.items())}
+
+
+def written_here(path: Path) -> bool:
+    """Whether this code wrote the checkpoint's COMPLETE (and with it the list of files to verify)."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("writer") == WRITER and isinstance(marker.get("files"), dict)
+
+
+def problems(path: Path, trust: bool = False, collective: bool = True) -> list[str]:
+    """What is wrong with a complete checkpoint's files (missing, resized, changed); collective under
+    torch.distributed unless told otherwise, each rank hashing its share. A foreign checkpoint is accepted
+    unverified only if trusted."""
+    from model.manifest import file_sha256
+
+    if not written_here(path):
+        return [] if trust else [f"its {COMPLETE} was not written by {WRITER} (pass --trust-checkpoint to load it)"]
+    files = json.loads((path / COMPLETE).read_text())["files"]
+    found = []
+    for name in _share(sorted(files), collective):
+        file, record = path / name, files[name]
+        if not file.is_file():
+            found.append(f"{name} is missing")
+        elif file.stat().st_size != record["bytes"]:
+            found.append(f"{name} has {file.stat().st_size} bytes, not {record['bytes']}")
+        elif file_sha256(file) != record["sha256"]:
+            found.append(f"{name} does not match its sha256")
+    return sorted(p for part in _gathered(found, collective) for p in part)
+
+
+def latest_intact(output: str | Path, trust: bool = False, report=print) -> Path | None:
+    """The newest complete checkpoint whose files verify; each one that does not is reported and skipped."""
+    for path in reversed(complete_checkpoints(output)):
+        wrong = problems(path, trust)
+        if not wrong:
+            return path
+        report(f"checkpoint {path} is damaged, skipped: {'; '.join(wrong[:3])}"
+               + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    return None
+
+
+def set_aside_after(output: str | Path, step: int) -> list[Path]:
+    """Rank 0 moves every step directory newer than `step` to checkpoints/abandoned/: resuming from an older
+    step must not be undone by the next `--resume auto`, and nothing is deleted."""
+    moved = []
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        abandoned = checkpoints_dir(output) / ABANDONED
+        for path in sorted(checkpoints_dir(output).glob("step-*")):
+            if path.is_dir() and path.name > step_tag(step):
+                abandoned.mkdir(exist_ok=True)
+                target = abandoned / path.name
+                serial = 1
+                while target.exists():
+                    target, serial = abandoned / f"{path.name}.{serial}", serial + 1
+                os.replace(path, target)
+                moved.append(target)
+    if dist.is_initialized():
+        dist.barrier()
+    return moved
 
 
 def load(engine, path: Path) -> dict:
@@ -107,6 +215,9 @@ def consolidate(run_dir: str | Path) -> Path:
     source = latest_checkpoint(run_dir)
     if source is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to start from")
+    wrong = problems(source, trust=True) if dist.is_initialized() else []
+    if wrong:  # --init was checked to be ours before start (pipeline/preflight.py)
+        raise ValueError(f"--init: {source} is damaged: {'; '.join(wrong[:3])}")
     out = Path(run_dir) / "consolidated" / source.name
     if dist.get_rank() == 0 and not (out / COMPLETE).exists():
         state = consolidated_state(source)

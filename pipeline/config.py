@@ -192,16 +192,28 @@ class OptimConfig(Section):
         return self.lr_decay_steps or self.train_steps
 
 
+# What a resumed run may not change silently (it changes what is trained): the name a user passes to
+# --allow-config-change, and where it lives in the config ("data" is compared by the manifests' contents).
+RESUME_GUARDED = {"stage": "stage", "model": "model.model", "seq_len": "data.seq_len", "ratio": "data.ratio",
+                  "trainable": "optim.trainable", "seed": "data.seed", "data": "data.data"}
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig(Section):
     title: ClassVar[str] = "checkpoints"
     output: str = doc("the run directory: config, checkpoints, logs, samples", "runs/stage")
     save_every: int = doc("steps between checkpoints (and at the end, and on SIGTERM/SIGUSR1)", 1000)
     keep_last: int = doc("complete checkpoints kept", 3)
-    resume: str = doc("auto: the latest complete checkpoint in --output, if any; none; or a checkpoint path",
+    resume: str = doc("auto: the newest intact checkpoint in --output, if any; none; or a checkpoint path",
                       "auto")
+    trust_checkpoint: bool = doc("load checkpoints this code did not write (no file list in their COMPLETE): "
+                                 "DeepSpeed unpickles checkpoint files, so only ones you trust", False)
+    allow_config_change: list[str] = doc("settings a resumed run may change on purpose, of "
+                                         f"{', '.join(RESUME_GUARDED)}", [])
 
     def check(self) -> None:
+        unknown = sorted(set(self.allow_config_change) - set(RESUME_GUARDED))
+        need(not unknown, "allow_config_change", f"{unknown}: choose from {', '.join(RESUME_GUARDED)}")
         need(self.save_every >= 1, "save_every", "must be at least 1")
         need(self.keep_last >= 1, "keep_last", "must be at least 1")
 
@@ -235,11 +247,16 @@ class SystemConfig(Section):
     ds_config: str | None = doc("a ds_configs/ name or a JSON path; unset: zero3_bf16 on GPU, zero3_cpu on CPU",
                                 None)
     gpus_per_node: int = doc("GPUs per node, for the batch plan's advice", 8)
-    watchdog_seconds: float = doc("exit non-zero if no step completes in this long (0: off)", 1800.0)
+    watchdog_seconds: float = doc("exit 3 with every stack if no step completes in this long (0: off)", 1800.0)
+    collective_timeout_seconds: float = doc("a collective (all-reduce, gather) waiting this long raises on its rank: "
+                                            "below --watchdog-seconds, so a dead peer is named first", 1500.0)
 
     def check(self) -> None:
         need(self.gpus_per_node >= 1, "gpus_per_node", "must be at least 1")
         need(self.watchdog_seconds >= 0, "watchdog_seconds", "must be 0 (off) or more")
+        need(0 < self.collective_timeout_seconds and (not self.watchdog_seconds
+                                                       or self.collective_timeout_seconds < self.watchdog_seconds),
+             "collective_timeout_seconds", f"must be positive and below --watchdog-seconds ({self.watchdog_seconds:g})")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig,

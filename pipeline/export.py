@@ -257,9 +257,13 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     run_dir, out = Path(run_dir), Path(out)
+    check_out(run_dir, out)
     config = run_config(run_dir)
     facts = _run_facts(config)
     source = checkpoint.find_checkpoint(run_dir, step)
+    damaged = checkpoint.problems(source, trust=True)
+    if damaged:
+        raise ValueError(f"{source} is damaged: {'; '.join(damaged[:3])}; export another --step")
     tokenizer_dir = tokenizer_dir or facts["tokenizer"] or facts["init"]
     tokenizer = load_tokenizer(tokenizer_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -298,17 +302,32 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     return Exported(path=out, source=source, tensors=len(written), files=files)
 
 
+def check_out(run_dir: Path, out: Path) -> None:
+    """An export replaces --out: never the run it reads (or a folder holding it), nor a folder that is not an
+    earlier export."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or target in run.parents:
+        raise ValueError(f"--out {out}: it {'is' if target == run else 'holds'} the run directory {run_dir}, which "
+                         "the export would replace; choose a new folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / "export.json").is_file():
+        raise ValueError(f"--out {out}: an existing folder that is not an export (no export.json); the export "
+                         "replaces --out, so choose a new or empty folder")
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Export a training run's ZeRO-3 checkpoint as a release.")
     parser.add_argument("--checkpoint", required=True, help="a training run directory (OUTPUT of launchers/stageN.py)")
     parser.add_argument("--step", type=int, default=None, help="which complete checkpoint (default: the latest)")
-    parser.add_argument("--out", required=True, help="output directory (replaced)")
+    parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier export)")
     parser.add_argument("--layout", choices=LAYOUTS, default="transformers")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--tokenizer", default=None, help="default: the run's --tokenizer or --init")
     args = parser.parse_args(argv)
-    result = export(args.checkpoint, args.out, args.layout, args.step, args.dtype, args.tokenizer)
+    try:
+        result = export(args.checkpoint, args.out, args.layout, args.step, args.dtype, args.tokenizer)
+    except (ValueError, FileNotFoundError) as error:  # a wrong path or an unfit checkpoint: say it in one line
+        raise SystemExit(f"error: {error}") from None
     print(f"exported {result.source} -> {result.path} ({args.layout} layout, {args.dtype}, {result.tensors} tensors, "
           f"{len(result.files)} files, checksums in {result.path / CHECKSUMS})")

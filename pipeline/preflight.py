@@ -14,12 +14,20 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from model.manifest import Manifest, tokenizer_fingerprint, weights_fingerprint
+from model.manifest import MANIFEST_NAME, Manifest, file_sha256, tokenizer_fingerprint, weights_fingerprint
 from model.sample import TASKS
 from model.tokenizer import load_tokenizer
 from model.vq import load_vq
 from pipeline import checkpoint
-from pipeline.config import ConfigError, DataConfig, TrainConfig, flag, run_directory
+from pipeline.config import (
+    RESUME_GUARDED,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    flag,
+    run_directory,
+)
 from pipeline.ds_config import BatchPlan, batch_plan, template_path
 
 FINGERPRINTS = "fingerprints.json"  # a run's tokenizer and VQ fingerprints, for the next stage's checks
@@ -35,11 +43,12 @@ def preflight(config: TrainConfig, world_size: int) -> Checked:
     tokenizer = checked_tokenizer(config.model.tokenizer, config.model.init)
     if not config.data.data:
         raise ConfigError("--data: at least one manifest is needed (a preprocess output directory)")
-    check_init(config.model.init)
+    check_init(config.model.init, config.checkpoint.trust_checkpoint)
     fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer), "VQ": init_vq_fingerprint(config.model.init)}
     check_manifests("data", config.data, fingerprints)
     check_manifests("val_data", config.data, fingerprints)
-    check_resume(config.checkpoint.resume)
+    check_resume(config.checkpoint)
+    check_resume_matches(config)
     check_attention(config.model.attention)
     check_ds_config(config.system.ds_config)
     return Checked(tokenizer, checked_plan(config, world_size))
@@ -113,15 +122,80 @@ def check_manifests(name: str, data: DataConfig, fingerprints: dict[str, str | N
                               f"--data manifest holds it; add one or set its part of --ratio to 0")
 
 
-def check_init(init: str | None) -> None:
-    if init and run_directory(init) and checkpoint.latest_checkpoint(init) is None:
-        raise ConfigError(f"--init {init}: a run directory without a complete checkpoint to start from")
+def check_init(init: str | None, trust: bool) -> None:
+    if init and run_directory(init):
+        latest = checkpoint.latest_checkpoint(init)
+        if latest is None:
+            raise ConfigError(f"--init {init}: a run directory without a complete checkpoint to start from")
+        check_ours("init", latest, trust)
 
 
-def check_resume(resume: str) -> None:
-    if resume not in ("auto", "none") and not (Path(resume) / checkpoint.COMPLETE).is_file():
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (auto, none, or "
-                          "OUTPUT/checkpoints/step-N)")
+def check_resume(config: CheckpointConfig) -> None:
+    if config.resume == "auto":
+        for path in checkpoint.complete_checkpoints(config.output):
+            check_ours("resume auto", path, config.trust_checkpoint)
+    elif config.resume != "none":
+        if not (Path(config.resume) / checkpoint.COMPLETE).is_file():
+            raise ConfigError(f"--resume {config.resume}: not a complete checkpoint directory (auto, none, or "
+                              "OUTPUT/checkpoints/step-N)")
+        check_ours("resume", Path(config.resume), config.trust_checkpoint)
+
+
+def manifest_digests(manifests: list[str]) -> list[str]:
+    """What the data is, not where it lies: each manifest file's sha256, in order."""
+    return [file_sha256(Path(m) / MANIFEST_NAME if Path(m).is_dir() else Path(m)) for m in manifests]
+
+
+def resumed_run(config: CheckpointConfig) -> Path | None:
+    """The run directory whose checkpoint this run will continue, if any."""
+    if config.resume == "auto":
+        return Path(config.output) if checkpoint.complete_checkpoints(config.output) else None
+    if config.resume == "none":
+        return None
+    run = Path(config.resume).resolve().parents[1]  # RUN/checkpoints/step-N
+    return run if (run / "config.yaml").is_file() else None
+
+
+def check_resume_matches(config: TrainConfig) -> None:
+    """A resumed run trains what it trained before: settings that change that differ only by --allow-config-change."""
+    run = resumed_run(config.checkpoint)
+    if run is None or not (run / "config.yaml").is_file():
+        return
+    try:
+        before = TrainConfig.load(run / "config.yaml").as_dict()
+    except (OSError, TypeError, KeyError, ValueError) as error:
+        raise ConfigError(f"--resume {config.checkpoint.resume}: cannot read {run / 'config.yaml'} ({error}); resume "
+                          "with the version that wrote it, or start a new --output") from None
+    now = config.as_dict()
+    recorded = run / FINGERPRINTS
+    changed = []
+    for name, where in RESUME_GUARDED.items():
+        if name in config.checkpoint.allow_config_change:
+            continue
+        old, new = lookup(before, where), lookup(now, where)
+        if name == "data" and recorded.is_file():  # the same manifests by content, wherever they now lie
+            old, new = json.loads(recorded.read_text()).get("manifests", old), manifest_digests(new)
+        if old != new:
+            changed.append(f"{name} {old} -> {new}")
+    if changed:
+        raise ConfigError(f"--resume {config.checkpoint.resume}: {run} was trained with other settings: "
+                          f"{'; '.join(changed)}. Resume with the same ones, start a new --output, or pass "
+                          f"--allow-config-change {' '.join(c.split()[0] for c in changed)} to change them on purpose")
+
+
+def lookup(values: dict, where: str) -> object:
+    for key in where.split("."):
+        values = values[key]
+    return values
+
+
+def check_ours(name: str, path: Path, trust: bool) -> None:
+    """DeepSpeed unpickles checkpoint files (arbitrary code): load only what this code wrote, or what the user
+    trusts."""
+    if not trust and not checkpoint.written_here(path):
+        raise ConfigError(f"--{name}: {path} was not written by this project's training (its "
+                          f"{checkpoint.COMPLETE} lists no files); its files are unpickled when loaded, so pass "
+                          "--trust-checkpoint only if you trust where it came from")
 
 
 def check_attention(attention: str) -> None:

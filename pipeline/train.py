@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -36,11 +37,12 @@ from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
 from pipeline.memory import dry_run
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
-from pipeline.preflight import FINGERPRINTS, preflight
+from pipeline.preflight import FINGERPRINTS, manifest_digests, preflight
 
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,
-          device: torch.device, stop: StopFlag, validator: Validator, sampler: Sampler) -> int:
+          resumed_from: Path | None, device: torch.device, stop: StopFlag, validator: Validator,
+          sampler: Sampler) -> int:
     weights = torch.tensor(config.optim.task_loss_weights, dtype=torch.float32, device=device)
     watchdog, batches = Watchdog(config.system.watchdog_seconds), iter(data)
     monitor, nonfinite = Monitor(config, dist.get_rank(), start_step), NonfiniteSteps(config.optim.max_nonfinite_steps)
@@ -60,7 +62,7 @@ def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, s
         stopping = stop.any_rank(device)
         if stopping or checkpoint.due(step, config.checkpoint.save_every, last_step):
             path = checkpoint.save(engine, config.checkpoint.output, step, {"data": data.state_dict()},
-                                   config.checkpoint.keep_last)
+                                   config.checkpoint.keep_last, keep=resumed_from)
             log(f"saved {path}")
         if stopping:
             log(f"stop signal: checkpointed step {step}, exiting")
@@ -101,7 +103,8 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     except ConfigError as error:  # a user's mistake: one line, no traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(seconds=config.system.collective_timeout_seconds))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.data.seed)
@@ -121,27 +124,44 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}
     if rank == 0:
-        (output / FINGERPRINTS).write_text(json.dumps(fingerprints, indent=1) + "\n")
+        (output / FINGERPRINTS).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
+            config.data.data)}, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **fingerprints)
-    start_step = resume(config, engine, data)
-    step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, device=device, stop=stop,
-                 validator=Validator(config, special, device, **fingerprints), sampler=Sampler(config, tokenizer))
+    start_step, resumed_from = resume(config, engine, data)
+    step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resumed_from,
+                 device=device, stop=stop, validator=Validator(config, special, device, **fingerprints),
+                 sampler=Sampler(config, tokenizer))
     log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def resume(config: TrainConfig, engine, data: DataPipeline) -> int:
-    """--resume: the step to start from (0 for a fresh run), with the engine and the data path restored."""
-    where = config.checkpoint.resume
-    path = checkpoint.latest_checkpoint(config.checkpoint.output) if where == "auto" else (
-        None if where == "none" else Path(where))
+def resume(config: TrainConfig, engine, data: DataPipeline) -> tuple[int, Path | None]:
+    """--resume: the step to start from (0 for a fresh run) and the checkpoint it came from, with the engine and
+    the data path restored. Checkpoints newer than that step are set aside, so the next `--resume auto` does
+    not undo a rollback."""
+    where, output, trust = config.checkpoint.resume, config.checkpoint.output, config.checkpoint.trust_checkpoint
+    if where == "auto":
+        path = checkpoint.latest_intact(output, trust, report=log)
+    elif where == "none":
+        path = None
+    else:
+        path = Path(where)
+        wrong = checkpoint.problems(path, trust)
+        if wrong:
+            raise ValueError(f"--resume {where}: the checkpoint is damaged: {'; '.join(wrong[:3])}")
     if path is None:
-        return 0
-    state = checkpoint.load(engine, path)
-    data.load_state_dict(state["data"])
-    log(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+        set_aside = checkpoint.set_aside_after(output, 0)
+        step = 0
+    else:
+        state = checkpoint.load(engine, path)
+        data.load_state_dict(state["data"])
+        step = state["step"]
+        set_aside = checkpoint.set_aside_after(output, step)
+        log(f"resumed from {path} at step {step}")
+    for moved in set_aside:
+        log(f"set aside {moved} (newer than the step this run starts from)")
+    return step, path
 
 
 def launcher_world_size() -> int:

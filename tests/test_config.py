@@ -86,13 +86,56 @@ def test_wandb_ids_differ_for_runs_of_the_same_name(tmp_path):
 
 # ---- every known user mistake, as a user meets it: one `error:` line naming the flag, no traceback ----
 
+def corpus_flags(corpus: dict[str, Path]) -> list[str]:
+    return ["--data", *(str(corpus[t]) for t in ("understanding", "text", "generation"))]
+
+
+def run_to_resume(path: Path, stage: int, flags: list[str]) -> Path:
+    """A run directory as training leaves it: its config.yaml and a complete checkpoint this code wrote."""
+    from tests.test_checkpoint import fake_checkpoint
+
+    config, _ = resolve(stage, [*flags, "--output", str(path)])
+    fake_checkpoint(path, 2, {"rank-0.pt": b"state"})
+    config.save(path / "config.yaml")
+    return path
+
+
+def test_a_resumed_run_refuses_changed_settings_unless_allowed(tmp_path, shard_corpus, tokenizer_dir):
+    from pipeline.preflight import FINGERPRINTS, check_resume_matches, manifest_digests
+
+    flags = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), *corpus_flags(shard_corpus), "--seq-len", "1400",
+             "--output", str(tmp_path / "run")]
+    run = run_to_resume(tmp_path / "run", 2, flags)
+    check_resume_matches(resolve(2, [*flags, "--train-steps", "9", "--keep-last", "1"])[0])  # fine to change
+    with pytest.raises(ConfigError, match=r"other settings: stage 2 -> 3; seq_len 1400 -> 1024; ratio .*"
+                                          r"--allow-config-change stage seq_len ratio trainable to change"):
+        check_resume_matches(resolve(3, [*flags, "--seq-len", "1024"])[0])
+    check_resume_matches(resolve(3, [*flags, "--seq-len", "1024", "--allow-config-change", "stage", "seq_len",
+                                     "trainable", "ratio"])[0])
+    # The data is compared by content: the same manifests elsewhere pass, an edited one does not.
+    digests = manifest_digests([str(shard_corpus[t]) for t in ("understanding", "text", "generation")])
+    (run / FINGERPRINTS).write_text(json.dumps({"manifests": digests}))
+    moved = tmp_path / "moved-text"
+    shutil.copytree(shard_corpus["text"], moved)
+    elsewhere = [f if f != str(shard_corpus["text"]) else str(moved) for f in flags]
+    check_resume_matches(resolve(2, elsewhere)[0])
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "rows_in": manifest["rows_in"]}, indent=4))
+    with pytest.raises(ConfigError, match="other settings: data"):
+        check_resume_matches(resolve(2, elsewhere)[0])
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, shard_corpus, tiny_model) -> dict[str, Path]:
     """Inputs that are wrong in one way each, and tiny weights with a VQ to check manifests against."""
     from model.weights import save_checkpoint
 
     root = tmp_path_factory.mktemp("mistakes")
-    out = {"init": root / "init", "torn": root / "torn", "other-tok": root / "other-tok"}
+    out = {"init": root / "init", "torn": root / "torn", "other-tok": root / "other-tok", "foreign": root / "foreign"}
+    step = out["foreign"] / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)  # a run directory whose checkpoint this code did not write (nothing says its files)
+    (step / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 1}))
+    out["stage1-run"] = run_to_resume(root / "stage1-run", 1, [*corpus_flags(shard_corpus), "--model", "tiny"])
     save_checkpoint(tiny_model, out["init"], "transformers")
     out["torn"].mkdir()  # a manifest whose shards are not there
     shutil.copy(shard_corpus["text"] / "manifest.json", out["torn"])
@@ -110,7 +153,7 @@ def made(tmp_path_factory, shard_corpus, tiny_model) -> dict[str, Path]:
 def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path], tmp: Path
              ) -> dict[str, tuple[list[str], str]]:
     """name -> (stage 2 flags, text the error line must hold)."""
-    data = ["--data", *(str(corpus[t]) for t in ("understanding", "text", "generation"))]
+    data = corpus_flags(corpus)
     ok = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), *data, "--output", str(tmp / "run")]
     other_tokenizer, torn = made["other-tok"], made["torn"]
     return {
@@ -136,6 +179,11 @@ def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path]
         "not trainable": ([*ok, "--trainable", "llm", "gen_encoder"], "--trainable: cannot train ['gen_encoder']"),
         "other tokenizer's shards": ([*ok, "--data", str(corpus["understanding"]), str(corpus["text"]),
                                       str(made["retokenized"])], "made with another tokenizer"),
+        "resume another stage": ([*ok, "--output", str(made["stage1-run"])], "was trained with other settings: "
+                                 "stage 1 -> 2"),
+        "collective timeout after the watchdog": ([*ok, "--collective-timeout-seconds", "3600"],
+                                                  "--collective-timeout-seconds: must be positive and below"),
+        "foreign checkpoint": ([*ok, "--output", str(made["foreign"])], "--resume auto: " + str(made["foreign"])),
         "other VQ's shards": ([*ok, "--init", str(made["init"]), "--data", str(corpus["understanding"]),
                                str(corpus["text"]), str(made["other-vq"])], "made with another VQ"),
     }
@@ -144,7 +192,8 @@ def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path]
 MISTAKES = ["abbreviation", "typo", "bad choice", "attention", "flash on cpu", "no model", "no tokenizer",
             "wrong tokenizer", "missing tokenizer", "no data", "mistyped data", "missing shards",
             "ratio without data", "missing init", "missing resume", "impossible batch", "decay before warm-up",
-            "bad ds config", "not trainable", "other tokenizer's shards", "other VQ's shards"]
+            "bad ds config", "not trainable", "other tokenizer's shards", "other VQ's shards",
+            "foreign checkpoint", "resume another stage", "collective timeout after the watchdog"]
 
 
 @pytest.mark.parametrize("mistake", MISTAKES)

@@ -141,6 +141,22 @@ def test_export_refuses_a_checkpoint_missing_a_parameter(runs, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_export_never_replaces_its_run_or_a_folder_that_is_not_an_export(runs, tmp_path):
+    from pipeline.export import export
+
+    run = runs[1]
+    for out in (run, run.parent):  # the run itself, a folder holding it
+        with pytest.raises(ValueError, match="the export would replace"):
+            export(run, out, "transformers", dtype="fp32")
+    assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("step-*/COMPLETE"))
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not an export"):
+        export(run, precious, "transformers", dtype="fp32")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
 def test_our_guidance_loop_equals_transformers_generate(exported, tokenizer):
     from model.generate import decode_images, generate_image_ids, load_exported
 

@@ -243,6 +243,40 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokeniz
 
 
 @pytest.mark.integration
+def test_damaged_checkpoints_are_skipped_and_a_rollback_sets_newer_ones_aside(shard_corpus, tokenizer_dir,
+                                                                              init_checkpoint, tmp_path):
+    def args(output: Path, steps: int, *extra: str) -> list[str]:
+        return stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", str(steps),
+                          "--save-every", "2", "--keep-last", "3", "--guidance-dropout", "0.5", *extra)
+
+    run_ranks(args(tmp_path / "straight", 8), timeout=600)
+    reference = losses(tmp_path / "straight")
+    run = tmp_path / "run"
+    run_ranks(args(run, 6), timeout=600)
+    steps = {n: run / "checkpoints" / f"step-{n:08d}" for n in (2, 4, 6)}
+    model_states = sorted(steps[6].glob("*model_states.pt"))[0]  # the newest: one flipped bit
+    data = bytearray(model_states.read_bytes())
+    data[len(data) // 2] ^= 1
+    model_states.write_bytes(bytes(data))
+    optimizer = sorted(steps[4].glob("*optim_states.pt"))[0]  # the one before: a truncated optimizer file
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+
+    outputs = run_ranks(args(run, 8), timeout=600)
+    assert f"resumed from {steps[2]} at step 2" in outputs[0]
+    assert f"checkpoint {steps[6]} is damaged" in outputs[0] and f"checkpoint {steps[4]} is damaged" in outputs[0]
+    resumed = losses(run)
+    for step in range(3, 9):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+    abandoned = run / "checkpoints" / "abandoned"
+    assert {p.name for p in abandoned.iterdir()} == {"step-00000004", "step-00000006"}  # kept, never deleted
+
+    # A rollback on purpose, keeping one checkpoint: the step resumed from survives pruning, newer ones are set aside.
+    run_ranks(args(run, 6, "--resume", str(steps[4]), "--keep-last", "1"), timeout=600)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000006"]
+    assert (abandoned / "step-00000008").is_dir() and (abandoned / "step-00000006.1").is_dir()
+
+
+@pytest.mark.integration
 def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                 tmp_path):
     output = tmp_path / "run"
