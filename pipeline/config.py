@@ -130,6 +130,8 @@ class DataConfig(Section):
     eoi_is_target: bool = doc("train <end_of_image> as a generation target", False)
     buffer_size: int = doc("samples the packer chooses from", 64)
     max_age: int = doc("rows a sample may wait in the packer's buffer before it is packed first", 16)
+    max_too_long_in_a_row: int = doc("stop when this many samples of one task in a row are longer than --seq-len "
+                                     "(each is dropped and counted)", 256)
     num_workers: int = doc("threads decoding images and building batches", 2)
     prefetch: int = doc("micro-batches built ahead of the step", 4)
     allow_fingerprint_mismatch: bool = doc("train on shards made with another tokenizer or VQ (not advised)",
@@ -144,7 +146,8 @@ class DataConfig(Section):
         need(all(w > 0 for w in self.data_weights), "data_weights", "weights must be positive")
         need(self.seq_len > 0, "seq_len", "must be positive")
         need(0 <= self.guidance_dropout <= 1, "guidance_dropout", "a probability, in [0, 1]")
-        for name in ("rows_per_micro_batch", "buffer_size", "max_age", "num_workers", "prefetch"):
+        for name in ("rows_per_micro_batch", "buffer_size", "max_age", "max_too_long_in_a_row", "num_workers",
+                     "prefetch"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
 
 

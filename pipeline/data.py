@@ -17,12 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from model.batch import PackedBatch, pack_rows, sample_length
-from model.sample import GENERATION, Sample
+from model.sample import GENERATION, TASKS, Sample
 from model.tokenizer import SpecialTokens
 from pipeline.config import DataConfig
 from pipeline.mixer import Mixer
 from pipeline.packer import Entry, Packer
 from pipeline.reader import Source, SourceSpec
+
+
+class TooLong(ValueError):
+    """A task's samples do not fit --seq-len."""
 
 
 def drops_prompt(seed: int, source: int, epoch: int, row_id: int, p: float) -> bool:
@@ -59,7 +63,9 @@ class DataPipeline:
         self.mixer = Mixer(config.ratio, [s.task for s in self.sources], [s.weight for s in self.sources],
                            config.ratio_unit)
         self.packer = Packer(config.seq_len, config.buffer_size, config.max_age)
-        self.dropped_too_long = 0
+        self.too_long = dict.fromkeys(TASKS, 0)  # samples longer than seq_len, dropped: counted and logged
+        self._too_long_in_a_row = dict.fromkeys(TASKS, 0)
+        self._lengths_dropped: dict[str, list[int]] = {task: [] for task in TASKS}
         self._consumed_state = self._plan_state()
 
     # ---- planning (main thread) ----
@@ -76,10 +82,25 @@ class DataPipeline:
             epoch, row_id = self.sources[source].next_ref()
             entry = self._entry(source, epoch, row_id)
             self.mixer.record(source, entry.length)
+            task = entry.sample.task
             if entry.length > self.config.seq_len:
-                self.dropped_too_long += 1  # counted, never silently lost
+                self._drop_too_long(task, entry.length)
                 continue
+            self._too_long_in_a_row[task] = 0
             self.packer.add(entry)
+
+    def _drop_too_long(self, task: str, length: int) -> None:
+        """Count a sample that cannot fit a row; a task none of whose recent samples fit stops the run, rather
+        than vanishing from the mix or spinning the loader forever."""
+        self.too_long[task] += 1
+        self._too_long_in_a_row[task] += 1
+        seen = self._lengths_dropped[task]
+        seen.append(length)
+        del seen[:-self.config.max_too_long_in_a_row]
+        if self._too_long_in_a_row[task] >= self.config.max_too_long_in_a_row:
+            raise TooLong(f"{task}: the last {self._too_long_in_a_row[task]} samples drawn were all longer than "
+                          f"--seq-len {self.config.seq_len} (lengths {min(seen)}-{max(seen)} tokens); raise "
+                          f"--seq-len, or give that task's part of --ratio 0")
 
     def plan_micro_batch(self) -> list[list[Sample]]:
         """The samples of the next micro-batch's rows, without decoding anything (benchmarks use it too)."""
@@ -94,7 +115,7 @@ class DataPipeline:
             "sources": [s.state_dict() for s in self.sources],
             "mixer": self.mixer.state_dict(),
             "buffer": [e.ref() for e in self.packer.buffer],
-            "dropped_too_long": self.dropped_too_long,
+            "too_long": self.too_long,
         })
 
     # ---- consumption ----
@@ -122,5 +143,5 @@ class DataPipeline:
             source.load_state_dict(s)
         self.mixer.load_state_dict(state["mixer"])
         self.packer.buffer = [self._entry(*ref) for ref in state["buffer"]]
-        self.dropped_too_long = state["dropped_too_long"]
+        self.too_long = dict(state["too_long"])
         self._consumed_state = self._plan_state()

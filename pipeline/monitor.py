@@ -110,10 +110,10 @@ class Monitor:
                 or step == self.start_step + 1)
 
     def maybe_log(self, step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
-                  seconds: float, applied: bool) -> dict | None:
+                  seconds: float, applied: bool, too_long: dict[str, int]) -> dict | None:
         if not self.due(step):
             return None
-        record = step_record(step, task_loss, lr, engine, micro_batches, seconds, self.config, applied)
+        record = step_record(step, task_loss, lr, engine, micro_batches, seconds, self.config, applied, too_long)
         log(format_record(record))
         self.record(record)
         return record
@@ -125,6 +125,7 @@ class Monitor:
         self.jsonl.flush()
         flat = {f"loss/{t}": v for t, v in record["loss"].items()}
         flat.update({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"})
+        flat.update({f"too_long/{t}": n for t, n in record["too_long"].items()})
         for key, value in flat.items():
             self.tensorboard.add_scalar(key, value, record["step"])
         if self.wandb:
@@ -139,11 +140,14 @@ class Monitor:
 
 
 def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
-                seconds: float, config: TrainConfig, applied: bool) -> dict:
-    """The log line's figures, all from pipeline/metrics.py, on counts summed over every rank."""
+                seconds: float, config: TrainConfig, applied: bool, too_long: dict[str, int]) -> dict:
+    """The log line's figures, all from pipeline/metrics.py, on counts summed over every rank; `too_long`: this
+    rank's samples dropped so far for not fitting --seq-len, per task."""
     counts = sum((batch_counts(b) for b in micro_batches), BatchCounts())
     summed = counts.to_tensor().to(engine.device)
     dist.all_reduce(summed)
+    dropped = torch.tensor([too_long[t] for t in TASKS], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(dropped)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     figures = step_figures(BatchCounts.from_tensor(summed), seconds, dist.get_world_size(), engine.module.config,
                            config.optim.trainable, config.model.gradient_checkpointing, peak_flops(device_name))
@@ -151,6 +155,7 @@ def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batc
     return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not applied,
             "step_seconds": seconds, **figures.as_dict(),
+            "too_long": {t: int(n) for t, n in zip(TASKS, dropped.tolist(), strict=True)},
             "eta_hours": (config.optim.train_steps - step) * seconds / 3600}
 
 
@@ -160,4 +165,6 @@ def format_record(r: dict) -> str:
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     return (f"step {r['step']:7d}  {losses}  lr {r['lr']:.3e}  grad-norm {norm}  {r['tokens_per_s']:,.0f} tok/s  "
             f"{r['samples_per_s']:.1f} samples/s  MFU {mfu}  packing {r['packing_efficiency']:.1%}  "
-            f"ETA {r['eta_hours']:.1f} h" + ("  SKIPPED (non-finite)" if r["skipped"] else ""))
+            f"ETA {r['eta_hours']:.1f} h" + ("  SKIPPED (non-finite)" if r["skipped"] else "")
+            + ("  too long: " + ", ".join(f"{t} {n}" for t, n in r["too_long"].items() if n)
+               if any(r["too_long"].values()) else ""))

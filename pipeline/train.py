@@ -56,7 +56,8 @@ def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, s
         watchdog.beat()
         task_loss = (loss_sums / step_counts.clamp(min=1)).tolist()
         nonfinite.check(step, applied, task_loss)
-        monitor.maybe_log(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started, applied)
+        monitor.maybe_log(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started, applied,
+                          data.too_long)
         validator.maybe_run(engine, step)
         sampler.maybe_run(engine, step)
         stopping = stop.any_rank(device)

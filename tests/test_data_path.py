@@ -163,3 +163,24 @@ def test_generation_samples_are_dropped_at_the_configured_rate(shard_corpus, spe
     gens = [s for _ in range(40) for row in pipe.plan_micro_batch() for s in row if s.task == GENERATION]
     padded = [s for s in gens if s.input_ids[1] == special.pad]
     assert 0.3 < len(padded) / len(gens) < 0.7
+
+
+def test_samples_longer_than_a_row_are_counted_per_task(shard_corpus, special):
+    pipe = DataPipeline(make_config(shard_corpus, (0, 1, 0), seq_len=600, guidance_dropout=0.0), special)
+    rows = [pipe.plan_micro_batch() for _ in range(20)]
+    assert pipe.too_long["text"] > 0 and pipe.too_long["understanding"] == pipe.too_long["generation"] == 0
+    assert all(sum(len(s.input_ids) for s in row) <= 600 for batch in rows for row in batch)
+    assert pipe.state_dict()["too_long"]["text"] <= pipe.too_long["text"]  # saved with a checkpoint
+
+
+def test_a_task_whose_samples_never_fit_stops_the_run_at_once(shard_corpus, special):
+    """Generation samples are ~590 tokens: at --seq-len 500 none fits. Without a bound the loader would draw
+    forever (or, mixed with a task that fits, that task would silently vanish from every step)."""
+    from pipeline.data import TooLong
+
+    pipe = DataPipeline(make_config(shard_corpus, (0, 1, 1), seq_len=500, guidance_dropout=0.0,
+                                    max_too_long_in_a_row=16), special)
+    with pytest.raises(TooLong, match=r"generation: the last 16 samples drawn were all longer than --seq-len 500 "
+                                      r"\(lengths \d+-\d+ tokens\)"):
+        for _ in range(100):
+            pipe.plan_micro_batch()

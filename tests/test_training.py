@@ -309,6 +309,8 @@ def test_validation_tensorboard_and_sample_grid(shard_corpus, tokenizer_dir, ini
     values = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
     assert values["text"] > 0 and values["generation"] > 0 and values["understanding"] != values["understanding"]
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    record = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["too_long"] == {"understanding": 0, "text": 0, "generation": 0}  # summed over ranks, per task
     assert (output / "config.yaml").is_file() and (output / "ds_config.json").is_file()
 
 
