@@ -47,17 +47,18 @@ class DataPipeline:
     """The data section of the run's config (pipeline/config.py) as packed micro-batches for one rank.
 
     Fingerprints, when given, are checked against every shard's manifest (tokenizer and VQ the shards were made with).
+    `verified`: every shard's sha256 was checked at start (reader.shard_problems), so opening one does not hash it.
     """
 
     def __init__(self, config: DataConfig, special: SpecialTokens | None, rank: int = 0, world_size: int = 1, *,
-                 tokenizer_fingerprint: str | None = None, vq_fingerprint: str | None = None):
+                 tokenizer_fingerprint: str | None = None, vq_fingerprint: str | None = None, verified: bool = False):
         if special is None and config.guidance_dropout > 0:
             raise ValueError("guidance dropout needs the tokenizer's special tokens (the pad id)")
         self.config, self.special = config, special
         weights = config.data_weights or [1.0] * len(config.data)
         self.sources = [
             Source(SourceSpec(manifest, weight), rank, world_size, config.seed, tokenizer_fingerprint,
-                   vq_fingerprint, config.allow_fingerprint_mismatch)
+                   vq_fingerprint, config.allow_fingerprint_mismatch, verified)
             for manifest, weight in zip(config.data, weights, strict=True)
         ]
         self.mixer = Mixer(config.ratio, [s.task for s in self.sources], [s.weight for s in self.sources],

@@ -26,9 +26,9 @@ from pipeline.monitor import log
 class Validator:
     """Loss per task on --val-data every --val-every steps; every rank runs the same number of batches."""
 
-    def __init__(self, config: TrainConfig, special: SpecialTokens, device: torch.device, **fingerprints: str | None):
+    def __init__(self, config: TrainConfig, special: SpecialTokens, device: torch.device, **pipeline_options):
         self.every, self.batches, self.device = config.logging.val_every, config.logging.val_batches, device
-        self.special, self.fingerprints = special, fingerprints
+        self.special, self.pipeline_options = special, pipeline_options  # fingerprints, shards verified
         tasks = [Manifest.read(m).task for m in config.data.val_data]
         # Held-out data as it is: every task it holds, no guidance dropout, a fixed order.
         self.data = dataclasses.replace(config.data, data=config.data.val_data, data_weights=[],
@@ -47,7 +47,7 @@ class Validator:
         rank, world = dist.get_rank(), dist.get_world_size()
         sums, counts = torch.zeros(len(TASKS), device=self.device), torch.zeros(len(TASKS), device=self.device)
         engine.eval()
-        batches = DataPipeline(self.data, self.special, rank, world, **self.fingerprints)
+        batches = DataPipeline(self.data, self.special, rank, world, **self.pipeline_options)
         for _, batch in zip(range(self.batches), batches, strict=False):
             out = engine(batch.to(self.device))
             sums += out.loss_sum.float()

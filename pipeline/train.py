@@ -38,6 +38,7 @@ from pipeline.loss import step_loss
 from pipeline.memory import dry_run
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
 from pipeline.preflight import FINGERPRINTS, manifest_digests, preflight
+from pipeline.reader import shard_problems
 
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,
@@ -120,21 +121,35 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         (output / "ds_config.json").write_text(json.dumps(ds, indent=2))
         print(f"Stage {stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
+    check_shards_once(config.data.data + config.data.val_data)
     engine = build_engine(config, ds, special.image_placeholder)
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}
+    pipeline_options = {**fingerprints, "verified": True}  # every data pipeline's: shards checked at start
     if rank == 0:
         (output / FINGERPRINTS).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
             config.data.data)}, indent=1) + "\n")
-    data = DataPipeline(config.data, special, rank, world, **fingerprints)
+    data = DataPipeline(config.data, special, rank, world, **pipeline_options)
     start_step, resumed_from = resume(config, engine, data)
     step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resumed_from,
-                 device=device, stop=stop, validator=Validator(config, special, device, **fingerprints),
+                 device=device, stop=stop, validator=Validator(config, special, device, **pipeline_options),
                  sampler=Sampler(config, tokenizer))
     log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def check_shards_once(manifests: list[str]) -> None:
+    """Collective: every shard's sha256 against its manifest, each shard hashed by one rank for the whole job (not
+    by every rank that reads it); a bad one stops every rank before the model is built."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, shard_problems(manifests, dist.get_rank(), dist.get_world_size()))
+    problems = sorted(p for part in parts for p in part)
+    if problems:
+        log(f"error: {len(problems)} shard(s) do not match their manifests: {'; '.join(problems[:5])}; rerun "
+            "preprocessing into their directories to rewrite them")
+        raise SystemExit(2)
 
 
 def resume(config: TrainConfig, engine, data: DataPipeline) -> tuple[int, Path | None]:

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,31 @@ def test_a_task_whose_samples_never_fit_stops_the_run_at_once(shard_corpus, spec
                                       r"\(lengths \d+-\d+ tokens\)"):
         for _ in range(100):
             pipe.plan_micro_batch()
+
+
+def test_shards_are_hashed_once_across_ranks_and_damage_is_found_at_start(shard_corpus, special, tmp_path,
+                                                                           monkeypatch):
+    import shutil
+
+    from pipeline import reader
+
+    copy = tmp_path / "text"
+    shutil.copytree(shard_corpus["text"], copy)
+    manifests = [str(shard_corpus["generation"]), str(copy)]
+    hashed: list[Path] = []
+    real = reader.file_sha256
+    monkeypatch.setattr(reader, "file_sha256", lambda path: hashed.append(Path(path)) or real(path))
+    assert reader.shard_problems(manifests, 0, 2) == reader.shard_problems(manifests, 1, 2) == []
+    assert len(hashed) == len(set(hashed)) == 6  # 3 shards per manifest, each hashed by one of the 2 ranks
+
+    hashed.clear()  # a pipeline whose shards were checked at start opens them without hashing again
+    corpus = {"generation": shard_corpus["generation"], "text": copy}
+    pipe = DataPipeline(make_config(corpus, (0, 1, 1), guidance_dropout=0.0), special, verified=True)
+    for _ in range(5):
+        pipe.plan_micro_batch()
+    assert hashed == []
+
+    shard = sorted(copy.glob("*.arrow"))[1]
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    problems = reader.shard_problems(manifests)
+    assert len(problems) == 1 and str(shard) in problems[0] and "sha256 differs" in problems[0]

@@ -277,6 +277,21 @@ def test_damaged_checkpoints_are_skipped_and_a_rollback_sets_newer_ones_aside(sh
 
 
 @pytest.mark.integration
+def test_a_damaged_shard_stops_every_rank_before_the_model_is_built(shard_corpus, tokenizer_dir, init_checkpoint,
+                                                                    tmp_path):
+    corpus = dict(shard_corpus)
+    corpus["text"] = tmp_path / "text"
+    shutil.copytree(shard_corpus["text"], corpus["text"])
+    shard = sorted(corpus["text"].glob("*.arrow"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    ranks = Ranks(stage_args(2, corpus, tokenizer_dir, tmp_path / "run", init_checkpoint, "--train-steps", "2"))
+    with pytest.raises(AssertionError, match="exited 2"):
+        ranks.wait(timeout=300)
+    assert f"error: 1 shard(s) do not match their manifests: {shard}: sha256 differs" in ranks.output(0)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.integration
 def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                 tmp_path):
     output = tmp_path / "run"
