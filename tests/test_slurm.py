@@ -260,7 +260,8 @@ def test_render_the_default_launch_for_a_made_up_node_list(stage, nodes, tmp_pat
         assert {int(r["RANK"]) // per_node for r in mine} == {n}
     assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks} == {("gpu001", str(10000 + 4242))}
     command = done.stdout.splitlines()[0].split(" CMD=")[1]
-    assert f"launchers/stage{stage}.py --model 7b" in command and "--resume auto" in command
+    assert f"launchers/stage{stage}.py " in command and "--resume auto" in command
+    assert "--model" not in command  # MODEL unset: the model --init holds
     assert "--data shards/und shards/gen" in command and "--gpus-per-node 8" in command
     if stage > 1:
         assert f"--init runs/stage{stage - 1}" in command

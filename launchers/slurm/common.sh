@@ -178,7 +178,8 @@ janus_train() {
     janus_rendezvous
     janus_step_layout
 
-    MODEL_ARGS=(--model "${MODEL:-7b}")
+    MODEL_ARGS=()   # unset MODEL: the model --init holds (a previous stage's run, or released weights)
+    [[ -n "${MODEL:-}" ]] && MODEL_ARGS+=(--model "$MODEL")
     [[ -n "$init" ]] && MODEL_ARGS+=(--init "$init")
     [[ -n "${TOKENIZER:-}" ]] && MODEL_ARGS+=(--tokenizer "$TOKENIZER")
     DATA_ARGS=(--data "${data[@]}")
