@@ -105,6 +105,9 @@ class Source:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+
 
 def shard_problems(manifests: list[str], rank: int = 0, world_size: int = 1) -> list[str]:
     """This rank's share of every shard the manifests list (shard k of all of them goes to rank k % world_size),
@@ -121,6 +124,3 @@ def shard_problems(manifests: list[str], rank: int = 0, world_size: int = 1) -> 
         elif file_sha256(path) != sha256:
             problems.append(f"{path}: sha256 differs from its manifest entry (corrupt or replaced shard)")
     return problems
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
