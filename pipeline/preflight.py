@@ -30,7 +30,7 @@ from pipeline.config import (
 )
 from pipeline.ds_config import BatchPlan, batch_plan, template_path
 
-FINGERPRINTS = "fingerprints.json"  # a run's tokenizer and VQ fingerprints, for the next stage's checks
+FINGERPRINTS = "fingerprints.json"  # a run's tokenizer and VQ fingerprints and its manifests' sha256s
 
 
 @dataclass(frozen=True)
