@@ -97,6 +97,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def file_problem(path: Path, sha256: str, size: int | None = None) -> str | None:
+    """What is wrong with a file against its recorded sha256 (and size, when recorded), or None: shards against
+    their manifest, checkpoint files against their COMPLETE."""
+    if not path.is_file():
+        return "is missing"
+    if size is not None and path.stat().st_size != size:
+        return f"has {path.stat().st_size} bytes, not {size}"
+    return "does not match its sha256" if file_sha256(path) != sha256 else None
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's full serialised form (vocab, merges, special tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

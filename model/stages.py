@@ -21,6 +21,8 @@ PARTS = {
     "llm": "model.language_model.",
     "lm_head": "lm_head.",
 }
+# What a stage may train: every part but the VQ, which stays as preprocessing used it to make the ids.
+TRAINABLE_PARTS = tuple(part for part in PARTS if part != "gen_encoder")
 # SigLIP's attention-pool head (present in the original layout) is never used, so never trained.
 NEVER_TRAINED = ("model.vision_model.head.",)
 
@@ -73,10 +75,9 @@ def part_of(name: str) -> str | None:
 
 def set_trainable(model: nn.Module, trainable: tuple[str, ...] | list[str]) -> list[str]:
     """Mark exactly the parameters of the named parts trainable; return their names."""
-    unknown = set(trainable) - set(PARTS)
-    if unknown or "gen_encoder" in trainable:
-        raise ValueError(f"cannot train {sorted(unknown | ({'gen_encoder'} & set(trainable)))}; "
-                         f"trainable parts are {sorted(set(PARTS) - {'gen_encoder'})}")
+    unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
+    if unknown:
+        raise ValueError(f"cannot train {unknown}; trainable parts are {', '.join(TRAINABLE_PARTS)}")
     names = []
     for name, param in model.named_parameters():
         train = part_of(name) in trainable and not name.startswith(NEVER_TRAINED)

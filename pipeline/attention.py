@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import inspect
+from typing import Literal, get_args
 
 import torch
 from transformers import AttentionInterface
 
-BACKENDS = ("sdpa", "flash_attention_2", "varlen")
+Backend = Literal["sdpa", "flash_attention_2", "varlen"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def _causal_kwargs(fn) -> dict:

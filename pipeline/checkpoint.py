@@ -125,33 +125,33 @@ def file_records(path: Path) -> dict[str, dict]:
     return {name: record for part in _gathered(mine) for name, record in sorted(part.items())}
 
 
-def written_here(path: Path) -> bool:
-    """Whether this code wrote the checkpoint's COMPLETE (and with it the list of files to verify)."""
+def _listed_files(path: Path) -> dict[str, dict] | None:
+    """The files a COMPLETE this code wrote lists (size and sha256 each); None for any other COMPLETE."""
     try:
         marker = json.loads((path / COMPLETE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("writer") == WRITER and isinstance(marker.get("files"), dict)
+        return None
+    ours = isinstance(marker, dict) and marker.get("writer") == WRITER and isinstance(marker.get("files"), dict)
+    return marker["files"] if ours else None
+
+
+def written_here(path: Path) -> bool:
+    """Whether this code wrote the checkpoint's COMPLETE (and with it the list of files to verify)."""
+    return _listed_files(path) is not None
 
 
 def problems(path: Path, trust: bool = False, collective: bool = True) -> list[str]:
     """What is wrong with a complete checkpoint's files (missing, resized, changed); collective under
     torch.distributed unless told otherwise, each rank hashing its share. A foreign checkpoint is accepted
     unverified only if trusted."""
-    from model.manifest import file_sha256
+    from model.manifest import file_problem
 
-    if not written_here(path):
+    files = _listed_files(path)
+    if files is None:
         return [] if trust else [f"its {COMPLETE} was not written by {WRITER} (pass --trust-checkpoint to load it)"]
-    files = json.loads((path / COMPLETE).read_text())["files"]
-    found = []
-    for name in _share(sorted(files), collective):
-        file, record = path / name, files[name]
-        if not file.is_file():
-            found.append(f"{name} is missing")
-        elif file.stat().st_size != record["bytes"]:
-            found.append(f"{name} has {file.stat().st_size} bytes, not {record['bytes']}")
-        elif file_sha256(file) != record["sha256"]:
-            found.append(f"{name} does not match its sha256")
+    mine = ((name, file_problem(path / name, files[name]["sha256"], files[name]["bytes"]))
+            for name in _share(sorted(files), collective))
+    found = [f"{name} {problem}" for name, problem in mine if problem]
     return sorted(p for part in _gathered(found, collective) for p in part)
 
 
@@ -215,9 +215,6 @@ def consolidate(run_dir: str | Path) -> Path:
     source = latest_checkpoint(run_dir)
     if source is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to start from")
-    wrong = problems(source, trust=True) if dist.is_initialized() else []
-    if wrong:  # --init was checked to be ours before start (pipeline/preflight.py)
-        raise ValueError(f"--init: {source} is damaged: {'; '.join(wrong[:3])}")
     out = Path(run_dir) / "consolidated" / source.name
     if dist.get_rank() == 0 and not (out / COMPLETE).exists():
         state = consolidated_state(source)

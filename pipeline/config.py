@@ -23,7 +23,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from model.config import PRESETS, model_config, model_size
-from model.stages import PARTS, Stage, stage_for
+from model.stages import TRAINABLE_PARTS, Stage, stage_for
+from pipeline.attention import Backend
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,7 @@ class ModelConfig(Section):
     init: str | None = doc("released weights (either layout) or a previous stage's run directory", None)
     tokenizer: str | None = doc("tokenizer directory; unset: --init's (of a run directory: the tokenizer it used)",
                                 None)
-    attention: Literal["sdpa", "flash_attention_2", "varlen"] = doc(
+    attention: Backend = doc(
         "attention backend: sdpa (any device), flash_attention_2 (pip install flash-attn), varlen (CUDA)", "sdpa")
     gradient_checkpointing: bool = doc("recompute each LLM layer in backward (less memory, ~1/3 more compute)",
                                        False)
@@ -158,7 +159,7 @@ class OptimConfig(Section):
     warmup_steps: int = doc("Table 2: linear warm-up steps")
     train_steps: int = doc("Table 2: optimizer steps of the stage")
     rows_per_step: int = doc("Table 2's batch size: packed rows of --seq-len tokens per optimizer step, global")
-    trainable: list[str] = doc(f"Table 2: the parts that train, of {', '.join(p for p in PARTS if p != 'gen_encoder')}")
+    trainable: list[str] = doc(f"Table 2: the parts that train, of {', '.join(TRAINABLE_PARTS)}")
     lr_decay_style: Literal["constant", "linear", "cosine"] = doc(
         "after warm-up: constant (Table 2), or a linear/cosine decay to 0 at --lr-decay-steps", "constant")
     lr_decay_steps: int | None = doc("where a decay reaches 0 (unset: --train-steps)", None)
@@ -176,9 +177,9 @@ class OptimConfig(Section):
         need(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
         need(self.train_steps >= 1, "train_steps", "must be at least 1")
         need(self.rows_per_step >= 1, "rows_per_step", "must be at least 1")
-        unknown = sorted(set(self.trainable) - set(PARTS) | ({"gen_encoder"} & set(self.trainable)))
-        need(not unknown, "trainable", f"cannot train {unknown}; parts are "
-             f"{', '.join(p for p in PARTS if p != 'gen_encoder')} (the VQ never trains)")
+        unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
+        need(not unknown, "trainable", f"cannot train {unknown}; parts are {', '.join(TRAINABLE_PARTS)} (the VQ "
+             "never trains)")
         need(self.lr_decay_steps is None or self.lr_decay_steps > self.warmup_steps, "lr_decay_steps",
              "must be after --warmup-steps")
         need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",

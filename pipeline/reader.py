@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from model.manifest import Manifest, file_sha256, read_shard
+from model.manifest import Manifest, file_problem, read_shard
 from model.sample import SAMPLE_SCHEMA, SCHEMA_VERSION, Sample
 
 
@@ -89,8 +89,9 @@ class Source:
         if shard not in self._tables:
             entry = self.manifest.shards[shard]
             path = self.root / entry.file
-            if not self.verified and file_sha256(path) != entry.sha256:
-                raise ValueError(f"{path}: sha256 differs from its manifest entry (corrupt or replaced shard)")
+            problem = None if self.verified else file_problem(path, entry.sha256)
+            if problem:
+                raise ValueError(f"{path} {problem} (recorded in its manifest): a corrupt or replaced shard")
             table = read_shard(path)
             version = (table.schema.metadata or {}).get(b"janus_sample_schema_version", b"").decode()
             if version != str(SCHEMA_VERSION) or not table.schema.remove_metadata().equals(
@@ -117,10 +118,5 @@ def shard_problems(manifests: list[str], rank: int = 0, world_size: int = 1) -> 
     for manifest in manifests:
         root = Path(manifest) if Path(manifest).is_dir() else Path(manifest).parent
         shards += [(root / entry.file, entry.sha256) for entry in Manifest.read(manifest).shards]
-    problems = []
-    for path, sha256 in shards[rank::world_size]:
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif file_sha256(path) != sha256:
-            problems.append(f"{path}: sha256 differs from its manifest entry (corrupt or replaced shard)")
-    return problems
+    found = ((path, file_problem(path, sha256)) for path, sha256 in shards[rank::world_size])
+    return [f"{path} {problem} (recorded in its manifest)" for path, problem in found if problem]

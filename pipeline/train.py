@@ -29,7 +29,7 @@ from model.manifest import tokenizer_fingerprint
 from model.sample import TASKS
 from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
-from pipeline.config import ConfigError, TrainConfig, resolve
+from pipeline.config import ConfigError, TrainConfig, resolve, run_directory
 from pipeline.data import DataPipeline
 from pipeline.ds_config import BatchPlan
 from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
@@ -122,6 +122,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         print(f"Stage {stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
     check_shards_once(config.data.data + config.data.val_data)
+    resume_from = intact_checkpoints(config)
     engine = build_engine(config, ds, special.image_placeholder)
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -131,8 +132,8 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         (output / FINGERPRINTS).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
             config.data.data)}, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **pipeline_options)
-    start_step, resumed_from = resume(config, engine, data)
-    step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resumed_from,
+    start_step = resume(config, engine, data, resume_from)
+    step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
                  device=device, stop=stop, validator=Validator(config, special, device, **pipeline_options),
                  sampler=Sampler(config, tokenizer))
     log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")
@@ -147,37 +148,50 @@ def check_shards_once(manifests: list[str]) -> None:
     dist.all_gather_object(parts, shard_problems(manifests, dist.get_rank(), dist.get_world_size()))
     problems = sorted(p for part in parts for p in part)
     if problems:
-        log(f"error: {len(problems)} shard(s) do not match their manifests: {'; '.join(problems[:5])}; rerun "
-            "preprocessing into their directories to rewrite them")
-        raise SystemExit(2)
+        refuse(f"{len(problems)} shard(s) do not match their manifests: {'; '.join(problems[:5])}; rerun "
+             "preprocessing into their directories to rewrite them")
 
 
-def resume(config: TrainConfig, engine, data: DataPipeline) -> tuple[int, Path | None]:
-    """--resume: the step to start from (0 for a fresh run) and the checkpoint it came from, with the engine and
-    the data path restored. Checkpoints newer than that step are set aside, so the next `--resume auto` does
-    not undo a rollback."""
-    where, output, trust = config.checkpoint.resume, config.checkpoint.output, config.checkpoint.trust_checkpoint
-    if where == "auto":
-        path = checkpoint.latest_intact(output, trust, report=log)
-    elif where == "none":
-        path = None
-    else:
-        path = Path(where)
-        wrong = checkpoint.problems(path, trust)
-        if wrong:
-            raise ValueError(f"--resume {where}: the checkpoint is damaged: {'; '.join(wrong[:3])}")
-    if path is None:
-        set_aside = checkpoint.set_aside_after(output, 0)
-        step = 0
-    else:
+def intact_checkpoints(config: TrainConfig) -> Path | None:
+    """Collective, before the model is built: --init's checkpoint (a previous stage's run) verifies, and the
+    checkpoint to resume from is the newest intact one (`--resume auto`, damaged ones reported and skipped) or
+    the one named, verified. Each rank hashes its share of the files."""
+    ckpt = config.checkpoint
+    init = config.model.init
+    if init and run_directory(init):
+        source = checkpoint.latest_checkpoint(init)
+        damaged = checkpoint.problems(source, ckpt.trust_checkpoint)
+        if damaged:
+            refuse(f"--init {init}: its checkpoint {source.name} is damaged: {'; '.join(damaged[:3])}")
+    if ckpt.resume == "auto":
+        return checkpoint.latest_intact(ckpt.output, ckpt.trust_checkpoint, report=log)
+    if ckpt.resume == "none":
+        return None
+    damaged = checkpoint.problems(Path(ckpt.resume), ckpt.trust_checkpoint)
+    if damaged:
+        refuse(f"--resume {ckpt.resume}: the checkpoint is damaged: {'; '.join(damaged[:3])}")
+    return Path(ckpt.resume)
+
+
+def refuse(message: str) -> None:
+    """A fault in the inputs found once the ranks are up: rank 0 says it in one line, every rank exits 2 (a
+    scheduler must not requeue it)."""
+    log(f"error: {message}")
+    raise SystemExit(2)
+
+
+def resume(config: TrainConfig, engine, data: DataPipeline, path: Path | None) -> int:
+    """The step to start from (0 for a fresh run), with the engine and the data path restored from `path`.
+    Checkpoints newer than that step are set aside, so the next `--resume auto` does not undo a rollback."""
+    step = 0
+    if path is not None:
         state = checkpoint.load(engine, path)
         data.load_state_dict(state["data"])
         step = state["step"]
-        set_aside = checkpoint.set_aside_after(output, step)
         log(f"resumed from {path} at step {step}")
-    for moved in set_aside:
+    for moved in checkpoint.set_aside_after(config.checkpoint.output, step):
         log(f"set aside {moved} (newer than the step this run starts from)")
-    return step, path
+    return step
 
 
 def launcher_world_size() -> int:

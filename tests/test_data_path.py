@@ -191,14 +191,15 @@ def test_shards_are_hashed_once_across_ranks_and_damage_is_found_at_start(shard_
                                                                            monkeypatch):
     import shutil
 
+    from model import manifest
     from pipeline import reader
 
     copy = tmp_path / "text"
     shutil.copytree(shard_corpus["text"], copy)
     manifests = [str(shard_corpus["generation"]), str(copy)]
     hashed: list[Path] = []
-    real = reader.file_sha256
-    monkeypatch.setattr(reader, "file_sha256", lambda path: hashed.append(Path(path)) or real(path))
+    real = manifest.file_sha256  # every shard check hashes through it
+    monkeypatch.setattr(manifest, "file_sha256", lambda path: hashed.append(Path(path)) or real(path))
     assert reader.shard_problems(manifests, 0, 2) == reader.shard_problems(manifests, 1, 2) == []
     assert len(hashed) == len(set(hashed)) == 6  # 3 shards per manifest, each hashed by one of the 2 ranks
 
@@ -212,4 +213,4 @@ def test_shards_are_hashed_once_across_ranks_and_damage_is_found_at_start(shard_
     shard = sorted(copy.glob("*.arrow"))[1]
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
     problems = reader.shard_problems(manifests)
-    assert len(problems) == 1 and str(shard) in problems[0] and "sha256 differs" in problems[0]
+    assert problems == [f"{shard} does not match its sha256 (recorded in its manifest)"]

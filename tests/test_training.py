@@ -261,6 +261,16 @@ def test_damaged_checkpoints_are_skipped_and_a_rollback_sets_newer_ones_aside(sh
     optimizer = sorted(steps[4].glob("*optim_states.pt"))[0]  # the one before: a truncated optimizer file
     optimizer.write_bytes(optimizer.read_bytes()[:1000])
 
+    # Named explicitly, a damaged checkpoint stops every rank in one line before the model is built.
+    for flags, expected in (
+            (stage_args(3, shard_corpus, tokenizer_dir, tmp_path / "stage3", run, "--train-steps", "2"),
+             f"error: --init {run}: its checkpoint step-00000006 is damaged: "),
+            (args(run, 8, "--resume", str(steps[6])), f"error: --resume {steps[6]}: the checkpoint is damaged: ")):
+        ranks = Ranks(flags)
+        with pytest.raises(AssertionError, match="exited 2"):
+            ranks.wait(timeout=300)
+        assert expected in ranks.output(0) and "Traceback" not in ranks.output(0)
+
     outputs = run_ranks(args(run, 8), timeout=600)
     assert f"resumed from {steps[2]} at step 2" in outputs[0]
     assert f"checkpoint {steps[6]} is damaged" in outputs[0] and f"checkpoint {steps[4]} is damaged" in outputs[0]
@@ -287,7 +297,7 @@ def test_a_damaged_shard_stops_every_rank_before_the_model_is_built(shard_corpus
     ranks = Ranks(stage_args(2, corpus, tokenizer_dir, tmp_path / "run", init_checkpoint, "--train-steps", "2"))
     with pytest.raises(AssertionError, match="exited 2"):
         ranks.wait(timeout=300)
-    assert f"error: 1 shard(s) do not match their manifests: {shard}: sha256 differs" in ranks.output(0)
+    assert f"error: 1 shard(s) do not match their manifests: {shard} does not match its sha256" in ranks.output(0)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
