@@ -157,6 +157,23 @@ def test_export_never_replaces_its_run_or_a_folder_that_is_not_an_export(runs, t
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
+def test_export_refuses_a_damaged_checkpoint(runs, tmp_path):
+    import shutil
+
+    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.export import export
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    shard = sorted(latest_checkpoint(run).glob("*model_states.pt"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"is damaged: {shard.name} does not match its sha256"):
+        export(run, tmp_path / "out", "transformers", dtype="fp32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_our_guidance_loop_equals_transformers_generate(exported, tokenizer):
     from model.generate import decode_images, generate_image_ids, load_exported
 
