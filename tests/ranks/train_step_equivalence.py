@@ -52,3 +52,6 @@ for name, p in engine.module.named_parameters():
 if rank == 0:
     save_file(params, args["out"])
     print(f"loss {(loss_sums.sum() / counts.sum()).item():.6f}")
+# Leave together: a rank that exits while its peer still talks to it can abort in gloo's teardown.
+dist.barrier()
+dist.destroy_process_group()
