@@ -102,10 +102,10 @@ def check_manifests(name: str, data: DataConfig, fingerprints: dict[str, str | N
             raise ConfigError(f"{where}: not a readable manifest.json ({error}); point it at a preprocess "
                               "output directory") from None
         root = Path(path) if Path(path).is_dir() else Path(path).parent
-        missing = [s.file for s in manifest.shards if not (root / s.file).is_file()]
-        if missing:
-            raise ConfigError(f"{where}: {len(missing)} shard(s) listed in the manifest are missing, e.g. "
-                              f"{missing[0]}; rerun preprocessing into that directory to complete it")
+        wrong = manifest.size_problems(root)
+        if wrong:
+            raise ConfigError(f"{where}: {len(wrong)} shard(s) missing or not of their recorded size, e.g. "
+                              f"{wrong[0]}; rerun preprocessing into that directory to redo them")
         made_with = {"tokenizer": manifest.tokenizer_fingerprint, "VQ": manifest.vq_fingerprint}
         for what, theirs in made_with.items():
             ours = fingerprints[what]

@@ -89,7 +89,7 @@ class Source:
         if shard not in self._tables:
             entry = self.manifest.shards[shard]
             path = self.root / entry.file
-            problem = None if self.verified else file_problem(path, entry.sha256)
+            problem = None if self.verified else file_problem(path, entry.sha256, entry.bytes)
             if problem:
                 raise ValueError(f"{path} {problem} (recorded in its manifest): a corrupt or replaced shard")
             table = read_shard(path)
@@ -117,6 +117,6 @@ def shard_problems(manifests: list[str], rank: int = 0, world_size: int = 1) -> 
     shards = []
     for manifest in manifests:
         root = Path(manifest) if Path(manifest).is_dir() else Path(manifest).parent
-        shards += [(root / entry.file, entry.sha256) for entry in Manifest.read(manifest).shards]
-    found = ((path, file_problem(path, sha256)) for path, sha256 in shards[rank::world_size])
+        shards += [(root / e.file, e.sha256, e.bytes) for e in Manifest.read(manifest).shards]
+    found = ((path, file_problem(path, sha256, size)) for path, sha256, size in shards[rank::world_size])
     return [f"{path} {problem} (recorded in its manifest)" for path, problem in found if problem]

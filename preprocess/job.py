@@ -85,6 +85,7 @@ class ShardResult:
     sha256: str
     settings_hash: str
     skipped: dict[str, int] = field(default_factory=dict)
+    bytes: int | None = None  # None in progress records written before sizes were recorded
 
 
 def in_ray_job() -> bool:
@@ -266,7 +267,8 @@ class ShardAssembler:
         self.maybe_die_for_test(table, path)
         entry = write_shard(table, path)
         result = ShardResult(file=entry.file, source=shard.source, rows_in=len(rows), rows_written=entry.rows,
-                             sha256=entry.sha256, settings_hash=self.shash, skipped=dict(sorted(skipped.items())))
+                             sha256=entry.sha256, bytes=entry.bytes, settings_hash=self.shash,
+                             skipped=dict(sorted(skipped.items())))
         record = self.out / PROGRESS_DIR / (entry.file + ".json")
         atomic_write_bytes(record, (json.dumps(asdict(result), indent=2, sort_keys=True) + "\n").encode())
         self.results[index] = result
@@ -362,7 +364,7 @@ def write_manifest(out: Path, cfg: JobConfig, shards: list[InputShard], results:
     manifest = Manifest(
         task=cfg.convert.task, tokenizer_fingerprint=settings["tokenizer_fingerprint"], vq_fingerprint=vq_fp,
         vq_dtype=settings["vq_dtype"], settings=settings,
-        shards=[ShardEntry(file=r.file, rows=r.rows_written, sha256=r.sha256) for r in ordered],
+        shards=[ShardEntry(file=r.file, rows=r.rows_written, sha256=r.sha256, bytes=r.bytes) for r in ordered],
         rows_in=sum(r.rows_in for r in ordered), rows_written=sum(r.rows_written for r in ordered),
         skipped=dict(sorted(skipped.items())),
     )

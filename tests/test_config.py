@@ -139,6 +139,11 @@ def made(tmp_path_factory, shard_corpus, tiny_model) -> dict[str, Path]:
     save_checkpoint(tiny_model, out["init"], "transformers")
     out["torn"].mkdir()  # a manifest whose shards are not there
     shutil.copy(shard_corpus["text"] / "manifest.json", out["torn"])
+    out["truncated"] = root / "truncated"  # a shard cut short after its manifest was written
+    shutil.copytree(shard_corpus["text"], out["truncated"])
+    first = json.loads((out["truncated"] / "manifest.json").read_text())["shards"][0]["file"]
+    with open(out["truncated"] / first, "r+b") as shard:
+        shard.truncate(shard.seek(0, 2) - 100)
     out["other-tok"].mkdir()  # a tokenizer directory that does not hold a Janus tokenizer
     (out["other-tok"] / "tokenizer_config.json").write_text("{}")
     for name, field, value in (("retokenized", "tokenizer_fingerprint", "ab" * 32), ("other-vq", "vq_fingerprint",
@@ -169,7 +174,9 @@ def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path]
         "no data": (ok[:4], "--data: at least one manifest"),
         "mistyped data": ([*ok, "--data", str(tmp / "shards" / "und")], "--data " + str(tmp / "shards" / "und")),
         "missing shards": ([*ok, "--data", str(corpus["understanding"]), str(corpus["generation"]), str(torn),
-                            "--ratio", "1", "1", "1"], "shard(s) listed in the manifest are missing"),
+                            "--ratio", "1", "1", "1"], "shard(s) missing or not of their recorded size, e.g. "),
+        "truncated shard": ([*ok, "--data", str(corpus["understanding"]), str(corpus["generation"]),
+                             str(made["truncated"])], "bytes, not "),
         "ratio without data": ([*ok, "--data", str(corpus["understanding"])], "asks for text, generation data"),
         "missing init": ([*ok, "--init", str(tmp / "runs" / "stage1")], "--init"),
         "missing resume": ([*ok, "--resume", str(tmp / "step-7")], "--resume"),
@@ -190,7 +197,7 @@ def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path]
 
 
 MISTAKES = ["abbreviation", "typo", "bad choice", "attention", "flash on cpu", "no model", "no tokenizer",
-            "wrong tokenizer", "missing tokenizer", "no data", "mistyped data", "missing shards",
+            "wrong tokenizer", "missing tokenizer", "no data", "mistyped data", "missing shards", "truncated shard",
             "ratio without data", "missing init", "missing resume", "impossible batch", "decay before warm-up",
             "bad ds config", "not trainable", "other tokenizer's shards", "other VQ's shards",
             "foreign checkpoint", "resume another stage", "collective timeout after the watchdog"]
