@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-from model.images import decode_image, generation_image, pixel_values, psnr, to_rgb, understanding_image
+from model.images import decode_image, generation_image, open_encoded, pixel_values, psnr, to_rgb, understanding_image
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -39,7 +39,7 @@ def photo_bytes() -> dict[str, list[bytes]]:
     web = [open(os.path.join(root, name), "rb").read() for name in PHOTOS]
     large = []
     for data in web:
-        image = to_rgb(Image.open(io.BytesIO(data)))
+        image = to_rgb(open_encoded(data))
         scale = (12e6 / (image.width * image.height)) ** 0.5
         big = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
@@ -57,12 +57,12 @@ def ours_generation(data: bytes) -> np.ndarray:
 
 
 def reference_understanding(processor: JanusImageProcessorPil, data: bytes) -> np.ndarray:
-    return processor(Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="np")["pixel_values"][0]
+    return processor(open_encoded(data).convert("RGB"), return_tensors="np")["pixel_values"][0]
 
 
 def decode_and_resize(data: bytes) -> Image.Image:
     """The floor: full decode and the bicubic resize of the long side to 384, nothing else."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = open_encoded(data).convert("RGB")
     scale = 384 / max(image.size)
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
 

@@ -19,7 +19,7 @@ from transformers import JanusForConditionalGeneration, PreTrainedTokenizerBase
 
 from model.chat_format import JANUS_SYSTEM_PROMPT, understanding_prompt_ids
 from model.config import DTYPES, num_image_tokens
-from model.images import pixel_values, understanding_image
+from model.images import open_encoded, pixel_values, understanding_image
 from model.tokenizer import SpecialTokens
 
 
@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args(argv)
-    model, tokenizer = load_exported(args.checkpoint, DTYPES[args.dtype])
-    with Image.open(Path(args.image)) as image:
+    try:  # before loading the model: a wrong file is said at once
+        image = open_encoded(Path(args.image).read_bytes())
         image.load()
-        reply = answer(model, tokenizer, image, args.question, args.system or None, args.max_new_tokens,
-                       greedy=not args.sample, temperature=args.temperature)
+    except OSError as exc:  # missing, unreadable, not an accepted format (UnidentifiedImageError), truncated
+        parser.error(f"--image {args.image}: {exc}")
+    model, tokenizer = load_exported(args.checkpoint, DTYPES[args.dtype])
+    reply = answer(model, tokenizer, image, args.question, args.system or None, args.max_new_tokens,
+                   greedy=not args.sample, temperature=args.temperature)
     print(reply)
 
 

@@ -5,9 +5,10 @@
     generation:    <bos><|User|>: {caption}\n\n<|Assistant|>:<boi>  then 576 VQ ids
     text:          <bos>{text}[<eos>]                       loss on everything after BOS
 
-Each sample is tokenised in one pass over its whole string (BOS inserted by id, so the result does
-not depend on the tokenizer's add_bos setting); image placeholders are expanded by id afterwards and
-loss spans are found from character offsets.
+Captions, questions, answers and documents are data: each is encoded as plain text, so the string of a special
+token inside one (`<｜end▁of▁sentence｜>`, `<image_placeholder>`, ...) never becomes that token. The format's own
+tokens (BOS, roles, EOS, image markers) are inserted between those texts, where a one-pass encoding of the whole
+string would cut them too; BOS by id, so the result does not depend on the tokenizer's add_bos setting.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from model.sample import GENERATION, TEXT, UNDERSTANDING, Sample
-from model.tokenizer import ASSISTANT, BEGIN_OF_IMAGE, EOS, IMAGE_PLACEHOLDER, USER, SpecialTokens
+from model.tokenizer import ASSISTANT, EOS, FORMAT_TOKENS, IMAGE_PLACEHOLDER, USER, SpecialTokens
 
 NUM_IMAGE_TOKENS = 576
 # Janus-Pro's default system prompt for understanding; pass system=None to leave it out.
@@ -59,94 +60,128 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Turn:
-    """One chat turn. A user turn marks each of its images with `<image_placeholder>`."""
+    """One chat turn. Its text is data, encoded as plain text; a user turn marks where each image goes with the
+    sample's `image_marker`."""
 
     role: str  # "user" or "assistant"
     text: str
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of `text` as plain text: a special token's string in it is spelled out in ordinary
+    tokens, never encoded as that token. Raises ValueError where the tokenizer cannot keep them apart."""
+    return _encode_plain(tokenizer, text, control_ids(tokenizer))
 
 
-def _token_spans(offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Token ranges [start, end) covering each character span (a token overlapping it counts)."""
-    spans = []
-    for c_start, c_end in char_spans:
-        hits = [i for i, (s, e) in enumerate(offsets) if s < c_end and e > c_start]
-        if hits:
-            spans.append((hits[0], hits[-1] + 1))
-    return spans
+def control_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The ids text must never produce: the tokenizer's special tokens and the format's own (unknown-token aside)."""
+    ids = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(token) for token in FORMAT_TOKENS}
+    return frozenset(ids - {tokenizer.unk_token_id, None})
 
 
-def _expand_images(ids: list[int], special: SpecialTokens, num_image_tokens: int) -> tuple[list[int], list[int]]:
-    """BOS, then each placeholder expanded to <boi> N x <image_placeholder> <eoi>; also where token i of `ids`
-    landed (one more entry for the end), to shift loss spans."""
-    expanded = [special.bos]
-    index_map = []
-    for tid in ids:
-        index_map.append(len(expanded))
-        if tid == special.image_placeholder:
-            expanded += [special.begin_of_image] + [tid] * num_image_tokens + [special.end_of_image]
-        else:
-            expanded.append(tid)
-    index_map.append(len(expanded))
-    return expanded, index_map
+def _encode_plain(tokenizer: PreTrainedTokenizerBase, text: str,
+                  controls: frozenset[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    leaked = controls.intersection(ids)
+    if leaked:
+        # split_special_tokens splits only the tokens marked special: a control added as a plain token still matches.
+        names = ", ".join(tokenizer.convert_ids_to_tokens(sorted(leaked)))
+        raise ValueError(f"text holds {names}, which tokenizer {getattr(tokenizer, 'name_or_path', '')!r} encodes as "
+                         "a control token even in plain text: mark it special")
+    return ids, [tuple(o) for o in enc["offset_mapping"]]
+
+
+class _Layout:
+    """The format's pieces for one tokenizer: its token ids, and data texts encoded as plain text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.controls = control_ids(tokenizer)
+        # Roles are the format's own strings, encoded as the tokenizer has them (one token each in Janus's).
+        self.user = self._format(USER)
+        # The answer starts right after the colon, its space included: inference prompts end at `<|Assistant|>:`,
+        # and encoding the colon apart keeps the training prefix equal to that prompt whatever the tokenizer merges.
+        self.assistant = self._format(ASSISTANT) + self.text(":")
+
+    def _format(self, string: str) -> list[int]:
+        return list(self.tokenizer(string, add_special_tokens=False, split_special_tokens=False)["input_ids"])
+
+    def text(self, text: str) -> list[int]:
+        return _encode_plain(self.tokenizer, text, self.controls)[0]
+
+    def image(self, num_image_tokens: int) -> list[int]:
+        special = self.special
+        return [special.begin_of_image] + [special.image_placeholder] * num_image_tokens + [special.end_of_image]
+
+    def user_turn(self, text: str, image_marker: str, num_image_tokens: int) -> tuple[list[int], int]:
+        """`<|User|>: {text}\\n\\n`, an image in place of each `image_marker`; and how many images it holds."""
+        pieces = text.split(image_marker) if image_marker else [text]
+        ids, last = list(self.user), len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            if i:
+                ids += self.image(num_image_tokens)
+            ids += self.text((": " if i == 0 else "") + piece + ("\n\n" if i == last else ""))
+        return ids, last
+
+    def conversation(self, turns: list[Turn], system: str | None, num_image_tokens: int,
+                     image_marker: str) -> tuple[list[int], list[tuple[int, int]], int]:
+        """BOS, `[system\\n\\n]` and the turns; each answer's loss span (" " + answer + EOS); the images marked."""
+        ids = [self.special.bos] + (self.text(f"{system}\n\n") if system else [])
+        answers: list[tuple[int, int]] = []
+        n_images = 0
+        for turn in turns:
+            if turn.role == "user":
+                turn_ids, n = self.user_turn(turn.text, image_marker, num_image_tokens)
+                ids += turn_ids
+                n_images += n
+            elif turn.role == "assistant":
+                ids += self.assistant
+                start = len(ids)
+                ids += self.text(f" {turn.text}") + [self.special.eos]
+                answers.append((start, len(ids)))
+            else:
+                raise ValueError(f"unknown chat role {turn.role!r}")
+        return ids, answers, n_images
 
 
 def understanding_sample(tokenizer: PreTrainedTokenizerBase, turns: list[Turn], images: list[bytes],
                          system: str | None = None, num_image_tokens: int = NUM_IMAGE_TOKENS,
-                         key: str = "") -> Sample:
-    """An image(s) + conversation sample; every assistant answer and its EOS is a loss target."""
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    text = f"{system}\n\n" if system else ""
-    answers: list[tuple[int, int]] = []
-    for turn in turns:
-        if turn.role == "user":
-            text += f"{USER}: {turn.text}\n\n"
-        elif turn.role == "assistant":
-            # The target starts right after the colon, its space included: inference prompts end at
-            # `<|Assistant|>:`, and a small vocabulary may encode that space as a token of its own.
-            text += f"{ASSISTANT}:"
-            answer = f" {turn.text}{EOS}"
-            answers.append((len(text), len(text) + len(answer)))
-            text += answer
-        else:
-            raise ValueError(f"unknown chat role {turn.role!r}")
+                         key: str = "", image_marker: str = IMAGE_PLACEHOLDER) -> Sample:
+    """An image(s) + conversation sample; every assistant answer and its EOS is a loss target.
+
+    An image goes wherever a user turn holds `image_marker`; everything else in the turns is text. Pass the data's own
+    marker (LLaVA's "<image>") so that an `<image_placeholder>` written in the data stays text too.
+    """
+    ids, answers, n_marked = _Layout(tokenizer).conversation(turns, system, num_image_tokens, image_marker)
     if not answers:
         raise ValueError("an understanding sample needs at least one assistant answer")
-    ids, offsets = _encode(tokenizer, text)
-    n_placeholders = ids.count(special.image_placeholder)
-    if n_placeholders != len(images):
-        raise ValueError(f"{n_placeholders} {IMAGE_PLACEHOLDER} marker(s) for {len(images)} image(s)")
-    spans = _token_spans(offsets, answers)
-    expanded, index_map = _expand_images(ids, special, num_image_tokens)
-    loss_spans = [(index_map[s], index_map[e]) for s, e in spans]
-    return Sample(task=UNDERSTANDING, input_ids=expanded, loss_spans=loss_spans, images=list(images), key=key)
+    if n_marked != len(images):
+        raise ValueError(f"{n_marked} {image_marker} marker(s) for {len(images)} image(s)")
+    return Sample(task=UNDERSTANDING, input_ids=ids, loss_spans=answers, images=list(images), key=key)
 
 
 def understanding_prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_images: int = 1,
                              system: str | None = JANUS_SYSTEM_PROMPT,
-                             num_image_tokens: int = NUM_IMAGE_TOKENS) -> list[int]:
+                             num_image_tokens: int = NUM_IMAGE_TOKENS, image_marker: str = IMAGE_PLACEHOLDER,
+                             ) -> list[int]:
     """The inference prompt of an understanding sample: everything before the answer, ending at
     `<|Assistant|>:` so the answer's first token (space included) is the model's to predict, as in training."""
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    if question.count(IMAGE_PLACEHOLDER) == 0 and n_images:
-        question = IMAGE_PLACEHOLDER * n_images + "\n" + question  # images first, as preprocessing puts them
-    text = (f"{system}\n\n" if system else "") + f"{USER}: {question}\n\n{ASSISTANT}:"
-    ids, _ = _encode(tokenizer, text)
-    found = ids.count(special.image_placeholder)
+    if question.count(image_marker) == 0 and n_images:
+        question = image_marker * n_images + "\n" + question  # images first, as preprocessing puts them
+    layout = _Layout(tokenizer)
+    ids, _, found = layout.conversation([Turn("user", question)], system, num_image_tokens, image_marker)
     if found != n_images:
-        raise ValueError(f"{found} {IMAGE_PLACEHOLDER} marker(s) for {n_images} image(s)")
-    return _expand_images(ids, special, num_image_tokens)[0]
+        raise ValueError(f"{found} {image_marker} marker(s) for {n_images} image(s)")
+    return ids + layout.assistant
 
 
 def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str) -> list[int]:
     """`<bos><|User|>: {caption}\\n\\n<|Assistant|>:<begin_of_image>`, as training and inference use it."""
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    ids, _ = _encode(tokenizer, f"{USER}: {caption}\n\n{ASSISTANT}:{BEGIN_OF_IMAGE}")
-    return [special.bos] + ids
+    layout = _Layout(tokenizer)
+    return ([layout.special.bos] + layout.user + layout.text(f": {caption}\n\n") + layout.assistant
+            + [layout.special.begin_of_image])
 
 
 def generation_sample(tokenizer: PreTrainedTokenizerBase, caption: str, image_ids: list[int],
@@ -159,7 +194,6 @@ def generation_sample(tokenizer: PreTrainedTokenizerBase, caption: str, image_id
 
 def text_sample(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True, key: str = "") -> Sample:
     """Plain next-token text; a piece cut from a longer document leaves `add_eos` off."""
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    ids, _ = _encode(tokenizer, text)
-    ids = [special.bos] + ids + ([special.eos] if add_eos else [])
+    layout = _Layout(tokenizer)
+    ids = [layout.special.bos] + layout.text(text) + ([layout.special.eos] if add_eos else [])
     return Sample(task=TEXT, input_ids=ids, loss_spans=[(1, len(ids))], key=key)

@@ -11,10 +11,21 @@ import io
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SIZE = 384
 PAD_COLOR = (127, 127, 127)
+# The only formats data is opened as. Without `formats=`, Image.open identifies every format Pillow has a plugin for
+# by content, whatever a file is called, and loading EPS/PS runs Ghostscript on the data.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def open_encoded(data: bytes) -> Image.Image:
+    """`data` opened (pixels not yet decoded) if it is one of ACCEPTED_FORMATS, else UnidentifiedImageError."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as exc:  # Pillow's own message names only the buffer object
+        raise UnidentifiedImageError(f"not an image in {', '.join(ACCEPTED_FORMATS)}") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -25,11 +36,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image.load()  # decode errors surface here, as before
     image = _upright(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # High bit depth: rescale the real range to 8 bits (a plain convert clips at 255).
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = Image.fromarray(((array - lo) * scale).round().astype(np.uint8), mode="L")
+        image = _stretched_to_8_bits(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -37,6 +44,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _stretched_to_8_bits(image: Image.Image) -> Image.Image:
+    """Mode L from a high-bit-depth image, its real range stretched to 0-255 (a plain convert clips at 255)."""
+    # In place and in float32, freed before the caller converts to RGB: float64 temporaries took 25 bytes a pixel,
+    # over 2 GB for a 1 MB 16-bit PNG at the pixel limit; now ~8 with the RGB result.
+    array = np.array(image, dtype=np.float32)
+    lo, hi = float(array.min()), float(array.max())
+    array -= lo
+    array *= 255.0 / (hi - lo) if hi > lo else 0.0
+    return Image.fromarray(np.rint(array, out=array).astype(np.uint8), mode="L")
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -53,15 +71,16 @@ def draft_for_transform(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Ima
     of the cost. Keeping 3x the target measured >= 47 dB from a full decode on 12 MP photos (bench/
     preprocess.py); 2x fell to 41 dB there, under the 45 dB contract. A no-op for other formats.
     """
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):  # Pillow opens a camera's multi-picture JPEG as MPO, a JPEG subclass
         image.draft("RGB", (3 * size, 3 * size))
     return image
 
 
-def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+def _resize(image: Image.Image, size: tuple[int, int],
+            box: tuple[float, float, float, float] | None = None) -> Image.Image:
     # reducing_gap=3: a fast box reduction by an integer factor first, then bicubic over >= 3x the
     # target; indistinguishable from a full bicubic (PIL's docs) and ~3x faster on large photos.
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def understanding_image(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
@@ -79,14 +98,25 @@ def understanding_image(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Ima
 
 
 def generation_image(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """Short side to `size`, then centre-crop the long side to `size`."""
+    """Short side to `size`, then centre-crop the long side to `size`.
+
+    Resampled straight from the kept box of the source: the sample points of resizing the whole image and then
+    cropping (Pillow may round between its two passes in the other order: a level or two on photos), with memory
+    bounded by the output. Resizing first scaled a 50000x32 strip to 600000x384 (~1 GB).
+    """
     image = to_rgb(image)
-    width, height = image.size
+    return _resize(image, (size, size), box=centre_crop_box(image.size, size))
+
+
+def centre_crop_box(source: tuple[int, int], size: int = IMAGE_SIZE) -> tuple[float, float, float, float]:
+    """The box, in source pixels, that "short side to `size`, centre-crop the long side" keeps."""
+    width, height = source
     scale = size / min(width, height)
     new_w, new_h = max(round(width * scale), size), max(round(height * scale), size)
-    resized = _resize(image, (new_w, new_h))
+    # The per-axis scales of that resize (rounding makes them differ a little), so the box samples the same points.
+    scale_x, scale_y = new_w / width, new_h / height
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    return resized.crop((left, top, left + size, top + size))
+    return left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y
 
 
 def pixel_values(images: list[Image.Image]) -> torch.Tensor:
@@ -116,4 +146,4 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 2.0) -> float:
 
 def decode_image(data: bytes, size: int = IMAGE_SIZE) -> Image.Image:
     """RGB from encoded bytes, a large JPEG decoded at reduced scale (see draft_for_transform)."""
-    return to_rgb(draft_for_transform(Image.open(io.BytesIO(data)), size))
+    return to_rgb(draft_for_transform(open_encoded(data), size))

@@ -3,7 +3,9 @@
 Shards are Arrow IPC *files* (memory-mappable) in SAMPLE_SCHEMA, each written under a temporary name
 and renamed when complete. The manifest records what made them (schema version, task, settings,
 tokenizer and VQ fingerprints) and, per shard, its rows and sha256, plus the row accounting
-`rows_in = rows_written + sum(skipped.values())`. Both preprocess/ and pipeline/ use this module.
+`rows_in = rows_written + sum(skipped.values())` and the input files that could not be read to their end
+(`files_failed`: their records read before the fault are counted in rows_in). Both preprocess/ and pipeline/
+use this module.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import torch
@@ -42,6 +44,7 @@ class Manifest:
     rows_written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    files_failed: list[dict] = field(default_factory=list)  # {"source", "reason"} per input file
 
     def check_accounting(self) -> None:
         if self.rows_in != self.rows_written + sum(self.skipped.values()):
@@ -76,7 +79,19 @@ class Manifest:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"{path}: schema version {data.get('schema_version')}, this code reads {SCHEMA_VERSION}")
         data["shards"] = [ShardEntry(**s) for s in data["shards"]]
+        for shard in data["shards"]:
+            if not inside_folder(shard.file):  # a manifest is data: it must not point a reader elsewhere
+                raise ValueError(f"{path}: shard file {shard.file!r} is not inside the manifest's folder")
         return cls(**data)
+
+
+def inside_folder(name: object) -> bool:
+    """Whether a manifest's `file` entry names a file in or under the manifest's folder (no absolute path,
+    no `..`, either slash)."""
+    if not isinstance(name, str) or not name:
+        return False
+    path = PurePosixPath(name.replace("\\", "/"))
+    return not path.is_absolute() and ".." not in path.parts and ":" not in path.parts[0]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

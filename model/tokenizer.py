@@ -19,6 +19,8 @@ BEGIN_OF_IMAGE = "<begin_of_image>"
 END_OF_IMAGE = "<end_of_image>"
 USER = "<|User|>"
 ASSISTANT = "<|Assistant|>"
+# The tokens the format writes itself; data encoded as text never produces them (model/chat_format.py).
+FORMAT_TOKENS = (BOS, EOS, PAD, IMAGE_PLACEHOLDER, BEGIN_OF_IMAGE, END_OF_IMAGE, USER, ASSISTANT)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def build_tokenizer(out_dir: str | Path, corpus: tuple[str, ...] | list[str] = D
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    specials = [BOS, EOS, PAD, IMAGE_PLACEHOLDER, BEGIN_OF_IMAGE, END_OF_IMAGE, USER, ASSISTANT]
+    specials = list(FORMAT_TOKENS)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -1,16 +1,30 @@
-"""`python -m preprocess {understanding,generation,text} --input ... --output DIR --tokenizer DIR [options]`."""
+"""`python -m preprocess {understanding,generation,text} --input ... --output DIR --tokenizer DIR [options]`.
+
+Exit codes: 0 done; 2 a usage or configuration mistake (one `error: --flag ...` line, before any work);
+3 the job wrote no row or skipped more than --max-skip-fraction of its rows (the summary says which; the
+manifest is still written).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from model.chat_format import JANUS_SYSTEM_PROMPT
 from model.config import DTYPES
 from model.manifest import Manifest
 from model.sample import TASKS
-from preprocess.job import JobConfig, run
+from preprocess.job import (
+    DEFAULT_MAX_SKIP_FRACTION,
+    EXIT_REJECTED,
+    EXIT_USAGE,
+    JobConfig,
+    JobRejected,
+    UsageError,
+    run,
+)
 from preprocess.records import DEFAULT_INSTRUCTIONS, ConvertConfig
 from preprocess.sources import FORMATS
 
@@ -45,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=int, default=None, help="embedded Ray: CPUs to use (default all)")
     p.add_argument("--gpus", type=int, default=None, help="embedded Ray: GPUs to use (default all)")
     p.add_argument("--address", default="", help="join this Ray cluster instead of starting an embedded one")
+    p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
+                   help="exit 3 when more than this fraction of the rows is skipped (1.0: never); a job that "
+                        "writes no row exits 3 whatever this says")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     return p
 
@@ -52,9 +69,13 @@ def parser() -> argparse.ArgumentParser:
 def read_instructions(path: str) -> tuple[str, ...]:
     if not path:
         return DEFAULT_INSTRUCTIONS
-    lines = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--instructions {path}: {error}") from None
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not lines:
-        raise ValueError(f"--instructions {path} holds no instruction")
+        raise UsageError(f"--instructions {path} holds no instruction")
     return lines
 
 
@@ -65,7 +86,9 @@ def vq_dtype_name(name: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     if args.shard_size < 1:
-        raise ValueError("--shard-size must be >= 1")
+        raise UsageError("--shard-size must be >= 1")
+    if not 0 <= args.max_skip_fraction <= 1:
+        raise UsageError(f"--max-skip-fraction {args.max_skip_fraction:g}: give a fraction from 0 to 1")
     convert = ConvertConfig(task=args.task, tokenizer=args.tokenizer, context=args.context,
                             image_format=args.image_format, max_pixels=args.max_pixels,
                             min_image_size=args.min_image_size, instructions=read_instructions(args.instructions),
@@ -74,12 +97,20 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      shard_size=args.shard_size, image_root=args.image_root, class_names=args.class_names,
                      vq=args.vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
                      vq_actors=args.vq_actors, cpus=args.cpus, gpus=args.gpus, address=args.address,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction)
 
 
 def main(argv: list[str] | None = None) -> Manifest:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(config_from_args(parser().parse_args(argv)))
+    args = parser().parse_args(argv)  # argparse's own mistakes exit 2 too
+    try:
+        return run(config_from_args(args))
+    except UsageError as error:  # a user's mistake: one line, no traceback
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE) from None
+    except JobRejected as error:  # the summary above says the rest
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REJECTED) from None
 
 
 def cli(argv: list[str] | None = None) -> None:

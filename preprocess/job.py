@@ -1,7 +1,7 @@
 """The Ray Data job: input shards -> read -> decode/transform/tokenise -> (VQ actors) -> Arrow shards + manifest.
 
-    from_items(pending shards) -> map_batches(read one shard)        tasks, one per input shard
-                               -> map_batches(convert_batch)         tasks: decode here, bad input = skip row
+    from_items(pending shards) -> map_batches(shard_rows)            tasks, one per input shard: read it, then
+                                                                     decode/convert; bad input = skip row
                                -> map_batches(VQStage)               generation only: a batched actor pool
                                -> iter_batches on the driver         rows regrouped by input shard; a shard is
                                                                      written when all its rows have arrived
@@ -10,6 +10,10 @@ Writing on the driver keeps one writer per output file (atomic rename, no append
 know when a shard is complete. A finished shard gets a progress record (`DIR/.progress/NAME.json`: its
 accounting, sha256 and the settings hash) *after* its file is renamed into place, so a rerun keeps exactly
 the shards that have both, redoes the rest and deletes temporary files a killed run left behind.
+
+Exit codes (preprocess/cli.py): 0 done; 2 a usage or configuration mistake, found before any work; 3 the job
+ran but wrote no row, or skipped more than `--max-skip-fraction` of its rows (the manifest is still written,
+so the counts per reason can be read; a rerun with a higher fraction keeps the shards written).
 """
 
 from __future__ import annotations
@@ -18,17 +22,22 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import ray
+import ray._private.ray_constants as ray_constants
 import torch
 from PIL import Image
+from ray._raylet import AuthenticationTokenLoader, Config
 
 from model.chat_format import generation_sample
 from model.config import DTYPES
@@ -45,13 +54,36 @@ from model.manifest import (
 )
 from model.sample import GENERATION, SAMPLE_SCHEMA, Sample, samples_to_table
 from model.vq import load_vq, vq_encode
-from preprocess.records import EMPTY_SHARD, OUT_SCHEMA, RAW_SCHEMA, ConvertConfig, cached_tokenizer, convert_batch
-from preprocess.sources import InputShard, list_shards, read_shard_records
+from preprocess.records import (
+    EMPTY_SHARD,
+    FILE_FAILED,
+    OUT_SCHEMA,
+    RAW_SCHEMA,
+    ConvertConfig,
+    cached_tokenizer,
+    convert_batch,
+)
+from preprocess.sources import InputShard, list_shards, read_shard_records, redact
 
 log = logging.getLogger("preprocess")
 PROGRESS_DIR = ".progress"
 # Test hook: SIGKILL this process while the n-th shard of the run is half written under its temporary name.
 KILL_ENV = "JANUS_PREPROCESS_TEST_KILL_AT_SHARD"
+EXIT_USAGE = 2
+EXIT_REJECTED = 3
+DEFAULT_MAX_SKIP_FRACTION = 0.5
+# Ray's switch for a single-machine Ray (meant for laptops): every Ray server then listens on 127.0.0.1 only
+# and no other node can join. Each process Ray starts reads it from the environment when it imports Ray.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files, found before any work: exit code 2, one line."""
+
+
+class JobRejected(RuntimeError):
+    """The job ran, but its output is not fit to train on (no row, or too many skipped): exit code 3."""
 
 
 @dataclass
@@ -72,6 +104,7 @@ class JobConfig:
     address: str = ""
     convert_batch_size: int = 16
     progress: bool = True
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # not in the settings hash: it decides no bytes
 
 
 @dataclass
@@ -86,6 +119,7 @@ class ShardResult:
     settings_hash: str
     skipped: dict[str, int] = field(default_factory=dict)
     bytes: int | None = None  # None in progress records written before sizes were recorded
+    files_failed: list[dict] = field(default_factory=list)  # {source, reason}: the input file broke or was unreadable
 
 
 def in_ray_job() -> bool:
@@ -97,7 +131,7 @@ def check_output_path(output: str) -> Path:
     path = Path(output)
     if not path.is_absolute() and in_ray_job():
         # A job runs in a temporary copy of --working-dir: a relative output would vanish with it.
-        raise ValueError(f"--output {output!r} is relative; under `ray job submit` the job runs in a copy of the "
+        raise UsageError(f"--output {output!r} is relative; under `ray job submit` the job runs in a copy of the "
                          "working directory that is deleted afterwards. Pass an absolute path on shared storage.")
     return path.resolve()
 
@@ -108,10 +142,10 @@ def job_settings(cfg: JobConfig, shards: list[InputShard], tok_fp: str, vq_fp: s
     convert["instructions"] = list(convert["instructions"])
     return {
         "input_format": cfg.input_format,
-        "inputs": cfg.inputs,
+        "inputs": [redact(i) for i in cfg.inputs],
         "input_shards": [s.source for s in shards],
         "shard_size": cfg.shard_size,
-        "image_root": cfg.image_root,
+        "image_root": redact(cfg.image_root),
         "class_names": cfg.class_names,
         "convert": convert,
         "tokenizer_fingerprint": tok_fp,
@@ -143,7 +177,7 @@ def finished_shards(out: Path, shards: list[InputShard], shash: str) -> dict[int
             continue
         result = ShardResult(**json.loads(record.read_text()))
         if result.settings_hash != shash:
-            raise ValueError(f"{out} holds shards made with different settings ({record.name}); use a new --output "
+            raise UsageError(f"{out} holds shards made with different settings ({record.name}); use a new --output "
                              "or delete the old one")
         if (out / result.file).is_file() and file_sha256(out / result.file) == result.sha256:
             done[shard.index] = result
@@ -152,10 +186,16 @@ def finished_shards(out: Path, shards: list[InputShard], shash: str) -> dict[int
     return done
 
 
-def read_batch(batch: pa.Table) -> pa.Table:
-    """`map_batches` body for the shard descriptors (one per batch): the raw records of that input shard."""
-    records = [r for desc in batch.to_pylist() for r in read_shard_records(InputShard(**desc))]
-    return pa.Table.from_pylist(records, schema=RAW_SCHEMA)
+def shard_rows(batch: pa.Table, cfg: ConvertConfig, chunk: int) -> Iterator[pa.Table]:
+    """`map_batches` body for one shard descriptor: that input shard's records, converted `chunk` at a time.
+
+    One task per input shard, by construction: as two fused `map_batches` steps Ray Data bundled as many
+    descriptors into a task as the convert step's batch size (16), so a small job ran in one task, and a
+    lost worker cost 16 shards."""
+    for desc in batch.to_pylist():
+        records = read_shard_records(InputShard(**desc))
+        for start in range(0, len(records), chunk):
+            yield convert_batch(pa.Table.from_pylist(records[start:start + chunk], schema=RAW_SCHEMA), cfg)
 
 
 class VQStage:
@@ -203,9 +243,13 @@ def vq_resources(cfg: JobConfig) -> dict:
 
 def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset:
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(read_batch, batch_format="pyarrow", batch_size=1)
-    ds = ds.map_batches(convert_batch, batch_format="pyarrow", batch_size=cfg.convert_batch_size,
-                        fn_kwargs={"cfg": cfg.convert})
+    # A task whose worker dies is run again by Ray Data itself (its map tasks retry system failures without
+    # limit, its actor pools restart actors); an exception in our code ends the job. Ray 2.60 deprecates
+    # passing Ray's task options (max_retries) here, so that default stays. A run-again task does not deliver
+    # rows twice (its generator's outputs are numbered), and a shard is written only when it holds exactly
+    # the rows its records announced.
+    ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1,
+                        fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size})
     if cfg.convert.task == GENERATION:
         res = vq_resources(cfg)
         ds = ds.map_batches(VQStage, batch_format="pyarrow", batch_size=cfg.vq_batch_size,
@@ -254,6 +298,9 @@ class ShardAssembler:
     def finish(self, index: int) -> None:
         shard = self.shards[index]
         rows = sorted(self.rows.pop(index), key=lambda r: (r["index"], r["part"]))
+        # A file that failed is not a row: it is listed, and its records read before the fault are counted.
+        failed = [{"source": shard.source, "reason": r["detail"]} for r in rows if r["skip"] == FILE_FAILED]
+        rows = [r for r in rows if r["skip"] != FILE_FAILED]
         skipped = Counter(r["skip"] for r in rows if r["skip"])
         for r in rows:
             if r["skip"] and self.skip_examples[r["skip"]] < 5:  # a few examples per reason, then only counts
@@ -268,9 +315,12 @@ class ShardAssembler:
         entry = write_shard(table, path)
         result = ShardResult(file=entry.file, source=shard.source, rows_in=len(rows), rows_written=entry.rows,
                              sha256=entry.sha256, bytes=entry.bytes, settings_hash=self.shash,
-                             skipped=dict(sorted(skipped.items())))
+                             skipped=dict(sorted(skipped.items())), files_failed=failed)
         record = self.out / PROGRESS_DIR / (entry.file + ".json")
-        atomic_write_bytes(record, (json.dumps(asdict(result), indent=2, sort_keys=True) + "\n").encode())
+        for problem in failed:
+            log.warning("input file failed: %s: %s", problem["source"], problem["reason"])
+        if not failed:  # no progress record: a rerun tries a failed file again (it may be fixed, or was a hiccup)
+            atomic_write_bytes(record, (json.dumps(asdict(result), indent=2, sort_keys=True) + "\n").encode())
         self.results[index] = result
         self.n_done += 1
         rate = sum(r.rows_in for r in self.results.values()) / max(time.time() - self.start, 1e-9)
@@ -294,38 +344,73 @@ class ShardAssembler:
             raise RuntimeError(f"the job ended before these input shards were complete: {missing[:5]}")
 
 
-def connect_ray(cfg: JobConfig) -> bool:
+@contextmanager
+def ray_connection(address: str = "", cpus: int | None = None, gpus: int | None = None) -> Iterator[None]:
     """Join the given cluster, the job's cluster (RAY_ADDRESS under `ray job submit`), or start an embedded
-    one. Returns whether we started the connection (and so should shut it down)."""
+    one that only this job can reach. A connection made here is closed on leaving."""
     if ray.is_initialized():
-        return False
-    if cfg.address:
-        ray.init(address=cfg.address, logging_level=logging.WARNING)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:
-        # address="local": never silently join some other cluster that `ray start` left on this machine.
-        ray.init(address="local", num_cpus=cfg.cpus, num_gpus=cfg.gpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
-    return True
+        yield
+        return
+    with ExitStack() as stack:
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or None, logging_level=logging.WARNING)
+        else:
+            stack.enter_context(private_ray_settings())
+            # address="local": never silently join some other cluster that `ray start` left on this machine.
+            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        stack.callback(ray.shutdown)
+        yield
+
+
+@contextmanager
+def private_ray_settings() -> Iterator[None]:
+    """An embedded Ray that nothing else can reach: its servers on the loopback address only, and token
+    authentication with a token made for this run (in the environment its processes inherit, never on disk),
+    even where the environment turned authentication off. Restored on leaving."""
+    saved = {k: os.environ.get(k) for k in (SINGLE_NODE_ENV, *AUTH_ENV)}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update({SINGLE_NODE_ENV: "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+    # This process imported Ray before it knew the run would be embedded: Ray read the single-node switch
+    # and the authentication settings then, so apply them here as its new processes will read them.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    reload_ray_auth()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        reload_ray_auth()
+
+
+def reload_ray_auth() -> None:
+    """Make this process use the authentication mode and token now in its environment (Ray caches both)."""
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def run(cfg: JobConfig) -> Manifest:
     """Run (or resume) the job; returns the manifest it wrote."""
     start = time.time()
     out = check_output_path(cfg.output)
-    tokenizer = cached_tokenizer(cfg.convert.tokenizer)
+    tokenizer = checked(cached_tokenizer, "--tokenizer", cfg.convert.tokenizer)
     vq_fp = None
     if cfg.convert.task == GENERATION:
         if not cfg.vq:
-            raise ValueError("generation needs --vq DIR (a JanusVQVAE directory or a Janus checkpoint)")
-        vq_fp = weights_fingerprint(load_vq(cfg.vq))  # also fails early, on the driver, if it cannot load
-    shards = list_shards(cfg.inputs, cfg.input_format, cfg.shard_size, cfg.image_root, cfg.class_names)
+            raise UsageError("generation needs --vq DIR (a JanusVQVAE directory or a Janus checkpoint)")
+        vq_fp = weights_fingerprint(checked(load_vq, "--vq", cfg.vq))  # fails early, on the driver
+    shards = checked(list_shards, "--input", cfg.inputs, cfg.input_format, cfg.shard_size, cfg.image_root,
+                     cfg.class_names)
     if not shards:
-        raise ValueError(f"no input shards found in {cfg.inputs}")
+        raise UsageError(f"--input: no input shards found in {cfg.inputs}")
     names = [s.output_name() for s in shards]
     if len(set(names)) != len(names):
-        raise ValueError("two inputs map to the same output shard name; pass each input once")
+        raise UsageError("--input: two inputs map to the same output shard name; pass each input once")
     settings = job_settings(cfg, shards, tokenizer_fingerprint(tokenizer), vq_fp)
     shash = settings_hash(settings)
 
@@ -339,20 +424,43 @@ def run(cfg: JobConfig) -> Manifest:
     results = dict(done)
     if pending:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # until this run ends, the shards do not match it
-        started = connect_ray(cfg)
-        try:
+        with ray_connection(cfg.address, cfg.cpus, cfg.gpus):
             ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
             assembler = ShardAssembler(out, pending, shash, len(shards), len(done))
             for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
                 assembler.add(batch)
             assembler.check_all_written()
             results.update(assembler.results)
-        finally:
-            if started:
-                ray.shutdown()
     manifest = write_manifest(out, cfg, shards, results, settings, vq_fp)
-    print_summary(manifest, out, shards, len(done), time.time() - start)
+    rejected = rejection(manifest, cfg.max_skip_fraction)
+    print_summary(manifest, out, shards, len(done), time.time() - start, rejected)
+    if rejected:
+        raise JobRejected(rejected)
     return manifest
+
+
+def checked(load, flag: str, *args):
+    """`load(*args)`, with a failure to read what the flag names reported as a usage error naming the flag."""
+    try:
+        return load(*args)
+    except (OSError, ValueError) as error:
+        raise UsageError(redact(f"{flag}: {error}")) from error  # a URL's credentials never reach the log
+
+
+def rejection(manifest: Manifest, max_skip_fraction: float) -> str | None:
+    """Why this output must not pass for a finished job (None: it may). No row at all is never fine, whatever
+    the fraction allows: a job that silently writes nothing is the failure this guards against."""
+    skipped = sum(manifest.skipped.values())
+    if manifest.rows_written == 0:
+        failed = f", {len(manifest.files_failed)} input files failed" if manifest.files_failed else ""
+        return f"no row was written ({manifest.rows_in} rows in, {skipped} skipped{failed})"
+    if skipped > max_skip_fraction * manifest.rows_in:
+        return (f"{skipped} of {manifest.rows_in} rows skipped ({skipped / manifest.rows_in:.0%}), more than "
+                f"--max-skip-fraction {max_skip_fraction:g} (a rerun with a higher one keeps the shards written)")
+    if len(manifest.files_failed) > max_skip_fraction * len(manifest.shards):  # 999 of 1000 tars unreadable
+        return (f"{len(manifest.files_failed)} of {len(manifest.shards)} input shards could not be read, more than "
+                f"--max-skip-fraction {max_skip_fraction:g} (a rerun reads them again and keeps the shards written)")
+    return None
 
 
 def write_manifest(out: Path, cfg: JobConfig, shards: list[InputShard], results: dict[int, ShardResult],
@@ -366,13 +474,14 @@ def write_manifest(out: Path, cfg: JobConfig, shards: list[InputShard], results:
         vq_dtype=settings["vq_dtype"], settings=settings,
         shards=[ShardEntry(file=r.file, rows=r.rows_written, sha256=r.sha256, bytes=r.bytes) for r in ordered],
         rows_in=sum(r.rows_in for r in ordered), rows_written=sum(r.rows_written for r in ordered),
-        skipped=dict(sorted(skipped.items())),
+        skipped=dict(sorted(skipped.items())), files_failed=[f for r in ordered for f in r.files_failed],
     )
     manifest.write(out)
     return manifest
 
 
-def print_summary(manifest: Manifest, out: Path, shards: list[InputShard], n_resumed: int, seconds: float) -> None:
+def print_summary(manifest: Manifest, out: Path, shards: list[InputShard], n_resumed: int, seconds: float,
+                  rejected: str | None = None) -> None:
     size = sum((out / s.file).stat().st_size for s in manifest.shards)
     per_sample = size / max(manifest.rows_written, 1)
     lines = [
@@ -384,6 +493,9 @@ def print_summary(manifest: Manifest, out: Path, shards: list[InputShard], n_res
         f"rows skipped   {sum(manifest.skipped.values())}",
     ]
     lines += [f"  {reason:<20} {count}" for reason, count in manifest.skipped.items()]
+    lines.append(f"files failed   {len(manifest.files_failed)}" + (" (the first 10; all in the manifest)"
+                                                                 if len(manifest.files_failed) > 10 else ""))
+    lines += [f"  {f['source']}: {f['reason']}" for f in manifest.files_failed[:10]]
     lines += [
         f"bytes          {size / 1e6:.2f} MB, {per_sample / 1e3:.1f} KB per sample",
         f"tokenizer      {manifest.tokenizer_fingerprint[:16]}",
@@ -391,4 +503,6 @@ def print_summary(manifest: Manifest, out: Path, shards: list[InputShard], n_res
     if manifest.vq_fingerprint:
         lines.append(f"vq             {manifest.vq_fingerprint[:16]} ({manifest.vq_dtype})")
     lines.append(f"manifest       {out / MANIFEST_NAME}")
+    if rejected:
+        lines.append(f"FAILED (exit {EXIT_REJECTED}): {rejected}; the manifest is written to inspect the counts")
     print("\n".join(lines), file=sys.stdout, flush=True)

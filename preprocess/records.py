@@ -9,7 +9,6 @@ cannot become a sample becomes one row with `skip` set to a reason, so that ever
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from model.chat_format import (
     JANUS_SYSTEM_PROMPT,
     NUM_IMAGE_TOKENS,
     Turn,
+    encode_text,
     generation_prompt_ids,
     text_sample,
     understanding_sample,
@@ -33,27 +33,61 @@ from model.images import (
     draft_for_transform,
     encode_image,
     generation_image,
+    open_encoded,
     to_rgb,
     understanding_image,
 )
 from model.sample import GENERATION, SAMPLE_SCHEMA, TEXT, UNDERSTANDING, Sample
-from model.tokenizer import IMAGE_PLACEHOLDER, load_tokenizer
+from model.tokenizer import load_tokenizer
 
-# Skip reasons (the manifest counts rows per reason).
+# Skip reasons (the manifest counts rows per reason). SKIP_REASONS below says what each one means.
 IMAGE_MISSING = "image_missing"
 IMAGE_EMPTY = "image_empty"
-IMAGE_UNREADABLE = "image_unreadable"  # not an image format PIL knows (random bytes)
+IMAGE_UNREADABLE = "image_unreadable"  # not one of the accepted formats (JPEG, PNG, WebP, GIF, BMP, TIFF)
 IMAGE_CORRUPT = "image_corrupt"  # a known format that fails to decode (truncated)
 IMAGE_TOO_LARGE = "image_too_large"
 IMAGE_TOO_SMALL = "image_too_small"
+IMAGE_PATH_UNSAFE = "image_path_unsafe"
 TEXT_MISSING = "text_missing"
 TEXT_EMPTY = "text_empty"
 TEXT_NOT_UTF8 = "text_not_utf8"
 TOO_LONG = "too_long"
 BAD_RECORD = "bad_record"
+UNKNOWN_FORMAT = "unknown_format"
+TAR_TRUNCATED = "tar_truncated"
+DUPLICATE_MEMBER = "duplicate_member"
+MEMBER_NOT_FILE = "member_not_file"
+
+SKIP_REASONS = {
+    IMAGE_MISSING: "no image: the sample names none, or its file or tar member is absent or unreadable",
+    IMAGE_EMPTY: "the image file is 0 bytes",
+    IMAGE_UNREADABLE: "not one of the accepted formats (JPEG, PNG, WebP, GIF, BMP, TIFF): random bytes, or an "
+                      "EPS/PDF/... never opened",
+    IMAGE_CORRUPT: "an accepted image format that fails to decode (e.g. a truncated JPEG)",
+    IMAGE_TOO_LARGE: "more pixels than --max-pixels",
+    IMAGE_TOO_SMALL: "a side shorter than --min-image-size",
+    IMAGE_PATH_UNSAFE: "a LLaVA/ShareGPT image path that is absolute or climbs out of --image-root (never read)",
+    TEXT_MISSING: "no caption / no text field",
+    TEXT_EMPTY: "the caption or text is blank",
+    TEXT_NOT_UTF8: "the caption or line is not UTF-8",
+    TOO_LONG: "the sample is longer than --context tokens",
+    BAD_RECORD: "a field of the record has the wrong type or value; the detail names the field",
+    UNKNOWN_FORMAT: "a record that is not in its file's format (e.g. no `conversations` in LLaVA data), or not in "
+                    "one its task reads (a text document for understanding/generation, an image record for text)",
+    TAR_TRUNCATED: "the record where a tar breaks (cut, corrupt): it may lack members; the file is in files_failed",
+    DUPLICATE_MEMBER: "a tar holds a member name (key.ext) twice: which copy is meant is unknown",
+    MEMBER_NOT_FILE: "a tar member of the sample is a symlink, hard link or device, not a file",
+}
 
 # An input shard with no records still needs one row so that the driver learns it is finished.
 EMPTY_SHARD = "__empty_shard__"
+# A record that stands for an input file that could not be read (to its end): the row carries the reason to the
+# driver, which lists it in the manifest's files_failed instead of counting it as a row.
+FILE_FAILED = "__file_failed__"
+
+# Where an image goes in a LLaVA or ShareGPT turn, as both write it. Kept as the marker (never rewritten to Janus's
+# <image_placeholder>), so that any other text in a turn, a quoted <image_placeholder> included, stays text.
+IMAGE_MARKER = "<image>"
 
 DEFAULT_INSTRUCTIONS = (
     "Describe this image.",
@@ -72,6 +106,7 @@ RAW_SCHEMA = pa.schema([
     pa.field("text", pa.binary()),  # raw caption / JSONL line bytes: UTF-8 is checked when converting
     pa.field("meta", pa.string()),  # JSON: conversations, class name, img2dataset json, ...
     pa.field("error", pa.string()),  # a skip reason found while reading (e.g. a missing image file)
+    pa.field("detail", pa.string()),  # what exactly, e.g. which field was wrong
 ])
 
 OUT_SCHEMA = pa.schema(
@@ -112,7 +147,7 @@ class Skip(Exception):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @lru_cache(maxsize=4)
@@ -131,7 +166,7 @@ def open_image(data: bytes | None, cfg: ConvertConfig) -> Image.Image:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; PIL's warning between 1x and 2x its limit is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = open_encoded(data)  # JPEG, PNG, WebP, GIF, BMP, TIFF: an EPS is never handed to Ghostscript
     except Image.DecompressionBombError as exc:
         raise Skip(IMAGE_TOO_LARGE, str(exc)) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -179,41 +214,87 @@ def pick_instruction(key: str, instructions: tuple[str, ...]) -> str:
     return instructions[digest % len(instructions)]
 
 
-def llava_turns(conversations: list) -> list[Turn]:
-    """LLaVA `conversations` (from human/gpt, `<image>` markers) -> Turns with Janus image placeholders."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-    turns = []
-    for message in conversations:
-        if not (isinstance(message, dict) and message.get("from") in roles and isinstance(message.get("value"), str)):
-            raise Skip(BAD_RECORD, f"bad conversation message {str(message)[:80]!r}")
-        turns.append(Turn(roles[message["from"]], message["value"].replace("<image>", IMAGE_PLACEHOLDER)))
-    return turns
+def type_name(value: object) -> str:
+    """JSON's name for a value's type, for details that name what a field held."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
-def understanding_turns(record: dict, n_images: int, cfg: ConvertConfig) -> list[Turn]:
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one chat format spells a record: LLaVA `conversations` (from/value, human/gpt) and `image`, or
+    ShareGPT/LLaMA-Factory `messages` (role/content, user/assistant, an optional first system message) and
+    `images`. The conversation field is what tells the formats apart."""
+
+    name: str
+    field: str
+    role: str
+    text: str
+    roles: dict
+    images: str
+
+
+CHAT_FORMATS = (
+    ChatFormat("llava", "conversations", "from", "value",
+               {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}, "image"),
+    ChatFormat("sharegpt", "messages", "role", "content",
+               {"user": "user", "assistant": "assistant", "system": "system"}, "images"),
+)
+
+
+def chat_turns(messages: object, chat: ChatFormat) -> tuple[str | None, list[Turn]]:
+    """(system prompt or None, Turns with the data's IMAGE_MARKERs); a wrong field is a skip that names it."""
+    if not isinstance(messages, list):
+        raise Skip(BAD_RECORD, f"{chat.field}: expected a list, got {type_name(messages)}")
+    system, turns = None, []
+    for j, message in enumerate(messages):
+        where = f"{chat.field}[{j}]"
+        if not isinstance(message, dict):
+            raise Skip(BAD_RECORD, f"{where}: expected an object, got {type_name(message)}")
+        for name in (chat.role, chat.text):
+            if name not in message:
+                raise Skip(BAD_RECORD, f"{where}.{name}: missing")
+        role, text = chat.roles.get(str(message[chat.role])), message[chat.text]
+        if role is None:
+            raise Skip(BAD_RECORD, f"{where}.{chat.role}: {str(message[chat.role])[:40]!r} is not one of "
+                                   f"{sorted(chat.roles)}")
+        if role == "system" and j > 0:
+            raise Skip(BAD_RECORD, f"{where}.{chat.role}: a system message comes first or not at all")
+        if not isinstance(text, str):
+            raise Skip(BAD_RECORD, f"{where}.{chat.text}: expected a string, got {type_name(text)}")
+        if role == "system":
+            system = text
+        else:
+            turns.append(Turn(role, text))
+    return system, turns
+
+
+def understanding_turns(record: dict, n_images: int, cfg: ConvertConfig) -> tuple[str | None, list[Turn]]:
+    """(system prompt, turns): the record's own conversation, or an instruction answered by its caption."""
     meta = json.loads(record["meta"]) if record.get("meta") else {}
-    if "conversations" in meta:
-        turns = llava_turns(meta["conversations"])
-        placed = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns if t.role == "user")
+    chat = next((c for c in CHAT_FORMATS if c.field in meta), None)
+    if chat is not None:
+        system, turns = chat_turns(meta[chat.field], chat)
+        placed = sum(t.text.count(IMAGE_MARKER) for t in turns if t.role == "user")
         if placed == 0 and n_images and turns and turns[0].role == "user":
             # LLaVA data sometimes omits the <image> marker: the images go before the first question.
-            turns[0] = Turn("user", IMAGE_PLACEHOLDER * n_images + "\n" + turns[0].text)
-        return turns
+            turns[0] = Turn("user", IMAGE_MARKER * n_images + "\n" + turns[0].text)
+        return (cfg.system_prompt if system is None else system), turns
     caption = record_caption(record)  # caption-only data: ask an instruction, answer with the caption
     instruction = pick_instruction(record["key"], cfg.instructions)
-    return [Turn("user", IMAGE_PLACEHOLDER * n_images + "\n" + instruction), Turn("assistant", caption)]
+    return cfg.system_prompt, [Turn("user", IMAGE_MARKER * n_images + "\n" + instruction),
+                               Turn("assistant", caption)]
 
 
 def convert_understanding(record: dict, cfg: ConvertConfig) -> list[dict]:
-    if record.get("error"):
-        raise Skip(record["error"])
     images = [encode_image(understanding_image(open_image(b, cfg)), cfg.image_format) for b in record["images"]]
-    turns = understanding_turns(record, len(images), cfg)
+    system, turns = understanding_turns(record, len(images), cfg)
     tokenizer = cached_tokenizer(cfg.tokenizer)
     try:
-        sample = understanding_sample(tokenizer, turns, images, system=cfg.system_prompt,
-                                      num_image_tokens=cfg.num_image_tokens, key=record["key"])
-    except ValueError as exc:  # e.g. a caption that itself contains the placeholder text
+        sample = understanding_sample(tokenizer, turns, images, system=system, num_image_tokens=cfg.num_image_tokens,
+                                      key=record["key"], image_marker=IMAGE_MARKER)
+    except ValueError as exc:  # <image> markers that do not match the images; text the tokenizer cannot keep plain
         raise Skip(BAD_RECORD, str(exc)) from exc
     if len(sample.input_ids) > cfg.context:
         raise Skip(TOO_LONG, f"{len(sample.input_ids)} tokens")
@@ -222,13 +303,14 @@ def convert_understanding(record: dict, cfg: ConvertConfig) -> list[dict]:
 
 def convert_generation(record: dict, cfg: ConvertConfig) -> list[dict]:
     """The transformed image goes on as raw pixels; the VQ actor turns it into ids and builds the sample."""
-    if record.get("error"):
-        raise Skip(record["error"])
     if len(record["images"]) != 1:
         raise Skip(BAD_RECORD, f"{len(record['images'])} images; generation takes one")
     caption = record_caption(record)
     image = generation_image(open_image(record["images"][0], cfg))
-    prompt = generation_prompt_ids(cached_tokenizer(cfg.tokenizer), caption)
+    try:
+        prompt = generation_prompt_ids(cached_tokenizer(cfg.tokenizer), caption)
+    except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
+        raise Skip(BAD_RECORD, f"caption: {exc}") from exc
     if len(prompt) + cfg.num_image_tokens + 1 > cfg.context:  # + <end_of_image>
         raise Skip(TOO_LONG, f"{len(prompt)} prompt tokens")
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
@@ -238,7 +320,7 @@ def convert_generation(record: dict, cfg: ConvertConfig) -> list[dict]:
 
 def split_document(tokenizer: PreTrainedTokenizerBase, text: str, context: int, key: str) -> list[Sample]:
     """Context-sized pieces of one document, cut at token boundaries; only the last piece ends in EOS."""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = encode_text(tokenizer, text)[1]  # as text_sample encodes each piece: special strings spelled out
     budget = context - 2  # BOS and EOS
     pieces: list[Sample] = []
     start = 0
@@ -259,8 +341,6 @@ def split_document(tokenizer: PreTrainedTokenizerBase, text: str, context: int, 
 
 
 def convert_text(record: dict, cfg: ConvertConfig) -> list[dict]:
-    if record.get("error"):
-        raise Skip(record["error"])
     line = decode_text(record["text"])
     try:
         obj = json.loads(line)
@@ -271,10 +351,28 @@ def convert_text(record: dict, cfg: ConvertConfig) -> list[dict]:
         raise Skip(TEXT_MISSING, f"no string field {cfg.text_field!r}")
     if not text.strip():
         raise Skip(TEXT_EMPTY)
-    return [s.to_row() for s in split_document(cached_tokenizer(cfg.tokenizer), text, cfg.context, record["key"])]
+    try:
+        pieces = split_document(cached_tokenizer(cfg.tokenizer), text, cfg.context, record["key"])
+    except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
+        raise Skip(BAD_RECORD, f"{cfg.text_field}: {exc}") from exc
+    return [s.to_row() for s in pieces]
 
 
 CONVERTERS = {UNDERSTANDING: convert_understanding, GENERATION: convert_generation, TEXT: convert_text}
+
+
+def is_document(record: dict) -> bool:
+    """A line of a text corpus: text and nothing else (image records carry images, chat records a conversation)."""
+    return not record["images"] and not record.get("meta")
+
+
+def check_task_reads(record: dict, task: str) -> None:
+    """A record of a shape its task does not read is a skip: a JSON line is never taken for a caption (it would
+    become an understanding answer with no image), nor a caption for a document."""
+    if task == TEXT and not is_document(record):
+        raise Skip(UNKNOWN_FORMAT, "an image or chat record; the text task reads JSON lines of documents")
+    if task != TEXT and is_document(record):
+        raise Skip(UNKNOWN_FORMAT, f"a text document; the {task} task reads images with captions or conversations")
 
 
 def convert_record(record: dict, cfg: ConvertConfig) -> list[dict]:
@@ -282,7 +380,13 @@ def convert_record(record: dict, cfg: ConvertConfig) -> list[dict]:
     bookkeeping = {"shard": record["shard"], "index": record["index"], "total": record["total"]}
     if record.get("error") == EMPTY_SHARD:
         return [{**bookkeeping, "key": "", "task": cfg.task, "part": 0, "parts": 0, "skip": EMPTY_SHARD}]
+    if record.get("error") == FILE_FAILED:
+        return [{**bookkeeping, "key": "", "task": cfg.task, "part": 0, "parts": 1, "skip": FILE_FAILED,
+                 "detail": record["detail"]}]
     try:
+        if record.get("error"):  # found while reading: a missing image file, a field of the wrong type, ...
+            raise Skip(record["error"], record.get("detail") or "")
+        check_task_reads(record, cfg.task)
         rows = CONVERTERS[cfg.task](record, cfg)
     except Skip as skip:
         rows = [{"key": record["key"], "task": cfg.task, "skip": skip.reason, "detail": str(skip)[:200]}]

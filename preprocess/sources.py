@@ -1,51 +1,101 @@
 """Input formats: list the input shards of a dataset (on the driver) and read one shard's raw records (in a task).
 
 An input shard is the unit of work and of output: one output `.arrow` file per input shard, named from it.
-- wds:      one webdataset tar per shard (img2dataset layout: key.jpg|png|webp + key.txt / key.json), local
-            path or any URL fsspec opens; brace patterns like `{00000..00099}.tar` are expanded.
-- llava:    a LLaVA JSON list (`image` str or list, `conversations`), cut into `--shard-size` entries per shard.
-- imagenet: class folders `ROOT/<wnid>/*.JPEG` plus a class-name file, cut into `--shard-size` images.
+- wds:      one webdataset tar per shard (img2dataset layout: key.jpg|png|webp + key.txt / key.json), plain or
+            gzip/bzip2/xz-compressed, local path or any URL fsspec opens; brace patterns like `{00000..00099}.tar`
+            are expanded.
+- llava:    LLaVA records (`image` str or list, `conversations` of from/value), cut into `--shard-size` records.
+- sharegpt: ShareGPT/LLaMA-Factory records (`messages` of role/content, `images`), cut the same way.
 - jsonl:    JSON lines with a text field, cut into `--shard-size` lines per shard (by byte offset).
+- imagenet: class folders `ROOT/<wnid>/*.JPEG` plus a class-name file, cut into `--shard-size` images.
+
+A `.json`/`.jsonl` file is one JSON list or JSON lines (its first character decides), and its first record that
+is a JSON object decides its format: `conversations` -> llava, `messages` -> sharegpt, else (lines) jsonl text.
+`--input-format` overrides that for every input. A record not in its file's format is a skip, never reread as
+another format.
+
+Nothing read here stops the job: a file that cannot be read is listed in the manifest's files_failed, a tar that
+breaks part way keeps the records before the break, and a bad record is a counted skip. `source` (what the
+manifest, logs and skip records name) never holds credentials: see `redact`.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
+import posixpath
 import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import fsspec
 from braceexpand import braceexpand
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
-from preprocess.records import BAD_RECORD, EMPTY_SHARD, IMAGE_MISSING
+from preprocess.records import (
+    BAD_RECORD,
+    CHAT_FORMATS,
+    DUPLICATE_MEMBER,
+    EMPTY_SHARD,
+    FILE_FAILED,
+    IMAGE_MISSING,
+    IMAGE_PATH_UNSAFE,
+    MEMBER_NOT_FILE,
+    TAR_TRUNCATED,
+    UNKNOWN_FORMAT,
+    Skip,
+    type_name,
+)
 
-FORMATS = ("wds", "llava", "imagenet", "jsonl")
+FORMATS = ("wds", "llava", "sharegpt", "imagenet", "jsonl")
+CHATS = {chat.name: chat for chat in CHAT_FORMATS}
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILE = re.compile(r"\.(jpe?g|png|webp|bmp|gif|tiff?)$", re.IGNORECASE)
+TAR_FILE = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
+DETECT_LINES = 100  # JSON lines: how far to look for the first record that is an object
+WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members (`__key__`...): not sample data
+
+# user:password@ in a URL, and the value of any query parameter that looks like a credential (S3/GCS presigned
+# X-*-Signature/-Credential/-Security-Token, Azure SAS `sig`, `token`, `access_token`, `api_key`, ...).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@]*(?::[^\s@]*)?@")
+_SECRET_PARAM = re.compile(r"(?P<name>[?&;][^=&#\s]*(?:sig|token|key|secret|credential|passw|auth|session)[^=&#\s]*=)"
+                           r"[^&#\s'\"]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by `***`: what manifests, logs and skip details may
+    hold. Applied where `source` is built and to every failure message a reader makes."""
+    return _SECRET_PARAM.sub(r"\g<name>***", _USERINFO.sub(r"\g<scheme>***@", text))
 
 
 @dataclass
 class InputShard:
-    """One unit of work. `source` names it (path/URL + slice) and decides the output file name."""
+    """One unit of work. `source` names it (redacted path/URL + slice) and decides the output file name;
+    `path` is what to open, credentials included, and is never written anywhere."""
 
     index: int
     format: str
     source: str
     path: str = ""
-    start: int = 0  # jsonl: byte offset; llava/imagenet: first entry
+    start: int = 0  # JSON lines: byte offset; JSON list / imagenet: first entry
     count: int = 0
-    entries: list = field(default_factory=list)  # llava entries or imagenet [path, class name] pairs
+    entries: list = field(default_factory=list)  # JSON-list records or imagenet [path, class name] pairs
     image_root: str = ""
+    lines: bool = False  # records are the `count` lines from byte `start` (else `entries`)
+    failure: str = ""  # the file could not be listed: the shard stands for it in files_failed
 
     def output_name(self) -> str:
         """Deterministic and stable when other inputs are added: readable stem + hash of the source."""
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.source.split("#")[0]).name)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(file_part(self.source.split("#")[0])).name)
         stem = re.sub(r"\.(tar|json|jsonl)$", "", stem)[:60]
         digest = hashlib.sha256(self.source.encode()).hexdigest()[:10]
         return f"{stem}-{digest}.arrow"
@@ -54,16 +104,32 @@ class InputShard:
         return asdict(self)
 
 
-def detect_format(path: str) -> str:
-    if path.endswith(".tar") or "{" in path:
+def file_part(path: str) -> str:
+    """A URL without its query (`?X-Amz-...`), so that its name ends in the file's extension."""
+    return urlsplit(path).path if "://" in path else path
+
+
+def fault(exc: BaseException) -> str:
+    """One line naming an exception, credentials removed (exceptions of fsspec and HTTP clients quote URLs)."""
+    return redact(f"{type(exc).__name__}: {exc}")[:500]
+
+
+# --- listing (driver) ---
+
+def path_kind(path: str, fmt: str) -> str:
+    """wds, imagenet, or json (a JSON list or JSON lines, whose records decide llava/sharegpt/jsonl)."""
+    if fmt in ("wds", "imagenet"):
+        return fmt
+    if fmt != "auto":
+        return "json"
+    name = file_part(path)
+    if TAR_FILE.search(name) or "{" in name:
         return "wds"
-    if path.endswith(".jsonl"):
-        return "jsonl"
-    if path.endswith(".json"):
-        return "llava"
+    if name.endswith((".json", ".jsonl")):
+        return "json"
     if os.path.isdir(path):
         return "imagenet"
-    raise ValueError(f"cannot tell the input format of {path!r}; pass --input-format ({', '.join(FORMATS)})")
+    raise ValueError(f"cannot tell the input format of {redact(path)!r}; pass --input-format ({', '.join(FORMATS)})")
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -83,46 +149,78 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def list_shards(inputs: list[str], fmt: str, shard_size: int, image_root: str = "",
                 class_names: str = "") -> list[InputShard]:
-    paths = expand_inputs(inputs)
+    if fmt not in ("auto", *FORMATS):
+        raise ValueError(f"unknown input format {fmt!r}; choose one of {FORMATS}")
     shards: list[InputShard] = []
-    for path in paths:
-        kind = detect_format(path) if fmt == "auto" else fmt
+    for path in expand_inputs(inputs):
+        kind = path_kind(path, fmt)
         if kind == "wds":
-            shards.append(InputShard(len(shards), kind, path, path=path))
-        elif kind == "jsonl":
-            shards += jsonl_shards(path, shard_size, len(shards))
-        elif kind == "llava":
-            shards += llava_shards(path, shard_size, image_root, len(shards))
+            shards.append(InputShard(len(shards), kind, redact(path), path=path))
         elif kind == "imagenet":
             shards += imagenet_shards(path, shard_size, class_names, len(shards))
         else:
-            raise ValueError(f"unknown input format {kind!r}; choose one of {FORMATS}")
+            try:
+                shards += json_shards(path, fmt, shard_size, image_root, len(shards))
+            except Exception as exc:  # unreadable or not JSON: the job goes on, the manifest lists the file
+                shards.append(InputShard(len(shards), "failed", f"{redact(path)}#0", path=path, failure=fault(exc)))
     return shards
 
 
-def jsonl_shards(path: str, shard_size: int, first: int) -> list[InputShard]:
-    """Byte offsets of every `shard_size`-th line, so a task seeks straight to its slice."""
-    starts, lines, offset = [], 0, 0
+def json_shards(path: str, fmt: str, shard_size: int, image_root: str, first: int) -> list[InputShard]:
+    """A JSON list (`[` first) or JSON lines, cut into `shard_size` records; its records decide the format."""
+    root = image_root or posixpath.dirname(path) or "."
     with fsspec.open(path, "rb") as f:
-        for line in f:
-            if lines % shard_size == 0:
-                starts.append(offset)
-            lines += 1
-            offset += len(line)
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte-order mark, then blanks
+        f.seek(0)
+        if head.startswith(b"["):
+            entries = json.load(f)
+            kind = fmt if fmt != "auto" else (list_format(entries) or "llava")
+            chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)] or [[]]
+            return [InputShard(first + i, kind, f"{redact(path)}#{i}", path=path, start=i * shard_size,
+                               count=len(chunk), entries=chunk, image_root=root) for i, chunk in enumerate(chunks)]
+        starts, lines, kind = line_starts(f, shard_size)
+    kind = fmt if fmt != "auto" else kind
     counts = [min(shard_size, lines - i * shard_size) for i in range(len(starts))]
-    return [InputShard(first + i, "jsonl", f"{path}#{i}", path=path, start=s, count=c)
-            for i, (s, c) in enumerate(zip(starts, counts, strict=True))]
+    return [InputShard(first + i, kind, f"{redact(path)}#{i}", path=path, start=s, count=c, image_root=root,
+                       lines=True) for i, (s, c) in enumerate(zip(starts, counts, strict=True))]
 
 
-def llava_shards(path: str, shard_size: int, image_root: str, first: int) -> list[InputShard]:
-    with fsspec.open(path, "rb") as f:
-        entries = json.load(f)
+def record_format(record: object) -> str | None:
+    """The chat format whose identifying field a record has, if any."""
+    if isinstance(record, dict):
+        return next((chat.name for chat in CHAT_FORMATS if chat.field in record), None)
+    return None
+
+
+def list_format(entries: object) -> str | None:
+    """The format of a JSON list: its first object's."""
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: a LLaVA JSON file holds a list of samples, found {type(entries).__name__}")
-    root = image_root or str(Path(path).parent)
-    chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)] or [[]]
-    return [InputShard(first + i, "llava", f"{path}#{i}", path=path, start=i * shard_size, count=len(chunk),
-                       entries=chunk, image_root=root) for i, chunk in enumerate(chunks)]
+        raise ValueError(f"a JSON input holds a list of records, found {type_name(entries)}")
+    return record_format(next((e for e in entries if isinstance(e, dict)), None))
+
+
+def line_starts(f, shard_size: int) -> tuple[list[int], int, str]:
+    """Byte offsets of every `shard_size`-th line (so a task seeks straight to its slice), the number of lines,
+    and the format of the first line that is a JSON object (jsonl text if it is in no chat format, or if none of
+    the first DETECT_LINES lines is an object)."""
+    starts, lines, offset, kind = [], 0, 0, None
+    for line in f:
+        if lines % shard_size == 0:
+            starts.append(offset)
+        if kind is None and lines < DETECT_LINES:
+            kind = line_object_format(line)
+        lines += 1
+        offset += len(line)
+    return starts, lines, kind or "jsonl"
+
+
+def line_object_format(line: bytes) -> str | None:
+    """For detection: the format of a line that is a JSON object; None when it is not one (look further)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return (record_format(record) or "jsonl") if isinstance(record, dict) else None
 
 
 def read_class_names(path: str) -> dict[str, str]:
@@ -160,58 +258,262 @@ def imagenet_shards(root: str, shard_size: int, class_names: str, first: int) ->
                        count=len(chunk), entries=chunk, image_root=root) for i, chunk in enumerate(chunks)]
 
 
+# --- reading (tasks) ---
+
+class InputFault(Exception):
+    """The input file broke after some of its records were read; the message says where and why."""
+
+
 def _record(index: int, key: str, images: list[bytes] | None = None, text: bytes | None = None,
-            meta: dict | None = None, error: str | None = None) -> dict:
+            meta: dict | None = None, error: str | None = None, detail: str = "") -> dict:
     return {"index": index, "key": key, "images": images or [], "text": text,
-            "meta": json.dumps(meta, sort_keys=True) if meta else None, "error": error}
+            "meta": json.dumps(meta, sort_keys=True) if meta else None, "error": error,
+            "detail": redact(detail)[:500] if detail else None}
+
+
+def _skipped(index: int, key: str, skip: Skip) -> dict:
+    return _record(index, key, error=skip.reason, detail=skip.detail)
+
+
+class _Prefixed:
+    """A stream with its first bytes (read to sniff the compression) put back in front."""
+
+    def __init__(self, head: bytes, rest) -> None:
+        self.head, self.rest = head, rest
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.rest.read(size)
+        if size is None or size < 0:
+            out, self.head = self.head + self.rest.read(), b""
+        else:
+            out, self.head = self.head[:size], self.head[size:]
+        return out
+
+
+class _TarBytes:
+    """The uncompressed tar stream as tarfile reads it, remembering where it last held a non-zero byte."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.pos, self.data_end = raw, 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.raw.read(size)
+        used = len(chunk.rstrip(b"\0"))
+        if used:
+            self.data_end = self.pos + used
+        self.pos += len(chunk)
+        return chunk
+
+
+def uncompressed(stream) -> _TarBytes:
+    """Decompress here rather than in tarfile: these readers raise on a bad CRC or a cut stream, which tarfile's
+    own stream mode can pass over quietly."""
+    head = stream.read(6)
+    raw = _Prefixed(head, stream)
+    if head.startswith(b"\x1f\x8b"):
+        raw = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif head.startswith(b"BZh"):
+        raw = bz2.BZ2File(raw)
+    elif head.startswith(b"\xfd7zXZ\x00"):
+        raw = lzma.LZMAFile(raw)
+    return _TarBytes(raw)
+
+
+def tar_end_problem(data: _TarBytes, offset: int) -> str | None:
+    """Why a tar that tarfile finished at header `offset` did not really end there, or None.
+
+    tarfile (stream mode, as webdataset uses it) takes a header cut short or not a header at all for the end of
+    the archive, so a tar cut at a member boundary or corrupt past its first member reads as shorter and whole.
+    A tar that ends ends in zero blocks: everything from `offset` on must be zeros, a block of them at least."""
+    for _ in iter(partial(data.read, 1 << 16), b""):  # to the end: a compressed tar checks its CRC there
+        if data.data_end > offset:
+            return f"not a tar header at byte {offset}: the tar is corrupt there"
+    if data.pos - offset < tarfile.BLOCKSIZE:
+        return f"the tar ends at byte {data.pos}, inside a header or before its end-of-archive blocks"
+    return None
+
+
+def tar_members(stream) -> tuple[list[tuple[str, bytes | None]], str | None, str | None]:
+    """(name, bytes, or None for a link or device) for each member but folders until the tar ends or breaks,
+    then why it broke (or None) and the name of the member being read when it did (or None: between members)."""
+    members: list[tuple[str, bytes | None]] = []
+    reading = None
+    try:
+        data = uncompressed(stream)
+        with tarfile.open(fileobj=data, mode="r|") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue  # structure, not data (a folder named like `key.jpg` leaves that sample without it)
+                reading = member.name
+                members.append((member.name, tar.extractfile(member).read() if member.isreg() else None))
+                reading = None
+                tar.members = []  # stream mode keeps every header otherwise
+            problem = tar_end_problem(data, tar.offset)
+    except Exception as exc:  # tarfile, gzip, zlib, lzma, fsspec: any of them means the bytes stop making sense
+        problem = fault(exc)
+    return members, problem, reading
+
+
+def group_members(members: list[tuple[str, bytes | None]]) -> tuple[dict[str, dict], dict[str, Skip]]:
+    """Members grouped into samples by key (webdataset's key.ext rule; suffixes lower-cased), first seen first,
+    and the samples that cannot be trusted: a name seen twice, or a member that is not a file."""
+    groups: dict[str, dict] = {}
+    problems: dict[str, Skip] = {}
+    for name, data in members:
+        key, suffix = base_plus_ext(name)
+        if key is None or WDS_META.match(name):
+            continue  # a directory, a README, webdataset's own metadata: not part of a sample
+        group = groups.setdefault(key, {})
+        suffix = suffix.lower()
+        if data is None:
+            problems.setdefault(key, Skip(MEMBER_NOT_FILE, f"{name}: a symlink, link or device, not a file"))
+        elif suffix in group:
+            problems[key] = Skip(DUPLICATE_MEMBER, f"{name}: twice in the tar")
+        else:
+            group[suffix] = data
+    return groups, problems
+
+
+def sidecar_meta(data: bytes) -> dict:
+    """A sample's `key.json`, checked where this job reads it (caption, text, conversations)."""
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:
+        raise Skip(BAD_RECORD, f"json: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise Skip(BAD_RECORD, f"json: expected an object, got {type_name(meta)}")
+    for name in ("caption", "text"):
+        if meta.get(name) is not None and not isinstance(meta[name], str):
+            raise Skip(BAD_RECORD, f"json.{name}: expected a string, got {type_name(meta[name])}")
+    for chat in CHAT_FORMATS:
+        if chat.field in meta and not isinstance(meta[chat.field], list):
+            raise Skip(BAD_RECORD, f"json.{chat.field}: expected a list, got {type_name(meta[chat.field])}")
+    return meta
+
+
+def wds_record(index: int, key: str, sample: dict) -> dict:
+    image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
+    try:
+        meta = sidecar_meta(sample["json"]) if "json" in sample else None
+    except Skip as skip:
+        return _skipped(index, key, skip)
+    return _record(index, key, [image] if image is not None else [], sample.get("txt"), meta,
+                   None if image is not None else IMAGE_MISSING)
 
 
 def read_wds(shard: InputShard) -> Iterator[dict]:
-    """Samples of a tar grouped by key (webdataset); the first image suffix present is the image."""
+    """One record per key of the tar. Where the tar breaks, the records before stay, the one being read is
+    a `tar_truncated` skip, and InputFault says why (the shard lists the file in files_failed)."""
     with fsspec.open(shard.path, "rb") as stream:
-        for i, sample in enumerate(group_by_keys(tar_file_expander([{"url": shard.path, "stream": stream}]))):
-            image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
-            meta = None
-            if "json" in sample:
-                try:
-                    meta = json.loads(sample["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    meta = None  # img2dataset metadata is optional; a broken one only loses the caption source
-                meta = meta if isinstance(meta, dict) else None
-            yield _record(i, sample["__key__"], [image] if image is not None else [], sample.get("txt"), meta,
-                          None if image is not None else IMAGE_MISSING)
+        members, problem, reading = tar_members(stream)
+    groups, problems = group_members(members)
+    if problem:
+        at = base_plus_ext(reading)[0] if reading else None
+        at = at or (base_plus_ext(members[-1][0])[0] if members else None)
+        if at is not None:
+            groups.setdefault(at, {})
+            problems[at] = Skip(TAR_TRUNCATED, f"{problem}, reading {reading or 'the next header'}")
+    for i, (key, sample) in enumerate(groups.items()):
+        yield _skipped(i, key, problems[key]) if key in problems else wds_record(i, key, sample)
+    if problem:
+        raise InputFault(f"{problem}; {len(groups)} record(s) read before it" if groups else problem)
 
 
-def _read_file(path: str) -> bytes | None:
+def image_names(value: object, name: str) -> list[tuple[str, str]]:
+    """(field, path) of a record's images (`value`: one path or a list), each relative and inside the root."""
+    if value is None:
+        return []
+    if not isinstance(value, (str, list)):
+        raise Skip(BAD_RECORD, f"{name}: expected a string or a list of strings, got {type_name(value)}")
+    named = [(name, value)] if isinstance(value, str) else [(f"{name}[{j}]", v) for j, v in enumerate(value)]
+    for where, item in named:
+        if not isinstance(item, str) or not item:
+            raise Skip(BAD_RECORD, f"{where}: expected a file name, got {type_name(item) if item else 'nothing'}")
+        norm = posixpath.normpath(item.replace("\\", "/"))
+        if posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or "://" in item:
+            raise Skip(IMAGE_PATH_UNSAFE, f"{where}: {item[:100]!r} leaves the image root")
+    return named
+
+
+def read_file(root: str, name: str, where: str) -> bytes:
     try:
-        with fsspec.open(path, "rb") as f:
+        with fsspec.open(posixpath.join(root, name), "rb") as f:
             return f.read()
-    except FileNotFoundError:
-        return None
+    except FileNotFoundError as exc:
+        raise Skip(IMAGE_MISSING, f"{where}: {name[:100]!r} not found") from exc
+    except IsADirectoryError as exc:
+        raise Skip(BAD_RECORD, f"{where}: {name[:100]!r} is a directory, not an image file") from exc
+    except (OSError, ValueError) as exc:
+        raise Skip(IMAGE_MISSING, f"{where}: {name[:100]!r} unreadable: {fault(exc)}") from exc
 
 
-def read_llava(shard: InputShard) -> Iterator[dict]:
-    for i, entry in enumerate(shard.entries):
-        key = str(entry.get("id", shard.start + i)) if isinstance(entry, dict) else str(shard.start + i)
-        if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
-            yield _record(i, key, error=BAD_RECORD)
-            continue
-        names = entry.get("image") or []
-        names = [names] if isinstance(names, str) else names
-        images = [_read_file(os.path.join(shard.image_root, n)) for n in names]
-        error = IMAGE_MISSING if any(b is None for b in images) else None
-        yield _record(i, key, [b for b in images if b is not None], meta={"conversations": entry["conversations"]},
-                      error=error)
+def record_key(entry: object, default: str) -> str:
+    key = entry.get("id") if isinstance(entry, dict) else None
+    if key is None:
+        return default
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise Skip(BAD_RECORD, f"id: expected a string or a number, got {type_name(key)}")
+    return str(key)
+
+
+def chat_record(index: int, default_key: str, entry: object, kind: str, image_root: str) -> dict:
+    """A LLaVA or ShareGPT record with its image files read; a record not in `kind`'s shape is a skip."""
+    key, chat = default_key, CHATS[kind]
+    try:
+        key = record_key(entry, default_key)
+        other = record_format(entry)
+        if other != kind:
+            found = f"a {other} record" if other else (
+                f"no {chat.field!r} field" if isinstance(entry, dict) else type_name(entry))
+            raise Skip(UNKNOWN_FORMAT, f"not a {kind} record: {found}")
+        names = image_names(entry.get(chat.images), chat.images)
+        images = [read_file(image_root, path, where) for where, path in names]
+    except Skip as skip:
+        return _skipped(index, key, skip)
+    return _record(index, key, images, meta={chat.field: entry[chat.field]})
+
+
+def json_records(shard: InputShard) -> Iterator[tuple[str, object]]:
+    """(default key, parsed record) of a shard: its JSON-list entries or its lines (a line that is not JSON
+    gives a Skip in place of the record)."""
+    if not shard.lines:
+        for i, entry in enumerate(shard.entries):
+            yield str(shard.start + i), entry
+        return
+    name = Path(shard.source).name
+    with fsspec.open(shard.path, "rb") as f:
+        f.seek(shard.start)
+        for i in range(shard.count):
+            line = f.readline()
+            try:
+                yield f"{name}:{i}", json.loads(line)
+            except ValueError as exc:
+                yield f"{name}:{i}", Skip(BAD_RECORD, f"line: not JSON ({exc})" if line.strip() else "line: empty")
+
+
+def read_chat(shard: InputShard) -> Iterator[dict]:
+    for i, (key, entry) in enumerate(json_records(shard)):
+        if isinstance(entry, Skip):
+            yield _skipped(i, key, entry)
+        else:
+            yield chat_record(i, key, entry, shard.format, shard.image_root)
 
 
 def read_imagenet(shard: InputShard) -> Iterator[dict]:
     for i, (relpath, name) in enumerate(shard.entries):
-        data = _read_file(os.path.join(shard.image_root, relpath))
-        yield _record(i, relpath, [data] if data is not None else [], meta={"class_name": name},
-                      error=None if data is not None else IMAGE_MISSING)
+        try:
+            yield _record(i, relpath, [read_file(shard.image_root, relpath, "file")], meta={"class_name": name})
+        except Skip as skip:
+            yield _skipped(i, relpath, skip)
 
 
 def read_jsonl(shard: InputShard) -> Iterator[dict]:
+    """Text documents: the raw line (or a JSON-list entry) goes on; the converter reads its text field."""
+    if not shard.lines:
+        for i, entry in enumerate(shard.entries):
+            yield _record(i, str(shard.start + i), text=json.dumps(entry).encode())
+        return
     with fsspec.open(shard.path, "rb") as f:
         f.seek(shard.start)
         for i in range(shard.count):
@@ -219,12 +521,24 @@ def read_jsonl(shard: InputShard) -> Iterator[dict]:
             yield _record(i, f"{Path(shard.source).name}:{i}", text=line)
 
 
-READERS = {"wds": read_wds, "llava": read_llava, "imagenet": read_imagenet, "jsonl": read_jsonl}
+def read_failed(shard: InputShard) -> Iterator[dict]:
+    raise InputFault(shard.failure)
+
+
+READERS = {"wds": read_wds, "llava": read_chat, "sharegpt": read_chat, "imagenet": read_imagenet,
+           "jsonl": read_jsonl, "failed": read_failed}
 
 
 def read_shard_records(shard: InputShard) -> list[dict]:
-    """All raw records of one input shard, each knowing the shard's total (how the driver knows it is done)."""
-    records = list(READERS[shard.format](shard))
+    """All raw records of one input shard, each knowing the shard's total (how the driver knows it is done).
+    A file that fails adds one FILE_FAILED record with the reason, after the records read before it failed."""
+    records: list[dict] = []
+    try:
+        for record in READERS[shard.format](shard):  # not list(): the records before a fault are kept
+            records.append(record)
+    except Exception as exc:  # cannot open or read the file (to its end), whatever the filesystem raises
+        reason = str(exc) if isinstance(exc, InputFault) else fault(exc)
+        records.append(_record(len(records), "", error=FILE_FAILED, detail=reason))
     if not records:
         records = [_record(-1, "", error=EMPTY_SHARD)]
     total = 0 if records[0]["error"] == EMPTY_SHARD else len(records)

@@ -2,20 +2,26 @@
 
 Ray job runs (kept few, the machine has 2 cores): understanding on two tars (photos + a bad-input corpus),
 generation on an ImageNet-style folder, text on JSONL, understanding on LLaVA JSON, a killed run and its
-resume, and one `ray job submit`.
+resume, one `ray job submit`, two runs whose output is rejected, a run that loses a Ray worker (and its
+undisturbed twin) and one embedded Ray started and probed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,10 +30,10 @@ from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.config import preset_config
 from model.images import generation_image, pixel_values, psnr
-from model.manifest import Manifest, file_sha256, read_shard, weights_fingerprint
+from model.manifest import Manifest, ShardEntry, file_sha256, read_shard, weights_fingerprint
 from model.sample import samples_from_table
 from preprocess.cli import main
-from preprocess.job import KILL_ENV, PROGRESS_DIR, check_output_path
+from preprocess.job import EXIT_REJECTED, EXIT_USAGE, KILL_ENV, PROGRESS_DIR, check_output_path, rejection
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = {
@@ -339,3 +345,191 @@ def test_ray_job_submit_equals_embedded_run(und_run, und_inputs, tokenizer_dir, 
     assert "succeeded" in done.stdout.decode()
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert Manifest.read(out).shards == ref_manifest.shards
+
+
+def test_rejection_rule():
+    def manifest(rows_in: int, written: int) -> Manifest:
+        return Manifest(task="understanding", tokenizer_fingerprint="t", rows_in=rows_in, rows_written=written,
+                        skipped={"image_corrupt": rows_in - written} if rows_in > written else {})
+
+    assert rejection(manifest(10, 5), 0.5) is None  # exactly the fraction passes
+    assert "6 of 10 rows skipped (60%)" in rejection(manifest(10, 4), 0.5)
+    assert rejection(manifest(10, 4), 1.0) is None
+    assert rejection(manifest(10, 10), 0.0) is None
+    for rows_in in (0, 3):  # nothing written fails whatever the fraction allows
+        assert "no row was written" in rejection(manifest(rows_in, 0), 1.0)
+    unreadable = manifest(10, 10)  # 3 of 4 input tars could not be opened: their rows are not even counted
+    unreadable.shards = [ShardEntry(file=f"{i}.arrow", rows=10 if i == 0 else 0, sha256="") for i in range(4)]
+    unreadable.files_failed = [{"source": f"{i}.tar", "reason": "ReadError: empty file"} for i in range(1, 4)]
+    assert "3 of 4 input shards could not be read" in rejection(unreadable, 0.5)
+    assert rejection(unreadable, 0.75) is None
+
+
+def test_readme_lists_every_skip_reason():
+    from preprocess.records import SKIP_REASONS
+
+    section = (REPO / "README.md").read_text().split("## Preprocessing")[1].split("\n## ")[0]
+    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert listed == set(SKIP_REASONS)
+
+
+def test_usage_mistakes_exit_2_in_one_line(tokenizer_dir, tmp_path, capsys):
+    """Found before any work (no Ray is started): one `error: --flag` line and exit 2."""
+    tok = ["--tokenizer", str(tokenizer_dir)]
+    cases = {
+        "--max-skip-fraction": ["--max-skip-fraction", "1.5", "--input", "in.tar", *tok],
+        "--instructions": ["--input", "in.tar", "--instructions", str(tmp_path / "missing.txt"), *tok],
+        "--tokenizer": ["--input", "in.tar", "--tokenizer", str(tmp_path / "no-tokenizer")],
+        "--input": ["--input", str(tmp_path / "nothing-*.tar"), *tok],
+    }
+    for flag, args in cases.items():
+        with pytest.raises(SystemExit) as exited:
+            main(["understanding", *args, "--output", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exited.value.code == EXIT_USAGE and err.startswith(f"error: {flag}") and err.count("\n") == 1, err
+
+
+@pytest.mark.integration
+def test_no_rows_or_too_many_skips_exit_3(ray_client, und_inputs, photos, tokenizer_dir, tmp_path, capsys):
+    """Exit 3 with the summary, never 0: a corpus of only bad records, then the bad-input corpus (most of it
+    skipped). Both keep their manifest; a rerun allowing more skips accepts the second without redoing it."""
+    members, expected = bad_corpus(photos)
+    bad = {n: d for n, d in members.items() if expected[n.split(".")[0]]}
+    n_skipped = sum(1 for reason in expected.values() if reason)
+    assert n_skipped > 0.5 * len(expected)
+    runs = {"nothing": write_tar(tmp_path / "allbad-00000.tar", bad), "most": Path(und_inputs["tars"][1])}
+    outs = {name: tmp_path / name for name in runs}
+
+    def args(name: str, *extra: str) -> list[str]:
+        return ["understanding", "--input", str(runs[name]), "--output", str(outs[name]), "--tokenizer",
+                str(tokenizer_dir), "--no-progress", *extra]
+
+    for name, why in {"nothing": "no row was written", "most": f"{n_skipped} of {len(expected)} rows skipped"}.items():
+        with pytest.raises(SystemExit) as exited:
+            main(args(name))
+        printed = capsys.readouterr()
+        assert exited.value.code == EXIT_REJECTED, printed.err[-2000:]
+        assert f"FAILED (exit 3): {why}" in printed.out and f"error: {why}" in printed.err
+        manifest = Manifest.read(outs[name])
+        assert manifest.rows_in == manifest.rows_written + sum(manifest.skipped.values())
+    assert Manifest.read(outs["nothing"]).rows_written == 0
+    with pytest.raises(SystemExit) as exited:
+        main(args("nothing", "--max-skip-fraction", "1.0"))
+    assert exited.value.code == EXIT_REJECTED
+    accepted = main(args("most", "--max-skip-fraction", "1.0"))
+    assert "1 already done, 0 to do" in capsys.readouterr().out
+    assert accepted.rows_written == len(expected) - n_skipped
+    assert accepted.shards == Manifest.read(outs["most"]).shards
+
+
+EMBEDDED_PROBE = """
+import json, os, urllib.error, urllib.request
+import psutil, ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from preprocess.job import ray_connection
+
+def listening(process):
+    try:
+        return [c.laddr.ip for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.NoSuchProcess:
+        return []
+
+def agent_status(port, token):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+with ray_connection(cpus=1):
+    me, node = psutil.Process(), ray.nodes()[0]
+    port, token = node["DashboardAgentListenPort"], os.environ["RAY_AUTH_TOKEN"]
+    found = {"node_ip": node["NodeManagerAddress"], "gcs": ray.get_runtime_context().gcs_address,
+             "token_auth": get_authentication_mode() == AuthenticationMode.TOKEN, "token": token,
+             "listening": sorted({ip for p in [me, *me.children(recursive=True)] for ip in listening(p)}),
+             "no_token": agent_status(port, ""), "wrong_token": agent_status(port, "0" * 64),
+             "right_token": agent_status(port, token)}
+found["auth_mode_after"] = os.environ.get("RAY_AUTH_MODE")
+print("PROBE " + json.dumps(found))
+"""
+
+
+@pytest.mark.integration
+def test_embedded_ray_is_loopback_only_with_token_auth():
+    """The embedded Ray's every server listens on 127.0.0.1 only, and it requires a token made for this run,
+    even when the environment turned authentication off (restored afterwards)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run([sys.executable, "-c", EMBEDDED_PROBE], env=env, cwd=REPO, capture_output=True,
+                          timeout=300)
+    lines = [line for line in done.stdout.decode().splitlines() if line.startswith("PROBE ")]
+    assert done.returncode == 0 and lines, (done.stdout + done.stderr).decode()[-3000:]
+    found = json.loads(lines[0].removeprefix("PROBE "))
+    assert found["node_ip"] == "127.0.0.1" and found["gcs"].startswith("127.0.0.1:")
+    assert found["listening"] and {ip.removeprefix("::ffff:") for ip in found["listening"]} == {"127.0.0.1"}
+    assert found["token_auth"] and len(found["token"]) == 64
+    home_token = Path.home() / ".ray" / "auth_token"
+    assert not home_token.is_file() or home_token.read_text().strip() != found["token"]
+    assert (found["no_token"], found["wrong_token"]) == (401, 403) and found["right_token"] not in (401, 403)
+    assert found["auth_mode_after"] == "disabled"
+
+
+def busy_map_workers(raylet_socket: str) -> list[psutil.Process]:
+    """Workers of the session's Ray now running one of the job's map tasks (Ray titles a busy worker after its
+    task, an idle one `ray::IDLE`): children of the raylet that serves `raylet_socket`."""
+    busy = []
+    for raylet in psutil.process_iter(["name", "cmdline"]):
+        if raylet.info["name"] == "raylet" and raylet_socket in " ".join(raylet.info["cmdline"] or []):
+            for worker in raylet.children():
+                try:
+                    if " ".join(worker.cmdline()).startswith("ray::MapBatches"):
+                        busy.append(worker)
+                except psutil.NoSuchProcess:
+                    continue
+    return busy
+
+
+def kill_a_worker_once_a_shard_is_done(out: Path, raylet_socket: str, job_done: threading.Event,
+                                       killed: list[int]) -> None:
+    while not job_done.wait(0.01) and len(killed) == 0:  # ends with the job
+        if list((out / PROGRESS_DIR).glob("*.json")):
+            for worker in busy_map_workers(raylet_socket)[:1]:
+                os.kill(worker.pid, signal.SIGKILL)
+                killed.append(worker.pid)
+
+
+@pytest.mark.integration
+def test_a_killed_ray_worker_changes_nothing(ray_client, photos, tokenizer_dir, tmp_path):
+    """SIGKILL a Ray worker by its pid while it runs a map task, once a shard is written: its task is run
+    again, and the output equals an undisturbed run's byte for byte, every row counted once."""
+    names = list(CAPTIONS)
+    tars = []
+    for t in range(8):
+        members = {}
+        for i in range(3):
+            name = names[(t + i) % len(names)]
+            members[f"t{t}_{i}.png"] = encoded(photos[name].convert("RGB"), "PNG")
+            members[f"t{t}_{i}.txt"] = f"{CAPTIONS[name]} ({t})".encode()
+        tars.append(str(write_tar(tmp_path / f"part-{t:05d}.tar", members)))
+
+    def args(out: Path) -> list[str]:
+        return ["understanding", "--input", *tars, "--output", str(out), "--tokenizer", str(tokenizer_dir),
+                "--no-progress"]
+
+    reference = main(args(tmp_path / "undisturbed"))
+    out, job_done, killed = tmp_path / "disturbed", threading.Event(), []
+    watcher = threading.Thread(target=kill_a_worker_once_a_shard_is_done,
+                               args=(out, ray.nodes()[0]["RayletSocketName"], job_done, killed))
+    watcher.start()
+    try:
+        manifest = main(args(out))
+    finally:
+        job_done.set()
+        watcher.join()
+    assert killed, "no worker was running a map task once a shard was done"
+    assert shard_bytes(out) == shard_bytes(tmp_path / "undisturbed") and len(shard_bytes(out)) == 8
+    assert manifest.shards == reference.shards and manifest.skipped == reference.skipped == {}
+    assert manifest.rows_in == manifest.rows_written == 24
+    keys = [s.key for e in manifest.shards for s in samples_from_table(read_shard(out / e.file))]
+    assert len(set(keys)) == len(keys) == 24

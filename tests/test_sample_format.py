@@ -1,3 +1,5 @@
+import json
+
 import pyarrow as pa
 import pytest
 from transformers import PreTrainedTokenizerFast
@@ -6,13 +8,16 @@ from model.chat_format import (
     JANUS_SYSTEM_PROMPT,
     NUM_IMAGE_TOKENS,
     Turn,
+    control_ids,
+    encode_text,
+    generation_prompt_ids,
     generation_sample,
     text_sample,
     understanding_prompt_ids,
     understanding_sample,
 )
 from model.sample import SAMPLE_SCHEMA, samples_from_table, samples_to_table
-from model.tokenizer import SpecialTokens
+from model.tokenizer import BEGIN_OF_IMAGE, BOS, EOS, FORMAT_TOKENS, PAD, SpecialTokens
 
 
 def test_understanding_layout(tokenizer, special):
@@ -89,3 +94,75 @@ def test_missing_special_token_is_named(tmp_path):
                                     unk_token="<unk>", bos_token="<unk>")
     with pytest.raises(ValueError, match="<｜▁pad▁｜>.*<image_placeholder>"):
         SpecialTokens.from_tokenizer(plain)
+
+
+def hostile_strings(tokenizer) -> list[str]:
+    """The string of every special and added token the tokenizer has, and of every token the format writes."""
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values()} | set(FORMAT_TOKENS))
+
+
+def skeleton(ids: list[int], controls: frozenset[int]) -> list:
+    """The control tokens in order, each run of text tokens between them collapsed to one "text"."""
+    out: list = []
+    for tid in ids:
+        if tid in controls:
+            out.append(tid)
+        elif not out or out[-1] != "text":
+            out.append("text")
+    return out
+
+
+def test_special_strings_in_data_are_plain_text(tokenizer, special):
+    """A caption, question, answer or document quoting a special token's string gets no control token from it: the
+    sample's control tokens are exactly the format's, and the quoted text decodes back to itself."""
+    controls = control_ids(tokenizer)
+    assert {special.bos, special.eos, special.pad, special.image_placeholder, special.begin_of_image} <= controls
+    strings = hostile_strings(tokenizer)
+    assert len(strings) >= len(FORMAT_TOKENS)
+
+    def samples(x: str):
+        generation = generation_sample(tokenizer, f"a {x} b", [7] * NUM_IMAGE_TOKENS)
+        turns = [Turn("user", f"<image>\nwhat {x}?"), Turn("assistant", f"it {x}."),
+                 Turn("user", f"and {x}<image>"), Turn("assistant", f"{x}")]
+        understanding = understanding_sample(tokenizer, turns, [b"a", b"b"], system=f"sys {x}", image_marker="<image>")
+        return generation, understanding, text_sample(tokenizer, f"doc {x} end")
+
+    plain = samples("word")
+    for x in [*strings, "".join(strings)]:
+        generation, understanding, text = samples(x)
+        for ours, reference in zip((generation, understanding, text), plain, strict=True):
+            assert skeleton(ours.input_ids, controls) == skeleton(reference.input_ids, controls), x
+        assert generation.prompt_span == (1, len(generation.input_ids) - 1)
+        assert tokenizer.decode(generation.input_ids[2:-3]) == f": a {x} b\n\n"
+        assert [tokenizer.decode(understanding.input_ids[a:b - 1]) for a, b in understanding.loss_spans] == \
+            [f" it {x}.", f" {x}"]
+        assert all(understanding.input_ids[b - 1] == special.eos for _, b in understanding.loss_spans)
+        assert understanding.input_ids.count(special.image_placeholder) == 2 * NUM_IMAGE_TOKENS
+        decoded = tokenizer.decode(understanding.input_ids[1:])
+        assert f"sys {x}\n\n<|User|>: <begin_of_image>" in decoded and f"\nwhat {x}?\n\n<|Assistant|>:" in decoded
+        assert f"<|User|>: and {x}<begin_of_image>" in decoded
+        assert tokenizer.decode(text.input_ids[1:-1]) == f"doc {x} end"
+
+
+def test_quoted_special_strings_keep_their_offsets(tokenizer):
+    """split_document cuts a document at token offsets: they still tile the text when it quotes special tokens."""
+    text = "start " + " ".join(hostile_strings(tokenizer)) + " end"
+    ids, offsets = encode_text(tokenizer, text)
+    assert len(ids) == len(offsets) and offsets[0][0] == 0 and offsets[-1][1] == len(text)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(offsets, offsets[1:], strict=False))
+    assert tokenizer.decode(ids) == text
+
+
+def test_format_token_the_tokenizer_does_not_split_is_refused(tokenizer_dir, tmp_path):
+    """split_special_tokens only splits tokens marked special: a tokenizer holding <begin_of_image> as a plain added
+    token would let a caption write it. That is refused, naming the token, never encoded as the control."""
+    config = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    for token in config["added_tokens"]:
+        token["special"] = token["special"] and token["content"] != BEGIN_OF_IMAGE
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    loose = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=BOS, eos_token=EOS,
+                                    pad_token=PAD)
+    assert BEGIN_OF_IMAGE not in loose.all_special_tokens
+    generation_prompt_ids(loose, "a plain caption")
+    with pytest.raises(ValueError, match=BEGIN_OF_IMAGE):
+        generation_prompt_ids(loose, f"a caption {BEGIN_OF_IMAGE} that writes a control")

@@ -1,0 +1,580 @@
+"""Inputs that must neither stop nor fool the preprocess job: broken tars, records with wrong types, formats read
+the way users mean them, image paths and manifest entries that leave their folder, credentials in input URLs.
+
+Every bad input is built for real (tarfile, JSON files, the photographs). Most tests call what a Ray task runs
+(the readers and converters) directly; one job run over all the kinds at once checks the manifest's accounting,
+its files_failed, and that no credential reaches an output file or a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+
+from model.manifest import Manifest, ShardEntry, read_shard
+from model.sample import samples_from_table
+from preprocess.cli import main
+from preprocess.records import FILE_FAILED, ConvertConfig, convert_record
+from preprocess.sources import list_shards, read_shard_records, redact
+from tests.test_preprocess import encoded, write_tar
+
+CAPTION = "A brown tabby cat with green eyes looks to the side."
+
+
+@pytest.fixture(scope="module")
+def jpeg(photos) -> bytes:
+    return encoded(photos["chelsea.png"].convert("RGB"), "JPEG", quality=90)
+
+
+def samples(keys: list[str], jpeg: bytes) -> dict[str, bytes]:
+    """Tar members of good caption samples, img2dataset style."""
+    members = {}
+    for key in keys:
+        members[f"{key}.jpg"] = jpeg
+        members[f"{key}.txt"] = f"{CAPTION} ({key})".encode()
+    return members
+
+
+def read_all(inputs: list[str], fmt: str = "auto", image_root: str = "", shard_size: int = 100) -> list[dict]:
+    """What the job's read tasks produce for these inputs, shard after shard."""
+    shards = list_shards(inputs, fmt, shard_size, image_root)
+    return [r for shard in shards for r in read_shard_records(shard)]
+
+
+def outcome(records: list[dict]) -> list[tuple[str, str | None]]:
+    return [(r["key"], r["error"]) for r in records]
+
+
+def member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    """(header offset, data offset) of each member of a tar."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+
+
+def tar_bytes(members: dict[str, bytes] | list[tuple[str, bytes]], mode: str = "w") -> bytes:
+    """A tar (`mode` w:gz for gzip) of these members in order; a list may name a member twice."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, data in (members.items() if isinstance(members, dict) else members):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+# --- tars ---
+
+@pytest.mark.parametrize("where", ["in a member's data", "in a header", "between members"])
+def test_a_cut_tar_keeps_the_records_before_the_cut(tmp_path, jpeg, where):
+    """Before: a cut in a member's data raised tarfile.ReadError out of the task (the job died); a cut in a
+    header or between members read as a whole, shorter tar, the loss unseen."""
+    data = tar_bytes(samples(["k0", "k1", "k2", "k3"], jpeg))
+    header, body = member_offsets(data)["k2.jpg"]
+    cut = {"in a member's data": body + 1000, "in a header": header + 100, "between members": header}[where]
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[:cut])
+    records = read_all([str(path)])
+    # Cut inside k2.jpg, the member being read names the broken record; at a header the last one read is
+    # suspect (its next member may be what was lost).
+    kept, broken = (["k0", "k1"], "k2") if where == "in a member's data" else (["k0"], "k1")
+    assert outcome(records) == [(k, None) for k in kept] + [(broken, "tar_truncated"), ("", FILE_FAILED)]
+    assert all(r["images"] == [jpeg] and r["text"] == f"{CAPTION} ({r['key']})".encode() for r in records[:-2])
+    why = "unexpected end of data" if where == "in a member's data" else f"the tar ends at byte {cut}"
+    assert why in records[-1]["detail"] and why in records[-2]["detail"]
+    assert records[-1]["total"] == len(records)  # the driver waits for exactly these rows
+
+
+def test_unreadable_tars_are_failed_files(tmp_path, jpeg):
+    """Before: each raised out of the read task and ended the job."""
+    gz = bytearray(tar_bytes(samples(["k0", "k1"], jpeg), mode="w:gz"))
+    gz[20:60] = b"x" * 40  # the deflate stream's start
+    cases = {"empty.tar": b"", "jpeg.tar": jpeg, "random.tar": np.random.default_rng(0).bytes(5000),
+             "bad-start.tar.gz": bytes(gz)}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name in [*cases, "missing.tar"]:
+        records = read_all([str(tmp_path / name)])
+        assert outcome(records) == [("", FILE_FAILED)], name
+        assert records[0]["detail"], name
+
+
+def test_a_corrupt_gzip_tar_keeps_what_decoded_before_the_fault(tmp_path, jpeg):
+    """Before: tarfile's own gzip stream read the garbage as the end of the archive: fewer records, no error."""
+    data = tar_bytes(samples([f"k{i}" for i in range(6)], jpeg), mode="w:gz")
+    (tmp_path / "good.tar.gz").write_bytes(data)
+    assert outcome(read_all([str(tmp_path / "good.tar.gz")])) == [(f"k{i}", None) for i in range(6)]
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    (tmp_path / "corrupt.tar.gz").write_bytes(bytes(corrupt))
+    records = read_all([str(tmp_path / "corrupt.tar.gz")], fmt="wds")
+    *good, truncated, failed = outcome(records)
+    assert 1 <= len(good) < 6 and all(error is None for _, error in good)
+    assert [k for k, _ in good] == [f"k{i}" for i in range(len(good))]
+    assert truncated == (f"k{len(good)}", "tar_truncated") and failed == ("", FILE_FAILED)
+    assert all(r["images"] == [jpeg] for r in records[:len(good)])
+
+
+def test_duplicate_symlink_and_directory_members(tmp_path, jpeg):
+    """Before: a duplicate member name raised ValueError out of webdataset's group_by_keys (the job died);
+    a symlink member was dropped without a word."""
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        def add(name: str, data: bytes | None = None, kind: bytes = tarfile.REGTYPE) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mtime = kind, 0
+            if kind == tarfile.SYMTYPE:
+                info.linkname = str(outside)
+            info.size = len(data) if data is not None else 0
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        add("a.jpg", jpeg), add("a.txt", b"first"), add("a.jpg", jpeg[:100])  # which a.jpg is meant?
+        add("b.jpg", kind=tarfile.SYMTYPE), add("b.txt", b"a link")
+        add("c", kind=tarfile.DIRTYPE), add("c/d.jpg", jpeg), add("c/d.txt", b"in a folder")
+        add("e.jpg", kind=tarfile.DIRTYPE), add("e.txt", b"a folder named like an image")
+        add("f.jpg", jpeg), add("f.txt", b"good")
+    (tmp_path / "members.tar").write_bytes(buffer.getvalue())
+    records = read_all([str(tmp_path / "members.tar")])
+    assert outcome(records) == [("a", "duplicate_member"), ("b", "member_not_file"), ("c/d", None),
+                                ("e", "image_missing"), ("f", None)]
+    assert "a.jpg" in records[0]["detail"] and "b.jpg" in records[1]["detail"]
+
+
+def convert_all(records: list[dict], cfg: ConvertConfig) -> dict[str, dict]:
+    """key -> the one output row of each record (what the job's convert tasks produce)."""
+    rows = {}
+    for record in records:
+        out = convert_record(record, cfg)
+        rows[record["key"]] = {"skip": None, "detail": None, **out[0]}
+    return rows
+
+
+def test_webdataset_json_with_wrong_types_is_a_bad_record_naming_the_field(tmp_path, jpeg, tokenizer_dir):
+    """Before: a broken or wrongly typed key.json was ignored (the sample written as if it had none), and a
+    `conversations` of the wrong shape was skipped without saying which field."""
+    sidecars = {
+        "caption_number": (b'{"caption": 5}', "json.caption"),
+        "text_list": (b'{"text": ["a"]}', "json.text"),
+        "not_object": (b"[1, 2]", "json"),
+        "not_json": (b'{"caption": ', "json"),
+        "conversations_str": (b'{"conversations": "hello"}', "json.conversations"),
+        "value_number": (json.dumps({"conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                       {"from": "gpt", "value": 7}]}).encode(),
+                         "conversations[1].value"),
+        "fine": (json.dumps({"caption": None, "url": 3, "width": "x"}).encode(), None),  # fields we never read
+    }
+    members = {}
+    for key, (sidecar, _) in sidecars.items():
+        members.update({f"{key}.jpg": jpeg, f"{key}.txt": CAPTION.encode(), f"{key}.json": sidecar})
+    tar = write_tar(tmp_path / "sidecars.tar", members)
+    cfg = ConvertConfig(task="understanding", tokenizer=str(tokenizer_dir), system_prompt=None)
+    rows = convert_all(read_all([str(tar)]), cfg)
+    for key, (_, field) in sidecars.items():
+        if field is None:
+            assert rows[key]["skip"] is None, rows[key]
+        else:
+            assert rows[key]["skip"] == "bad_record", (key, rows[key])
+            assert f"bad_record: {field}:" in rows[key]["detail"], (key, rows[key]["detail"])
+
+
+# --- LLaVA / ShareGPT records ---
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat animal is this?"}, {"from": "gpt", "value": "A cat."}]
+
+
+@pytest.fixture
+def image_root(tmp_path, photos) -> Path:
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    photos["chelsea.png"].save(root / "chelsea.png")
+    photos["coffee.png"].save(root / "coffee.png")
+    return root
+
+
+def test_llava_records_with_wrong_types_name_the_field(tmp_path, image_root, tokenizer_dir):
+    """Before: an int `image` or a null in its list raised TypeError and a directory IsADirectoryError out of
+    the task (the job died); bad conversations were skipped without naming the field."""
+    cases = {
+        "int_image": ({"image": 5}, "image"),
+        "null_in_list": ({"image": ["chelsea.png", None]}, "image[1]"),
+        "directory": ({"image": "sub"}, "image"),
+        "conversations_str": ({"conversations": "What is this?"}, "conversations"),
+        "turns_str": ({"conversations": ["<image>\nWhat?", "A cat."]}, "conversations[0]"),
+        "no_from": ({"conversations": [{"value": "<image>\nWhat?"}, CONVERSATION[1]]}, "conversations[0].from"),
+        "no_value": ({"conversations": [CONVERSATION[0], {"from": "gpt"}]}, "conversations[1].value"),
+        "int_value": ({"conversations": [CONVERSATION[0], {"from": "gpt", "value": 3}]}, "conversations[1].value"),
+        "role": ({"conversations": [CONVERSATION[0], {"from": "robot", "value": "hi"}]}, "conversations[1].from"),
+    }
+    data = [{"id": key, "image": "chelsea.png", "conversations": CONVERSATION, **change}
+            for key, (change, _) in cases.items()]
+    data += [{"id": ["a", "list"], "image": "chelsea.png", "conversations": CONVERSATION},
+             {"id": "good", "image": "chelsea.png", "conversations": CONVERSATION}]
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(data))
+    cfg = ConvertConfig(task="understanding", tokenizer=str(tokenizer_dir), system_prompt=None)
+    rows = convert_all(read_all([str(source)], image_root=str(image_root)), cfg)
+    for key, (_, field) in cases.items():
+        assert rows[key]["skip"] == "bad_record" and f"bad_record: {field}:" in rows[key]["detail"], rows[key]
+    assert "directory" in rows["directory"]["detail"]
+    assert rows["9"]["skip"] == "bad_record" and "bad_record: id:" in rows["9"]["detail"]  # keyed by position
+    assert rows["good"]["skip"] is None and rows["good"]["images"]
+
+
+def test_conversation_formats_are_read_as_users_mean_them(tmp_path, image_root, tokenizer, tokenizer_dir, special):
+    """LLaVA lines, ShareGPT (LLaMA-Factory) lists and lines, text lines: detected from the first record;
+    --input-format overrides; a record of another shape is a skip, never reread. Before: LLaVA lines were
+    text documents (the whole JSON line became an answer) and ShareGPT was not known."""
+    llava = [{"id": "l0", "image": "chelsea.png", "conversations": CONVERSATION},
+             {"id": "l1", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}]
+    sharegpt = [{"messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "<image>What is hot?"},
+                              {"role": "assistant", "content": "The coffee."}], "images": ["coffee.png"]}]
+    files = {
+        "llava.jsonl": "\n".join(json.dumps(r) for r in llava) + "\n",
+        "sharegpt.json": json.dumps(sharegpt),
+        "sharegpt.jsonl": json.dumps(sharegpt[0]) + "\n",
+        "docs.jsonl": json.dumps({"text": "A document."}) + "\n",
+        "mixed.json": json.dumps([llava[0], sharegpt[0], {"caption": "x"}, "a string"]),
+    }
+    for name, text in files.items():
+        (image_root / name).write_text(text)
+    paths = [str(image_root / name) for name in files]
+    assert [s.format for s in list_shards(paths, "auto", 100)] == ["llava", "sharegpt", "sharegpt", "jsonl", "llava"]
+
+    cfg = ConvertConfig(task="understanding", tokenizer=str(tokenizer_dir), system_prompt="Default prompt.")
+    rows = convert_all(read_all(paths[:3]), cfg)
+    assert all(row["skip"] is None for row in rows.values()), rows
+    answers = {key: [tokenizer.decode(row["input_ids"][span["start"]:span["end"]]) for span in row["loss_spans"]]
+               for key, row in rows.items()}
+    eos = tokenizer.eos_token
+    assert answers["l0"] == [" A cat." + eos] and answers["l1"] == [" Hello." + eos]
+    # ShareGPT records have no id: the list's is keyed by position, the lines' by file and line.
+    assert answers["0"] == answers["sharegpt.jsonl#0:0"] == [" The coffee." + eos]
+    assert rows["l0"]["input_ids"].count(special.image_placeholder) == 576
+    assert rows["l1"]["input_ids"].count(special.image_placeholder) == 0
+    for key in ("0", "sharegpt.jsonl#0:0"):
+        text = tokenizer.decode(rows[key]["input_ids"])
+        assert "Be brief." in text and "Default prompt." not in text  # the record's own system message
+    assert "Default prompt." in tokenizer.decode(rows["l0"]["input_ids"])
+
+    mixed = convert_all(read_all([paths[4]], image_root=str(image_root)), cfg)
+    assert [(k, r["skip"]) for k, r in mixed.items()] == [("l0", None), ("1", "unknown_format"),
+                                                         ("2", "unknown_format"), ("3", "unknown_format")]
+    assert "sharegpt" in mixed["1"]["detail"] and "conversations" in mixed["2"]["detail"]
+
+    as_text = list_shards([paths[0]], "jsonl", 100)  # the override wins over the records
+    assert [s.format for s in as_text] == ["jsonl"]
+    forced = read_all([paths[3]], fmt="llava")
+    assert [r["error"] for r in forced] == ["unknown_format"]
+
+
+def test_image_paths_that_leave_the_image_root_are_never_opened(tmp_path, image_root, photos, tokenizer_dir):
+    """Before: `../secret.png` and absolute paths were joined to the root and read like any other image."""
+    secret = tmp_path / "secret.png"
+    photos["astronaut.png"].save(secret)
+    data = [{"id": "up", "image": "../secret.png"}, {"id": "absolute", "image": str(secret)},
+            {"id": "down_up", "image": "sub/../../secret.png"}, {"id": "in_list", "image": ["chelsea.png",
+                                                                                          "../secret.png"]},
+            {"id": "fine", "image": "sub/../chelsea.png"}]
+    for entry in data:
+        entry["conversations"] = CONVERSATION
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(data))
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"id": "sg", "images": ["../secret.png"], "messages": [
+        {"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A photo."}]}) + "\n")
+    opened: list[str] = []
+
+    def audit(event: str, args: tuple) -> None:  # every open() Python makes, fsspec's included
+        if event == "open" and isinstance(args[0], str) and recording:
+            opened.append(os.path.realpath(args[0]))
+
+    recording = True
+    sys.addaudithook(audit)  # hooks cannot be removed: this one records only while the flag is set
+    try:
+        records = read_all([str(source), str(sharegpt)], image_root=str(image_root))
+    finally:
+        recording = False
+    assert outcome(records) == [("up", "image_path_unsafe"), ("absolute", "image_path_unsafe"),
+                                ("down_up", "image_path_unsafe"), ("in_list", "image_path_unsafe"),
+                                ("fine", None), ("sg", "image_path_unsafe")]
+    assert "image[1]" in records[3]["detail"] and "images[0]" in records[5]["detail"]
+    assert str(secret.resolve()) not in opened and str((image_root / "chelsea.png").resolve()) in opened
+
+
+def test_a_manifest_entry_outside_its_folder_is_refused(tmp_path):
+    """Before: Manifest.read took any `file`, so a crafted manifest could point a reader anywhere."""
+    for name in ("../elsewhere.arrow", "/etc/passwd", "sub/../../x.arrow", "..\\x.arrow", ""):
+        Manifest(task="text", tokenizer_fingerprint="0", shards=[ShardEntry(name, 0, "0" * 64)]).write(tmp_path)
+        with pytest.raises(ValueError, match="not inside the manifest's folder"):
+            Manifest.read(tmp_path)
+    Manifest(task="text", tokenizer_fingerprint="0", shards=[ShardEntry("sub/x.arrow", 0, "0" * 64)]).write(tmp_path)
+    assert Manifest.read(tmp_path).shards[0].file == "sub/x.arrow"
+
+
+# --- special strings in data, and records a task does not read ---
+
+def test_a_quoted_image_placeholder_in_llava_text_stays_text(tmp_path, image_root, tokenizer, tokenizer_dir, special):
+    """LLaVA marks images with <image>; a literal <image_placeholder> in a question or an answer is text. Before:
+    <image> was rewritten to <image_placeholder> first, so the quoted one counted as a second image marker (the
+    record a bad_record), or, with no <image>, took the image's place in the middle of the question."""
+    quoted = "What does <image_placeholder> mean?"
+    answer = "It is written <image_placeholder>."
+    data = [{"id": "marked", "image": "chelsea.png", "conversations": [
+                {"from": "human", "value": f"<image>\n{quoted}"}, {"from": "gpt", "value": answer}]},
+            {"id": "unmarked", "image": "chelsea.png", "conversations": [
+                {"from": "human", "value": quoted}, {"from": "gpt", "value": answer}]}]
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(data))
+    cfg = ConvertConfig(task="understanding", tokenizer=str(tokenizer_dir), system_prompt=None)
+    rows = convert_all(read_all([str(source)], image_root=str(image_root)), cfg)
+    for key in ("marked", "unmarked"):
+        ids = rows[key]["input_ids"]
+        assert rows[key]["skip"] is None, rows[key]
+        assert ids.count(special.image_placeholder) == 576 and len(rows[key]["images"]) == 1
+        assert ids.count(special.begin_of_image) == ids.count(special.end_of_image) == 1
+        image = ids.index(special.begin_of_image)  # the image comes first, as LLaVA's marker (or its absence) says
+        assert ids[image + 1:image + 577] == [special.image_placeholder] * 576
+        assert tokenizer.decode(ids[1:image]) == "<|User|>: "
+        assert tokenizer.decode(ids[image + 578:]) == f"\n{quoted}\n\n<|Assistant|>: {answer}{tokenizer.eos_token}"
+
+
+def test_a_document_quoting_special_tokens_is_cut_into_pieces_that_fit(tokenizer):
+    """split_document counts tokens as text_sample encodes the pieces (special strings spelled out). Before: it
+    counted each special string as one token while the pieces spell it out in ~10-26, so a piece came out several
+    times too long, 64 shrinking steps were not enough, and the document was skipped as too_long."""
+    from model.chat_format import control_ids
+    from model.tokenizer import FORMAT_TOKENS
+    from preprocess.records import split_document
+
+    document = " ".join(f"word{i} {token}" for i in range(40) for token in FORMAT_TOKENS)
+    context = 128
+    pieces = split_document(tokenizer, document, context, "doc")
+    assert len(pieces) > 1 and all(len(p.input_ids) <= context for p in pieces)
+    controls = control_ids(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        assert piece.input_ids[0] == bos and (piece.input_ids[-1] == eos) == last
+        assert not controls.intersection(piece.input_ids[1:len(piece.input_ids) - last])
+    texts = [tokenizer.decode(p.input_ids[1:len(p.input_ids) - (i == len(pieces) - 1)]) for i, p in enumerate(pieces)]
+    assert "".join(texts) == document
+
+
+@pytest.fixture
+def loose_tokenizer_dir(tokenizer_dir, tmp_path) -> Path:
+    """The test tokenizer with <begin_of_image> an ordinary added token: plain text can still encode it."""
+    from model.tokenizer import BEGIN_OF_IMAGE
+
+    out = tmp_path / "loose-tokenizer"
+    out.mkdir()
+    model = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    for token in model["added_tokens"]:
+        token["special"] = token["special"] and token["content"] != BEGIN_OF_IMAGE
+    (out / "tokenizer.json").write_text(json.dumps(model))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [t for t in config["extra_special_tokens"] if t != BEGIN_OF_IMAGE]
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_text_a_tokenizer_cannot_keep_plain_is_a_bad_record(tmp_path, jpeg, loose_tokenizer_dir, image_root):
+    """Before: encode_text's ValueError (the text would encode as a control token) left the generation and text
+    converters uncaught and ended the task; understanding already caught it."""
+    from model.tokenizer import BEGIN_OF_IMAGE, load_tokenizer
+
+    assert BEGIN_OF_IMAGE not in load_tokenizer(loose_tokenizer_dir).all_special_tokens
+    tar = write_tar(tmp_path / "pairs.tar", {"quoted.jpg": jpeg, "quoted.txt": f"a cat {BEGIN_OF_IMAGE}".encode(),
+                                             "plain.jpg": jpeg, "plain.txt": b"a cat"})
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": f"a document {BEGIN_OF_IMAGE}"}) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "quoted", "image": "chelsea.png", "conversations": [
+        CONVERSATION[0], {"from": "gpt", "value": f"A {BEGIN_OF_IMAGE} cat."}]}]))
+    cases = [("generation", [str(tar)], {"quoted": "caption", "plain": None}),
+             ("text", [str(docs)], {"docs.jsonl#0:0": "text", "docs.jsonl#0:1": None}),
+             ("understanding", [str(llava)], {"quoted": ""})]
+    for task, inputs, expected in cases:
+        cfg = ConvertConfig(task=task, tokenizer=str(loose_tokenizer_dir), system_prompt=None)
+        rows = convert_all(read_all(inputs, image_root=str(image_root)), cfg)
+        for key, field in expected.items():
+            if field is None:
+                assert rows[key]["skip"] is None, (task, rows[key])
+            else:
+                assert rows[key]["skip"] == "bad_record", (task, rows[key])
+                assert f"bad_record: {field}" in rows[key]["detail"] and BEGIN_OF_IMAGE in rows[key]["detail"]
+
+
+def test_a_record_its_task_does_not_read_is_unknown_format(tmp_path, jpeg, image_root, tokenizer_dir):
+    """A JSON line of a text corpus given to an image task, or an image record given to the text task, is a skip
+    with its reason. Before: under understanding the raw JSON line became the answer of a sample with no image."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "A document."}) + "\n" + json.dumps({"caption": "A cat."}) + "\n")
+    tar = write_tar(tmp_path / "pairs.tar", samples(["k0"], jpeg))
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "l0", "image": "chelsea.png", "conversations": CONVERSATION}]))
+    cases = [("understanding", [str(docs)], "text document"), ("generation", [str(docs)], "text document"),
+             ("text", [str(tar), str(llava)], "image or chat record")]
+    for task, inputs, why in cases:
+        cfg = ConvertConfig(task=task, tokenizer=str(tokenizer_dir))
+        rows = convert_all(read_all(inputs, image_root=str(image_root)), cfg)
+        assert len(rows) == 2 and all(r["skip"] == "unknown_format" and why in r["detail"] for r in rows.values()), \
+            (task, rows)
+    # Each still reads what it should: the same files under the right task convert.
+    assert convert_all(read_all([str(docs)]), ConvertConfig(task="text", tokenizer=str(tokenizer_dir)))[
+        "docs.jsonl#0:0"]["skip"] is None
+    und = ConvertConfig(task="understanding", tokenizer=str(tokenizer_dir))
+    rows = convert_all(read_all([str(tar), str(llava)], image_root=str(image_root)), und)
+    assert [r["skip"] for r in rows.values()] == [None, None]
+
+
+# --- credentials ---
+
+@pytest.mark.parametrize("url, secrets", [
+    ("s3://AKIAKEY:se/cr+et@bucket/shard-0001.tar", ["AKIAKEY", "se/cr+et"]),
+    ("https://user:pa55@host.example/x.tar", ["user", "pa55"]),
+    ("https://b.s3.amazonaws.com/x.tar?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F2024&X-Amz-Signature=abc123"
+     "&X-Amz-Security-Token=tok9", ["AKIA%2F2024", "abc123", "tok9"]),
+    ("https://acct.blob.core.windows.net/c/x.tar?sv=2022&sig=AzUr3Sig%3D&se=2030", ["AzUr3Sig"]),
+    ("https://h/x.jsonl?token=t0k3n&access_token=a1&api_key=k2#frag", ["t0k3n", "a1", "k2"]),
+    ("FileNotFoundError: http://u:p4ss@127.0.0.1:8/x.tar?sig=s1g not found", ["p4ss", "s1g"]),
+])
+def test_redact_removes_url_credentials(url, secrets):
+    redacted = redact(url)
+    assert not [s for s in secrets if s in redacted], redacted
+    assert "***" in redacted
+
+
+def test_redact_keeps_what_is_not_a_credential():
+    for text in ("/data/shards/00001.tar", "s3://bucket/dir/x.tar", "https://h/x.tar?versionId=7&X-Amz-Expires=60",
+                 "/data/llava.json#3", "gs://b/a@2x.tar"):
+        assert redact(text) == text
+
+
+class _Server:
+    """An HTTP server on the loopback address that serves files only to requests carrying the credentials,
+    byte ranges included (what fsspec's HTTP files ask for)."""
+
+    def __init__(self, files: dict[str, bytes], user: str, password: str, signature: str) -> None:
+        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                self.serve(body=False)
+
+            def do_GET(self) -> None:
+                self.serve(body=True)
+
+            def serve(self, body: bool) -> None:
+                url = urlsplit(self.path)
+                if self.headers.get("Authorization") != auth or parse_qs(url.query).get("X-Amz-Signature") != [
+                        signature]:
+                    self.send_error(403)
+                    return
+                if url.path not in files:
+                    self.send_error(404)
+                    return
+                data = files[url.path]
+                start, end = 0, len(data) - 1
+                ranged = self.headers.get("Range")
+                if ranged:
+                    first, last = ranged.removeprefix("bytes=").split("-")
+                    start, end = int(first), min(int(last) if last else end, end)
+                self.send_response(206 if ranged else 200)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                if ranged:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[start:end + 1])
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> int:
+        self.thread.start()
+        return self.httpd.server_address[1]
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.integration
+def test_job_over_every_broken_input_completes_and_keeps_credentials_out(ray_client, tmp_path, photos, jpeg,
+                                                                           tokenizer_dir, capsys, caplog):
+    """All the kinds at once, through the job: it completes, every row is accounted for, every failed file is
+    listed with its reason, and no credential of an input URL is in the outputs or the logs. Before: the cut tar
+    alone ended the job (exit 1, no manifest)."""
+    user, password, signature = "AKIAUSERSECRET", "PASSWORDSECRET", "SIGNATURESECRET"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    full = tar_bytes(samples(["c0", "c1", "c2"], jpeg))
+    (inputs / "cut.tar").write_bytes(full[:member_offsets(full)["c2.jpg"][1] + 500])  # c0, c1 kept
+    (inputs / "empty.tar").write_bytes(b"")
+    (inputs / "not-a-tar.tar").write_bytes(jpeg)
+    bad_gz = bytearray(tar_bytes(samples(["z0"], jpeg), mode="w:gz"))
+    bad_gz[20:60] = b"x" * 40
+    (inputs / "bad.tar.gz").write_bytes(bytes(bad_gz))
+    members = [*samples(["m_good"], jpeg).items(), ("m_dup.jpg", jpeg), ("m_dup.txt", b"one"), ("m_dup.jpg", jpeg),
+               ("m_json.jpg", jpeg), ("m_json.txt", b"two"), ("m_json.json", b'{"caption": 5}')]
+    (inputs / "members.tar").write_bytes(tar_bytes(members))
+    photos["chelsea.png"].save(inputs / "chelsea.png")
+    (inputs / "llava.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "l_good", "image": "chelsea.png", "conversations": CONVERSATION},
+        {"id": "l_int", "image": 5, "conversations": CONVERSATION},
+        {"id": "l_up", "image": "../in/chelsea.png", "conversations": CONVERSATION},
+        {"id": "l_other", "messages": []}]) + "\n")
+    (inputs / "sharegpt.json").write_text(json.dumps([{"id": "s_good", "images": ["chelsea.png"], "messages": [
+        {"role": "user", "content": "<image>What animal?"}, {"role": "assistant", "content": "A cat."}]}]))
+    (inputs / "broken.json").write_text('[{"id": "x", ')
+    served = {"/remote.tar": tar_bytes(samples(["r0", "r1"], jpeg))}
+    out = tmp_path / "out"
+    with _Server(served, user, password, signature) as port:
+        base = f"http://{user}:{password}@127.0.0.1:{port}"
+        query = f"?X-Amz-Expires=60&X-Amz-Signature={signature}"
+        remote, missing = f"{base}/remote.tar{query}", f"{base}/missing.tar{query}"
+        manifest = main(["understanding", "--input", remote, missing,
+                         *[str(inputs / n) for n in ("cut.tar", "empty.tar", "not-a-tar.tar", "bad.tar.gz",
+                                                     "members.tar", "llava.jsonl", "sharegpt.json", "broken.json")],
+                         "--output", str(out), "--tokenizer", str(tokenizer_dir), "--max-skip-fraction", "1",
+                         "--no-progress"])
+
+    assert manifest.skipped == {"tar_truncated": 1, "duplicate_member": 1, "bad_record": 2,
+                                "image_path_unsafe": 1, "unknown_format": 1}
+    assert manifest.rows_written == 2 + 2 + 1 + 1 + 1  # remote r0 r1, cut c0 c1, m_good, l_good, s_good
+    assert manifest.rows_in == manifest.rows_written + sum(manifest.skipped.values())
+    failed = {f["source"]: f["reason"] for f in manifest.files_failed}
+    redacted_missing = f"http://***@127.0.0.1:{port}/missing.tar?X-Amz-Expires=60&X-Amz-Signature=***"
+    assert sorted(failed) == sorted([redacted_missing, str(inputs / "cut.tar"), str(inputs / "empty.tar"),
+                                     str(inputs / "not-a-tar.tar"), str(inputs / "bad.tar.gz"),
+                                     f"{inputs / 'broken.json'}#0"])
+    assert "FileNotFoundError" in failed[redacted_missing]
+    assert "JSONDecodeError" in failed[f"{inputs / 'broken.json'}#0"]
+    assert Manifest.read(out).files_failed == manifest.files_failed
+    keys = {s.key for e in manifest.shards for s in samples_from_table(read_shard(out / e.file))}
+    assert keys == {"r0", "r1", "c0", "c1", "m_good", "l_good", "s_good"}
+
+    # No credential anywhere: manifest, progress records, shards, what was printed and logged.
+    captured = capsys.readouterr()
+    texts = [captured.out, captured.err, caplog.text, *(p.read_bytes().decode("latin-1") for p in out.rglob("*")
+                                                       if p.is_file())]
+    for secret in (user, password, signature):
+        assert not [t[:200] for t in texts if secret in t], secret
+    assert "/remote.tar" in json.dumps(manifest.settings["inputs"])  # the inputs are named, redacted
