@@ -6,19 +6,27 @@ is never written: its rank 0 writes it before the other ranks finish their shard
 leaves it pointing at a torn checkpoint. Here a re-save first removes the step's old `COMPLETE`, every
 rank saves, all meet at a barrier, the files are hashed (each rank hashes its share), and only then rank 0
 writes `COMPLETE` (an atomic rename) listing every file with its size and sha256, and prunes old checkpoints.
+A write that fails on any rank (a full disk) fails the save on every rank alike, naming the rank and the free
+space, and the partial step directory is removed.
 
 Resume takes the newest checkpoint whose files all match its `COMPLETE` (a flipped bit or a truncated file is
 reported by name and skipped). Resuming from an older step sets newer ones aside in `checkpoints/abandoned/`:
 a checkpoint is never deleted except by pruning, which keeps the step a run resumed from. DeepSpeed unpickles
 its checkpoint files, so only checkpoints whose `COMPLETE` this code wrote are loaded unless the user says
 they trust them (`--trust-checkpoint`).
+
+Resuming on another number of ranks loads DeepSpeed's state through its universal checkpoint, converted once
+into the step directory's `universal/` (with its own COMPLETE) and pruned with it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,6 +35,8 @@ import torch.distributed as dist
 COMPLETE = "COMPLETE"
 WRITER = "janus-pipeline"  # in every COMPLETE this code writes
 ABANDONED = "abandoned"
+UNIVERSAL = "universal"  # inside a step directory: its DeepSpeed files converted for another number of ranks
+CONVERSION_TIMEOUT = timedelta(hours=3)  # ~84 GB read and written at 7B by one rank
 
 
 def checkpoints_dir(output: str | Path) -> Path:
@@ -71,25 +81,71 @@ def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int
     if rank == 0 and (path / COMPLETE).exists():
         (path / COMPLETE).unlink()  # a re-save: the old marker must not vouch for a mix of new and old files
     dist.barrier()
-    engine.save_checkpoint(str(checkpoints_dir(output)), tag=tag, client_state={"step": step}, save_latest=False)
+    failed = _failure(lambda: engine.save_checkpoint(str(checkpoints_dir(output)), tag=tag,
+                                                     client_state={"step": step}, save_latest=False))
+    if failed:
+        dist.barrier()  # DeepSpeed's save_checkpoint ends with one, which the raise skipped on this rank only
     state = {**rank_state, "step": step, "world_size": world, "rng": rng_state()}
-    tmp = path / f".rank-{rank}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / f"rank-{rank}.pt")
-    dist.barrier()
+    failed = failed or _failure(lambda: _write_atomically(path / f"rank-{rank}.pt", lambda f: torch.save(state, f)))
+    _all_written(path, failed)
     files = file_records(path)
+    failed = ""
     if rank == 0:
-        marker = path / f".{COMPLETE}.tmp"
-        marker.write_text(json.dumps({"writer": WRITER, "step": step, "world_size": world, "files": files}) + "\n")
-        os.replace(marker, path / COMPLETE)
-        for old in complete_checkpoints(output)[:-keep_last] if keep_last > 0 else []:
-            if keep is None or old.resolve() != keep.resolve():
-                shutil.rmtree(old, ignore_errors=True)
-        for torn in checkpoints_dir(output).glob("step-*"):  # older, never completed
-            if not (torn / COMPLETE).exists() and torn.name < tag:
-                shutil.rmtree(torn, ignore_errors=True)
-    dist.barrier()
+        marker = json.dumps({"writer": WRITER, "step": step, "world_size": world, "files": files}) + "\n"
+        failed = _failure(lambda: _write_atomically(path / COMPLETE, lambda f: f.write_text(marker)))
+        if not failed:
+            for old in complete_checkpoints(output)[:-keep_last] if keep_last > 0 else []:
+                if keep is None or old.resolve() != keep.resolve():
+                    shutil.rmtree(old, ignore_errors=True)
+            for torn in checkpoints_dir(output).glob("step-*"):  # older, never completed
+                if not (torn / COMPLETE).exists() and torn.name < tag:
+                    shutil.rmtree(torn, ignore_errors=True)
+    _all_written(path, failed)
     return path
+
+
+class CheckpointNotWritten(OSError):
+    """A save that failed on some rank (a full disk, a quota), raised on every rank alike."""
+
+
+def _failure(write) -> str:
+    """'' once `write()` has run; otherwise what went wrong, for every rank to hear (a rank that raised alone would
+    leave the others in a collective: on NCCL until the collective timeout)."""
+    try:
+        write()
+        return ""
+    except Exception as error:  # noqa: BLE001 - whatever it is, the other ranks must stop too
+        traceback.print_exc()
+        return f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
+
+
+def _write_atomically(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        fs = os.statvfs(path)
+    except OSError as error:
+        return f"free space unknown: {error}"
+    return f"{fs.f_bavail * fs.f_frsize:,} bytes and {fs.f_favail:,} inodes free"
+
+
+def _all_written(path: Path, failed: str) -> None:
+    """Collective: returns once every rank has written its part. Otherwise every rank raises the same error naming
+    the ranks and the free space (torch.save on a full disk says only "iostream error"), after rank 0 removed the
+    partial step directory: its files hold the space a full disk needs back, and would never count."""
+    parts = _gathered([failed, _free_space(path.parent)])
+    failures = [part[0] for part in parts if part[0]]
+    if not failures:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    raise CheckpointNotWritten(
+        f"checkpoint {path} was not written ({parts[0][1]} on its file system; its partial files were removed): "
+        f"{'; '.join(failures)}. Free space, then resume: --resume auto takes the newest complete checkpoint")
 
 
 def _collective(collective: bool) -> bool:
@@ -103,11 +159,11 @@ def _share(items: list[str], collective: bool = True) -> list[str]:
     return items[dist.get_rank()::dist.get_world_size()]
 
 
-def _gathered(part: dict | list, collective: bool = True) -> list:
+def _gathered(part: dict | list | str, collective: bool = True, group: dist.ProcessGroup | None = None) -> list:
     if not _collective(collective):
         return [part]
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
+    dist.all_gather_object(parts, part, group=group)
     return parts
 
 
@@ -186,22 +242,96 @@ def set_aside_after(output: str | Path, step: int) -> list[Path]:
     return moved
 
 
+def saved_world_size(path: Path) -> int:
+    """How many ranks wrote a complete checkpoint."""
+    return json.loads((path / COMPLETE).read_text())["world_size"]
+
+
+def resized(path: Path | None) -> bool:
+    """Whether resuming from `path` changes the number of ranks (DeepSpeed then loads a universal checkpoint)."""
+    return path is not None and saved_world_size(path) != dist.get_world_size()
+
+
+def loading_config(ds: dict, path: Path | None) -> dict:
+    """The run's DeepSpeed config, told to load a universal checkpoint when `path` was written by another number
+    of ranks (the key is read only when loading, but only from the config the engine was built with)."""
+    if not resized(path):
+        return ds
+    return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+
+
 def load(engine, path: Path) -> dict:
-    """Restore DeepSpeed's state and return this rank's own state (data path, RNG, step)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
-    if saved_world != world:
-        raise ValueError(
-            f"{path} was written by {saved_world} ranks, this run has {world}. Resume on {saved_world} ranks, or "
-            f"start a new run from its weights with --init {path.parents[1]} (optimizer state and data position "
-            f"are then fresh), or convert it with DeepSpeed's ds_to_universal and load it as a universal checkpoint")
-    engine.load_checkpoint(str(path.parent), tag=path.name)
-    # Our own file, written by this code: tensors and plain containers only.
-    state = torch.load(path / f"rank-{rank}.pt", weights_only=True)
+    """Restore DeepSpeed's state and this rank's RNG; return this rank's saved state (data path, RNG, step, world
+    size). On another number of ranks than wrote `path`, DeepSpeed's state comes from its universal checkpoint
+    (converted once, `universal`) and rank r gets saved rank r % (old world size)'s state: its data path must
+    then continue from every saved rank's (`rank_states`)."""
+    rank = dist.get_rank()
+    if resized(path):
+        if not engine.load_universal_checkpoint():
+            raise ValueError(f"{path} was written by {saved_world_size(path)} ranks: build the engine with "
+                             "loading_config() so that DeepSpeed loads it as a universal checkpoint")
+        engine.load_checkpoint(str(path), tag=universal(path).name)
+    else:
+        engine.load_checkpoint(str(path.parent), tag=path.name)
+    state = rank_states(path, [rank % saved_world_size(path)])[0]
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state
+
+
+def rank_states(path: Path, ranks: list[int] | None = None) -> list[dict]:
+    """The states the ranks that wrote `path` saved beside DeepSpeed's (all of them, in rank order, by default)."""
+    ranks = range(saved_world_size(path)) if ranks is None else ranks
+    # Our own files, written by this code: tensors and plain containers only.
+    return [torch.load(path / f"rank-{r}.pt", weights_only=True) for r in ranks]
+
+
+def universal(path: Path) -> Path:
+    """Collective: the checkpoint's DeepSpeed files as DeepSpeed's universal checkpoint, in path/universal.
+
+    Rank 0 converts (DeepSpeed's ds_to_universal) while the others wait; the folder counts only once its own
+    COMPLETE, written last and listing every file's size and sha256, verifies. A conversion cut short, or
+    damaged since, is redone, never loaded. The folder lives and is pruned with its checkpoint.
+    """
+    out = path / UNIVERSAL
+    ready = (out / COMPLETE).is_file() and not problems(out)
+    dist.barrier()  # every rank has looked before rank 0 replaces it
+    if not ready:
+        # The others wait on a group of their own: at 7B the conversion takes longer than the run's collective
+        # timeout allows a rank to wait, and it is not a hang.
+        waiting = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
+        failed = ""
+        if dist.get_rank() == 0:
+            print(f"converting {path} to DeepSpeed's universal checkpoint in {out}", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                convert_to_universal(path, out)
+            except Exception as error:  # noqa: BLE001 - the waiting ranks must hear it, not sit out the timeout
+                traceback.print_exc()
+                failed = f"{type(error).__name__}: {error}"
+        failures = [f for f in _gathered(failed, group=waiting) if f]
+        if failures:
+            raise RuntimeError(f"converting {path} to a universal checkpoint failed on rank 0: {failures[0]}")
+        files = file_records(out)
+        if dist.get_rank() == 0:
+            marker = out / f".{COMPLETE}.tmp"
+            marker.write_text(json.dumps({"writer": WRITER, "from": path.name, "files": files}) + "\n")
+            os.replace(marker, out / COMPLETE)
+        dist.barrier()
+    return out
+
+
+def convert_to_universal(source: Path, out: Path) -> None:
+    """DeepSpeed's own ZeRO-to-universal conversion, in this process (its worker pools would fork a process that
+    holds the process group's threads)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
+                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                            inject_missing_state=False))
+    # It also writes `latest_universal` beside its output; this code always names the folder it loads.
+    (out.parent / "latest_universal").unlink(missing_ok=True)
 
 
 def consolidate(run_dir: str | Path) -> Path:

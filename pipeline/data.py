@@ -4,6 +4,10 @@ Planning (which samples go in which row) is cheap and runs in the training proce
 exact; decoding images and building tensors runs in a thread pool ahead of the step (PIL releases
 the GIL while decoding). The state saved with a checkpoint is the one after the last batch the
 trainer *consumed*, not the last one prefetched, so a resumed run continues with exactly the next batch.
+
+A run resumed on another number of ranks continues from every old rank's state (`continue_from`): within each
+epoch of each source, no row is trained twice and none is skipped. Which samples share a step then differs from
+an uninterrupted run (each rank mixes and packs its own stream), but not which samples an epoch holds.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class DataPipeline:
         if special is None and config.guidance_dropout > 0:
             raise ValueError("guidance dropout needs the tokenizer's special tokens (the pad id)")
         self.config, self.special = config, special
+        self.rank, self.world_size = rank, world_size
         weights = config.data_weights or [1.0] * len(config.data)
         self.sources = [
             Source(SourceSpec(manifest, weight), rank, world_size, config.seed, tokenizer_fingerprint,
@@ -103,13 +108,17 @@ class DataPipeline:
                           f"--seq-len {self.config.seq_len} (lengths {min(seen)}-{max(seen)} tokens); raise "
                           f"--seq-len, or give that task's part of --ratio 0")
 
-    def plan_micro_batch(self) -> list[list[Sample]]:
-        """The samples of the next micro-batch's rows, without decoding anything (benchmarks use it too)."""
+    def plan_rows(self) -> list[list[Entry]]:
+        """The next micro-batch's rows as packer entries: each sample with where it came from (source, epoch, row)."""
         rows = []
         for _ in range(self.config.rows_per_micro_batch):
             self._fill_buffer()
-            rows.append([e.sample for e in self.packer.next_row()])
+            rows.append(self.packer.next_row())
         return rows
+
+    def plan_micro_batch(self) -> list[list[Sample]]:
+        """The samples of the next micro-batch's rows, without decoding anything (benchmarks use it too)."""
+        return [[e.sample for e in row] for row in self.plan_rows()]
 
     def _plan_state(self) -> dict:
         return copy.deepcopy({
@@ -145,4 +154,22 @@ class DataPipeline:
         self.mixer.load_state_dict(state["mixer"])
         self.packer.buffer = [self._entry(*ref) for ref in state["buffer"]]
         self.too_long = dict(state["too_long"])
+        self._consumed_state = self._plan_state()
+
+    def continue_from(self, states: list[dict]) -> None:
+        """Continue after the states every rank of a run with another world size saved, in rank order.
+
+        The guarantee: within each epoch of each source, every row is trained exactly once across both runs.
+        Each source drops from the epochs the old ranks were part-way through the rows any of them had drawn
+        (Source.continue_from), and the new ranks share the rest; the rows the old ranks had drawn but not yet
+        packed (their packer buffers) are dealt out to the new ranks, oldest first, and packed by them. The task
+        mix continues from the old ranks' mean of what each task was fed; the too-long counts, summed in every
+        log record, go to rank 0.
+        """
+        for i, source in enumerate(self.sources):
+            source.continue_from([s["sources"][i] for s in states])
+        self.mixer.load_state_dict(Mixer.mean_state([s["mixer"] for s in states]))
+        waiting = sorted((ref for s in states for ref in s["buffer"]), key=lambda ref: -ref[3])  # ref[3]: its age
+        self.packer.buffer = [self._entry(*ref) for ref in waiting[self.rank::self.world_size]]
+        self.too_long = {t: sum(s["too_long"][t] for s in states) if self.rank == 0 else 0 for t in TASKS}
         self._consumed_state = self._plan_state()

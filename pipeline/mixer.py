@@ -40,3 +40,9 @@ class Mixer:
 
     def load_state_dict(self, state: dict) -> None:
         self.fed_task, self.fed_source = dict(state["fed_task"]), list(state["fed_source"])
+
+    @staticmethod
+    def mean_state(states: list[dict]) -> dict:
+        """The mean of several ranks' states: a rank of a resized run keeps the old ranks' average deficits."""
+        return {"fed_task": {t: sum(s["fed_task"][t] for s in states) / len(states) for t in TASKS},
+                "fed_source": [sum(fed) / len(states) for fed in zip(*(s["fed_source"] for s in states), strict=True)]}

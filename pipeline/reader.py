@@ -4,11 +4,16 @@ Ranks partition by row, not by shard, so a source with fewer shards than ranks s
 Each epoch has its own seeded order: shards are shuffled, then rows within each shard; rank r takes
 every world-th row of that order. The position in it is the whole reader state. A shard is verified
 against its manifest (sha256, schema version) the first time it is opened, not all at start.
+
+A run resumed on another number of ranks (`Source.continue_from`) keeps, per epoch the old ranks were part-way
+through, what they had read: those rows leave that epoch's order and the new ranks share what is left. So within
+an epoch every row is read exactly once, whatever the world sizes of the runs that read it.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +57,9 @@ class Source:
             raise ValueError(f"{self.name}: {sum(self.rows)} rows cannot feed {world_size} ranks")
         self._tables: dict[int, pa.Table] = {}
         self.epoch, self.cursor = 0, 0  # cursor: index into this rank's rows of the epoch order
+        # What the ranks of earlier world sizes read of epochs they left part-read, oldest resize first: each
+        # {"world": W, "epoch": first epoch, "read": [[rows read by each of the W ranks] per epoch from there]}.
+        self.resized: list[dict] = []
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def _check_fingerprint(self, what: str, shard_value: str | None, model_value: str | None) -> None:
@@ -62,18 +70,27 @@ class Source:
                 f"allow_fingerprint_mismatch (--allow-fingerprint-mismatch) if you know they are compatible")
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        """Global row ids of `epoch` in this rank's order (rank r: positions r, r + world, ...)."""
+        """Global row ids of `epoch` in this rank's order (rank r: positions r, r + world, ...), less the rows that
+        ranks of earlier world sizes read of it."""
         if self._order_epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            parts = [self._starts[s] + rng.permutation(self.rows[s]) for s in rng.permutation(len(self.rows))]
-            self._order = np.concatenate(parts)[self.rank::self.world_size]
+            order = np.concatenate([self._starts[s] + rng.permutation(self.rows[s])
+                                    for s in rng.permutation(len(self.rows))])
+            for layer in self.resized:  # each resize's counts index the order the ones before it left
+                if layer["epoch"] <= epoch < layer["epoch"] + len(layer["read"]):
+                    order = order[unread(len(order), layer["world"], layer["read"][epoch - layer["epoch"]])]
+            self._order = order[self.rank::self.world_size]
             self._order_epoch = epoch
         return self._order
 
     def next_ref(self) -> tuple[int, int]:
         """(epoch, global row id) of this rank's next row; epochs roll over forever."""
         order = self._epoch_order(self.epoch)
-        if self.cursor >= len(order):
+        # An epoch that earlier ranks read all but a few rows of may leave this rank none; any other epoch gives
+        # every rank a row (rows >= ranks, checked above), so this ends within the resized epochs plus one.
+        for _ in range(sum(len(layer["read"]) for layer in self.resized) + 1):
+            if self.cursor < len(order):
+                break
             self.epoch, self.cursor = self.epoch + 1, 0
             order = self._epoch_order(self.epoch)
         ref = (self.epoch, int(order[self.cursor]))
@@ -104,10 +121,42 @@ class Source:
         return self._tables[shard]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "resized": copy.deepcopy(self.resized)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.resized = copy.deepcopy(state.get("resized", []))  # absent in checkpoints from before resizing
+        self._order_epoch = -1
+
+    def continue_from(self, states: list[dict]) -> None:
+        """Continue after the states of every rank (in rank order) of a run with another world size.
+
+        This rank starts at the earliest epoch any old rank was in, and every epoch some old rank was part-way
+        through gets the old ranks' read counts as a new layer of `resized`: those rows leave the epoch's order
+        and the new ranks divide the rest. Rows an old rank drew but had not trained yet (its packer buffer) are
+        not read again here: the data pipeline hands them on."""
+        first, last = min(s["epoch"] for s in states), max(s["epoch"] for s in states)
+        everything = sum(self.rows)  # at least any rank's share of an epoch: an old rank past it read all of it
+        read = [[everything if s["epoch"] > epoch else s["cursor"] if s["epoch"] == epoch else 0 for s in states]
+                for epoch in range(first, last + 1)]
+        earlier = [trimmed for layer in states[0].get("resized", []) if (trimmed := _from_epoch(layer, first))]
+        self.load_state_dict({"epoch": first, "cursor": 0,
+                              "resized": [*earlier, {"world": len(states), "epoch": first, "read": read}]})
+
+
+def unread(n: int, world: int, read: list[int]) -> np.ndarray:
+    """Which of an epoch order's `n` positions `world` ranks had not read, rank r having read the first read[r] of
+    its positions (r, r + world, ...)."""
+    position = np.arange(n)
+    return position // world >= np.asarray(read, dtype=np.int64)[position % world]
+
+
+def _from_epoch(layer: dict, epoch: int) -> dict | None:
+    """A resize layer without the epochs before `epoch` (nobody reads them again); None if nothing is left."""
+    skip = max(0, epoch - layer["epoch"])
+    if skip >= len(layer["read"]):
+        return None
+    return {**layer, "epoch": layer["epoch"] + skip, "read": layer["read"][skip:]}
 
 
 def shard_problems(manifests: list[str], rank: int = 0, world_size: int = 1) -> list[str]:

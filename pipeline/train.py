@@ -123,7 +123,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
     check_shards_once(config.data.data + config.data.val_data)
     resume_from = intact_checkpoints(config)
-    engine = build_engine(config, ds, special.image_placeholder)
+    engine = build_engine(config, checkpoint.loading_config(ds, resume_from), special.image_placeholder)
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}
@@ -133,9 +133,13 @@ def main(stage: int, argv: list[str] | None = None) -> None:
             config.data.data)}, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **pipeline_options)
     start_step = resume(config, engine, data, resume_from)
-    step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
-                 device=device, stop=stop, validator=Validator(config, special, device, **pipeline_options),
-                 sampler=Sampler(config, tokenizer))
+    try:
+        step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
+                     device=device, stop=stop, validator=Validator(config, special, device, **pipeline_options),
+                     sampler=Sampler(config, tokenizer))
+    except checkpoint.CheckpointNotWritten as error:  # a full disk or quota: a requeue cannot help, a person must
+        print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
+        raise SystemExit(2) from None
     log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")
     dist.barrier()
     dist.destroy_process_group()
@@ -182,11 +186,19 @@ def refuse(message: str) -> None:
 
 def resume(config: TrainConfig, engine, data: DataPipeline, path: Path | None) -> int:
     """The step to start from (0 for a fresh run), with the engine and the data path restored from `path`.
-    Checkpoints newer than that step are set aside, so the next `--resume auto` does not undo a rollback."""
+    Checkpoints newer than that step are set aside, so the next `--resume auto` does not undo a rollback.
+
+    On another number of ranks than wrote `path` (a node lost, or added), DeepSpeed loads the checkpoint through
+    its universal form and the data path continues from every old rank's position: no sample of an epoch is
+    repeated or skipped (DataPipeline.continue_from). The batch plan was already derived for this world size."""
     step = 0
     if path is not None:
         state = checkpoint.load(engine, path)
-        data.load_state_dict(state["data"])
+        if state["world_size"] == dist.get_world_size():
+            data.load_state_dict(state["data"])
+        else:
+            data.continue_from([s["data"] for s in checkpoint.rank_states(path)])
+            log(f"resuming a checkpoint of {state['world_size']} ranks on {dist.get_world_size()}")
         step = state["step"]
         log(f"resumed from {path} at step {step}")
     for moved in checkpoint.set_aside_after(config.checkpoint.output, step):
