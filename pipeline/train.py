@@ -30,7 +30,7 @@ from model.sample import TASKS
 from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
 from pipeline.config import ConfigError, TrainConfig, resolve, run_directory
-from pipeline.data import DataPipeline
+from pipeline.data import DataPipeline, TooLong
 from pipeline.ds_config import BatchPlan
 from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
 from pipeline.evaluation import Sampler, Validator
@@ -95,6 +95,11 @@ def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tens
     return loss_sums, step_counts, engine.was_step_applied()
 
 
+# Faults found mid-run that only a person can fix (free disk space; raise --seq-len; lower the learning rate or
+# fix the data): the run replayed from its checkpoint would meet them again.
+NEEDS_A_PERSON = (checkpoint.CheckpointNotWritten, TooLong, FloatingPointError)
+
+
 def main(stage: int, argv: list[str] | None = None) -> None:
     stop = StopFlag()  # first: a pre-emption signal during start-up must not kill the rank
     try:
@@ -137,7 +142,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
                      device=device, stop=stop, validator=Validator(config, special, device, **pipeline_options),
                      sampler=Sampler(config, tokenizer))
-    except checkpoint.CheckpointNotWritten as error:  # a full disk or quota: a requeue cannot help, a person must
+    except NEEDS_A_PERSON as error:  # a requeue would fail the same way: exit 2, which Slurm does not requeue
         print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
         raise SystemExit(2) from None
     log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")

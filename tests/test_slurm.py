@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,11 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launchers" / "slurm"
 # Knobs a developer's shell may hold: every job here sets its own.
 KNOBS = ("DATA", "INIT", "MODEL", "TOKENIZER", "OUTPUT", "SAVE_EVERY", "CONFIG", "EXTRA_ARGS", "TASK", "INPUT",
-         "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT", "EXTRA_SRUN_ARGS", "PYTHON",
-         "CHECKPOINT", "EXPORT_OUT", "LAYOUT", "STEP")
+         "MAX_RESTARTS", "JANUS_REFUSED_DIR", "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT",
+         "EXTRA_SRUN_ARGS", "PYTHON", "CHECKPOINT", "EXPORT_OUT", "LAYOUT", "STEP")
 # One node, two CPU ranks, no GPU: the override a user would type for a laptop-sized test.
 SMALL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]
 TRAIN_FLAGS = "--seq-len 1400 --rows-per-step 2 --log-every 1 --num-workers 1"
+# A job in one of these states has ended for good (a requeued one passes through PENDING on its way back).
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +131,7 @@ def test_stage1_runs_then_a_second_submission_resumes(stage1_run):
     log = read(log_of(run.workdir, first))
     assert run.states[0] == "COMPLETED", log[-6000:]
     assert "2 ranks, rendezvous localhost:" in log and "0: done at step 3" in log, log[-6000:]
+    assert "[slurm] every rank finished: done (restart 0)" in log, log[-6000:]
     assert run.latest[0] == "step-00000003"
 
     log = read(log_of(run.workdir, second))
@@ -180,17 +184,155 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(slurm, shard_corpus
     # Signal once training runs (its handler is installed by then), as a time limit 10 minutes away would.
     wait_for(lambda: "0: step       1 " in read(log), 180, "the first training step", log)
     slurm.run(["scancel", "--signal=USR1", "--batch", job])
-    wait_for(lambda: slurm.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240,
-             "the requeued job to finish", log)
+    wait_for(lambda: slurm.job(job).get("JobState") in FINAL, 240, "the requeued job to finish", log)
     text, info = read(log), slurm.job(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
     stopped = re.search(r"stop signal: checkpointed step (\d+), exiting", text)
     assert stopped and 1 <= int(stopped.group(1)) < steps, text[-6000:]
     at = int(stopped.group(1))
-    assert f"checkpointed: requeueing job {job}" in text and f"job {job} restart 1 " in text, text[-6000:]
+    assert f"checkpointed after USR1 (time limit or pre-emption): requeueing job {job} (restart 1 of at most " \
+        in text and f"job {job} restart 1 " in text, text[-6000:]
     assert f"resumed from {output / 'checkpoints' / f'step-{at:08d}'} at step {at}" in text, text[-6000:]
     assert f"0: done at step {steps}" in text, text[-6000:]
     assert latest_checkpoint(output).name == f"step-{steps:08d}"
+
+
+def wait_until_ended(slurm: LocalSlurm, job: str, log: Path, timeout: float) -> dict[str, str]:
+    """The job's `scontrol show job` fields once it has ended for good; cancelled if it has not in `timeout`."""
+    try:
+        wait_for(lambda: slurm.job(job).get("JobState") in FINAL, timeout, f"job {job} to end", log)
+    finally:
+        if slurm.job(job).get("JobState") not in FINAL:
+            slurm.run(["scancel", job], check=False)
+    return slurm.job(job)
+
+
+def fake_python(tmp_path: Path, body: str) -> Path:
+    """A PYTHON for the sbatch scripts that runs `body` (bash, per rank: SLURM_PROCID) instead of, or before,
+    the real interpreter: how a test makes one rank die, or start late."""
+    script = tmp_path / "python"
+    script.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def rank_process(output: Path, rank: int) -> int:
+    """The pid of `rank`'s training process: the python running launchers/stage1.py into `output` with
+    RANK=`rank` whose parent is not such a process too (that one is a data-loader worker)."""
+    def details(pid: str) -> tuple[list[str], list[bytes], str]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            return [], [], ""
+        return argv, environ, parent
+
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        argv, environ, parent = details(pid)
+        if ("launchers/stage1.py" in argv and str(output) in argv and "bash" not in Path(argv[0]).name
+                and f"RANK={rank}".encode() in environ):
+            ranks[pid] = parent
+    main = [pid for pid, parent in ranks.items() if parent not in ranks]
+    if len(main) != 1:
+        raise LookupError(f"expected one rank {rank} training process for {output}, found {main}")
+    return int(main[0])
+
+
+def metric_steps(output: Path) -> list[int]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+@pytest.mark.integration
+def test_a_hung_rank_times_out_requeues_and_resumes_from_the_last_complete_checkpoint(
+        slurm, shard_corpus, tokenizer_dir, tmp_path):
+    """Rank 1 is stopped (SIGSTOP) once a checkpoint is complete: rank 0's next collective times out
+    (--collective-timeout-seconds, short here), the step fails, the script requeues the job and the requeued
+    job resumes from the newest complete checkpoint and finishes."""
+    output, steps = tmp_path / "run", 8
+    knobs = train_knobs(shard_corpus, tokenizer_dir, output, steps)
+    knobs.update(SAVE_EVERY="2", MAX_RESTARTS="2")
+    knobs["EXTRA_ARGS"] += " --collective-timeout-seconds 30"
+    job = sbatch(slurm, "stage1.sbatch", job_env(slurm, **knobs), tmp_path, *SMALL, wait=False)
+    log = log_of(tmp_path, job)
+    stopped = None
+    try:
+        wait_for(lambda: latest_checkpoint(output) is not None, 300, "the first complete checkpoint", log)
+        first = latest_checkpoint(output)
+        stopped = rank_process(output, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        wait_for(lambda: f"requeueing job {job}" in read(log) or slurm.job(job).get("JobState") in FINAL, 240,
+                 "the step to fail", log)
+        assert f"requeueing job {job}" in read(log), f"{slurm.job(job)}\n{read(log)[-8000:]}"
+        at = int(latest_checkpoint(output).name.split("-")[1])  # the step ended: no rank saves any more
+        info = wait_until_ended(slurm, job, log, 400)
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)  # lets Slurm's SIGTERM end it if it is still there
+            except ProcessLookupError:
+                pass
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-8000:]}"
+    assert at >= int(first.name.split("-")[1]), text[-8000:]
+    assert "0: [rank0]: RuntimeError: " in text and "Timed out waiting 30000ms" in text, text[-8000:]  # gloo's
+    assert re.search(rf"step failed with status \d+ and no rank refused its inputs \(a rank died or hung, or a "
+                     rf"node failed\): requeueing job {job} \(restart 1 of at most 2\)", text), text[-8000:]
+    assert f"job {job} restart 1 " in text, text[-8000:]
+    assert f"resumed from {output / 'checkpoints' / f'step-{at:08d}'} at step {at}" in text, text[-8000:]
+    assert f"0: done at step {steps}" in text, text[-8000:]
+    # metrics.jsonl is appended to: the first run's steps (at least up to the checkpoint), then the resumed
+    # run's from the checkpoint on.
+    logged = metric_steps(output)
+    first_run = len(logged) - (steps - at)
+    assert first_run >= at and logged[:first_run] == list(range(1, first_run + 1)), logged
+    assert logged[first_run:] == list(range(at + 1, steps + 1)), logged
+    assert latest_checkpoint(output).name == f"step-{steps:08d}"
+
+
+@pytest.mark.integration
+def test_a_config_error_is_never_requeued_even_when_srun_reports_a_kill(slurm, shard_corpus, tokenizer_dir,
+                                                                       tmp_path):
+    """A missing data directory: rank 0 exits 2 in its start-up checks while rank 1 is still starting (made
+    late here), so the step's SIGTERM kills rank 1 and srun reports that kill, not the 2: the refusal recorded
+    by task.sh must still win."""
+    output, missing = tmp_path / "run", tmp_path / "no-such-shards"
+    knobs = train_knobs(shard_corpus, tokenizer_dir, output, 3)
+    knobs.update(DATA=f"{missing} {shard_corpus['generation']}", PYTHON=str(fake_python(
+        tmp_path, f'[[ "$SLURM_PROCID" == 1 ]] && sleep 300\nexec {sys.executable} "$@"')))
+    job = sbatch(slurm, "stage1.sbatch", job_env(slurm, **knobs), tmp_path, *SMALL, wait=False)
+    log = log_of(tmp_path, job)
+    info, text = wait_until_ended(slurm, job, log, 240), read(log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", \
+        f"{info}\n{text[-6000:]}"
+    assert f"0: error: --data {missing}: no such file or directory" in text, text[-6000:]
+    said = re.search(r"\[slurm\] rank\(s\) 0 exited 2: a config or data error \(the run's own, see its error: "
+                     r"line\), not requeueing \(restart 0; srun reported (\d+)\)", text)
+    assert said, text[-6000:]
+    # The race this test stages: srun's status alone would have said "killed", i.e. requeue.
+    assert said.group(1) != "2", f"srun reported 2: rank 1 was not killed while starting\n{text[-6000:]}"
+    assert "requeueing job" not in text and f"job {job} restart 1 " not in text, text[-6000:]
+    assert not (tmp_path / "logs" / f".refused-{job}").exists()
+
+
+@pytest.mark.integration
+def test_a_rank_that_keeps_dying_is_requeued_up_to_max_restarts(slurm, tmp_path):
+    """A rank killed by SIGKILL (as the OOM killer does) while the other waits: requeued, and again until
+    MAX_RESTARTS requeues are spent; then the job ends FAILED. The ranks are a stand-in PYTHON: no training."""
+    body = 'echo "fake rank $SLURM_PROCID"\n[[ "$SLURM_PROCID" == 1 ]] && kill -9 $$\nexec sleep 300'
+    env = job_env(slurm, DATA="unused", MODEL="tiny", INIT="", OUTPUT=str(tmp_path / "run"), MAX_RESTARTS="1",
+                  PYTHON=str(fake_python(tmp_path, body)))
+    job = sbatch(slurm, "stage1.sbatch", env, tmp_path, *SMALL, wait=False)
+    log = log_of(tmp_path, job)
+    info, text = wait_until_ended(slurm, job, log, 240), read(log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
+    assert re.search(rf"step failed with status \d+ and no rank refused its inputs .*: requeueing job {job} "
+                     r"\(restart 1 of at most 1\)", text), text[-6000:]
+    assert re.search(r"step failed with status \d+ .*; restarted 1 times already \(MAX_RESTARTS=1\): "
+                     r"not requeueing", text), text[-6000:]
+    assert text.count("requeueing job") == 1, text[-6000:]
 
 
 @pytest.mark.integration

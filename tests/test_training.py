@@ -350,7 +350,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shard_corpus, tokenizer_d
     save_file(state, str(poisoned / "model.safetensors"))
     ranks = Ranks(stage_args(2, shard_corpus, tokenizer_dir, tmp_path / "run", poisoned, "--train-steps", "20",
                              "--max-nonfinite-steps", "2"))
-    with pytest.raises(AssertionError, match="non-finite steps in a row"):
+    with pytest.raises(AssertionError, match="exited 2(.|\n)*non-finite steps in a row"):  # 2: not requeued
         ranks.wait(timeout=600)
     assert "SKIPPED (non-finite)" in ranks.output(0)
 

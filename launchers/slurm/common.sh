@@ -108,6 +108,21 @@ janus_render() {
     done
 }
 
+# After the step, the batch script decides whether the job comes back (janus_after_step), and says why in the log:
+#   - every rank finished (status 0, no USR1): done.
+#   - a rank exited 2, a config or data error (pipeline/train.py: a bad flag, a missing or damaged shard or
+#     checkpoint): the run's own fault, never requeued; the job ends FAILED with exit code 2.
+#   - any other failure (a rank died or was killed, a hung rank's peers hit --collective-timeout-seconds, the
+#     watchdog's exit 3): not the run's fault; requeued, and --resume auto continues from the newest intact
+#     checkpoint. MAX_RESTARTS (default 100) bounds SLURM_RESTART_COUNT, which counts every requeue of the job,
+#     pre-emptions too, so a run that crashes the same way each time stops after that many starts.
+# srun's status cannot tell these apart: with --kill-on-bad-exit, a rank still starting when another refused
+# is killed by the step's SIGTERM/SIGKILL, and srun reports that signal (143, 137) instead of the refusal's 2
+# (seen on Slurm 22.05: one task exits 2, the other is killed -> srun returns 137). So task.sh writes a file
+# per rank that exits 2 into JANUS_REFUSED_DIR before srun can learn of the exit; the batch script reads it.
+# It must be on a file system every node sees: by default logs/.refused-JOBID under the submission directory
+# (the repository root, shared); a knob for a site whose submission directory is not.
+#
 # Pre-emption and time limits. `#SBATCH --signal=B:USR1@N` sends USR1 to this batch shell only, N seconds
 # before the end; the trap forwards it to every task of the running step (`scancel --signal` without --batch
 # signals the job's steps, not the batch shell). pipeline/train.py checkpoints at the next step boundary on
@@ -123,10 +138,59 @@ _janus_on_usr1() {
 }
 _janus_on_term() {
     janus_stop=${janus_stop:-term}
-    echo "[slurm] $(date -Is) TERM: waiting for the ranks to checkpoint and exit" >&2
+    echo "[slurm] $(date -Is) TERM: Slurm is ending this run of the job; the ranks checkpoint if they can" >&2
 }
 
-# janus_launch COMMAND...: one task per rank through task.sh; requeues the job if USR1 made it checkpoint.
+# The ranks that recorded an exit 2 (task.sh), comma-separated; empty if none.
+janus_refused_ranks() {
+    local f ranks=()
+    for f in "$JANUS_REFUSED_DIR"/rank-*; do
+        [[ -e "$f" ]] && ranks+=("${f##*/rank-}")
+    done
+    ((${#ranks[@]})) && printf '%s\n' "${ranks[@]}" | sort -n | paste -sd, -
+    return 0
+}
+
+# Only the files task.sh writes are removed: the directory may be a user's JANUS_REFUSED_DIR.
+janus_clear_refusals() {
+    rm -f "$JANUS_REFUSED_DIR"/rank-*
+    rmdir "$JANUS_REFUSED_DIR" 2>/dev/null || true
+}
+
+# janus_after_step STATUS: requeue the job or not, saying why; returns the job's exit status.
+janus_after_step() {
+    local rc="$1" restarts="${SLURM_RESTART_COUNT:-0}" max="${MAX_RESTARTS:-100}" refused why
+    refused="$(janus_refused_ranks)"
+    janus_clear_refusals
+    if [[ -n "$refused" ]]; then
+        echo "[slurm] rank(s) $refused exited 2: a config or data error (the run's own, see its error: line)," \
+             "not requeueing (restart $restarts; srun reported $rc)" >&2
+        return 2
+    fi
+    if [[ "$janus_stop" == term ]]; then
+        echo "[slurm] step exited $rc after SIGTERM: Slurm is ending or requeueing the job itself," \
+             "not requeueing (restart $restarts)" >&2
+        return "$rc"
+    fi
+    if [[ "$janus_stop" == usr1 && $rc -eq 0 ]]; then
+        why="checkpointed after USR1 (time limit or pre-emption)"
+    elif ((rc != 0)); then
+        why="step failed with status $rc and no rank refused its inputs (a rank died or hung, or a node failed)"
+    else
+        echo "[slurm] every rank finished: done (restart $restarts)" >&2
+        return 0
+    fi
+    if ((restarts >= max)); then
+        echo "[slurm] $why; restarted $restarts times already (MAX_RESTARTS=$max): not requeueing" >&2
+        return "$rc"
+    fi
+    echo "[slurm] $(date -Is) $why: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max)" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    sleep 60 # Slurm ends this run of the job now; the requeued one resumes from the newest intact checkpoint
+    return "$rc"
+}
+
+# janus_launch COMMAND...: one task per rank through task.sh, then requeue or not (janus_after_step).
 janus_launch() {
     if [[ -n "${JANUS_RENDER:-}" ]]; then
         janus_render "$@"
@@ -134,6 +198,10 @@ janus_launch() {
     fi
     echo "[slurm] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NUM_NODES node(s):" \
          "$((SLURM_JOB_NUM_NODES * JANUS_RANKS_PER_NODE)) ranks, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+    # Per job, emptied at each start: a requeued job keeps its id, and an old refusal must not stop it.
+    export JANUS_REFUSED_DIR="${JANUS_REFUSED_DIR:-${SLURM_SUBMIT_DIR:-$JANUS_REPO}/logs/.refused-$SLURM_JOB_ID}"
+    janus_clear_refusals
+    mkdir -p "$JANUS_REFUSED_DIR"
     trap _janus_on_usr1 USR1
     trap _janus_on_term TERM
     srun "${SRUN_ARGS[@]}" bash "$JANUS_REPO/launchers/slurm/task.sh" "$@" &
@@ -152,17 +220,10 @@ janus_launch() {
         fi
         break
     done
-    set -e
     echo "[slurm] $(date -Is) step exited $rc" >&2
-    if [[ "$janus_stop" == usr1 && $rc -eq 0 ]]; then
-        if ((${SLURM_RESTART_COUNT:-0} >= ${MAX_RESTARTS:-100})); then
-            echo "[slurm] restarted ${SLURM_RESTART_COUNT} times already (MAX_RESTARTS): not requeueing" >&2
-            return 0
-        fi
-        echo "[slurm] $(date -Is) checkpointed: requeueing job $SLURM_JOB_ID" >&2
-        scontrol requeue "$SLURM_JOB_ID"
-        sleep 60 # Slurm ends this run of the job now; the requeued one resumes from the checkpoint
-    fi
+    janus_after_step "$rc"
+    rc=$?
+    set -e
     return "$rc"
 }
 
