@@ -4,6 +4,10 @@ Which samples share a row is the packer's choice (pipeline/); how a chosen row b
 defined here, next to the token layout it follows. Positions restart at 0 for every sample, which
 is what makes attention block-diagonal (sdpa derives the mask from `position_ids`; varlen kernels
 take `cu_seqlens`).
+
+Where the targets are and how many each task has are computed here, on the CPU, and travel with the batch:
+the forward then needs no boolean-mask indexing or counting on the device, each of which makes the host
+wait for the GPU (the forward's sizes would depend on values only the device has).
 """
 
 from __future__ import annotations
@@ -23,21 +27,20 @@ IGNORE = -100
 class PackedBatch:
     input_ids: torch.Tensor       # [B, T] text ids; image positions hold placeholder/pad ids
     position_ids: torch.Tensor    # [B, T] restarting at 0 per sample
-    und_image_mask: torch.Tensor  # [B, T] positions taking aligner(SigLIP(image)) features
     pixel_values: torch.Tensor    # [N, 3, H, W] understanding images, in row order
-    gen_image_mask: torch.Tensor  # [B, T] positions taking gen_aligner(gen_embed(id))
-    gen_input_ids: torch.Tensor   # [M] VQ ids at those positions, in row order
+    gen_input_ids: torch.Tensor   # [M] VQ ids at the gen_at positions, in their order
     text_targets: torch.Tensor    # [B, T] id the LM head must predict at t, IGNORE if none
     image_targets: torch.Tensor   # [B, T] VQ id the generation head must predict at t, IGNORE if none
     task: torch.Tensor            # [B, T] TASK_INDEX of the sample at t (-1 on row padding)
     sample_index: torch.Tensor    # [B, T] which packed sample t belongs to (-1 on row padding)
     cu_seqlens: torch.Tensor      # [S + 1] int32 segment starts over the flattened B*T tokens
     max_seqlen: int
-
-    def target_counts(self) -> torch.Tensor:
-        """[len(TASKS)] number of loss targets per task (what the forward's `target_count` will be)."""
-        has_target = (self.text_targets != IGNORE) | (self.image_targets != IGNORE)
-        return torch.bincount(self.task[has_target], minlength=len(TASKS))
+    und_at: torch.Tensor          # [N * 576] flat positions (b * T + t) taking aligner(SigLIP(image)), ascending
+    gen_at: torch.Tensor          # [M] flat positions taking gen_aligner(gen_embed(id)), ascending
+    text_at: torch.Tensor         # [Nt] flat positions with a text target, ascending
+    image_at: torch.Tensor        # [Ni] flat positions with an image target, ascending
+    target_at: torch.Tensor       # [Nt + Ni] flat positions with either, ascending
+    target_count: torch.Tensor    # [len(TASKS)] loss targets per task (the forward's `target_count`)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         moved = {}
@@ -133,9 +136,19 @@ def pack_rows(rows: list[list[Sample]], seq_len: int, special: SpecialTokens,
     cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(seqlens), 0)
     return PackedBatch(
-        input_ids=input_ids, position_ids=position_ids, und_image_mask=und_mask,
+        input_ids=input_ids, position_ids=position_ids,
         pixel_values=pixel_values(images) if images else torch.zeros(0, 3, 1, 1),
-        gen_image_mask=gen_mask, gen_input_ids=torch.tensor(gen_ids, dtype=torch.long),
+        gen_input_ids=torch.tensor(gen_ids, dtype=torch.long),
         text_targets=text_targets, image_targets=image_targets, task=task, sample_index=sample_index,
-        cu_seqlens=cu_seqlens, max_seqlen=max(seqlens),
+        cu_seqlens=cu_seqlens, max_seqlen=max(seqlens), und_at=und_mask.flatten().nonzero().flatten(),
+        gen_at=gen_mask.flatten().nonzero().flatten(), **target_positions(text_targets, image_targets, task),
     )
+
+
+def target_positions(text_targets: torch.Tensor, image_targets: torch.Tensor, task: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """A batch's `text_at`, `image_at`, `target_at` and `target_count`, from its [B, T] CPU tensors."""
+    text, image = text_targets.flatten() != IGNORE, image_targets.flatten() != IGNORE
+    target_at = (text | image).nonzero().flatten()
+    return {"text_at": text.nonzero().flatten(), "image_at": image.nonzero().flatten(), "target_at": target_at,
+            "target_count": torch.bincount(task.flatten()[target_at], minlength=len(TASKS))}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import JanusConfig, JanusForConditionalGeneration
 
-from model.batch import IGNORE, PackedBatch
+from model.batch import PackedBatch
 from model.sample import TASKS
 
 
@@ -44,48 +44,63 @@ class JanusProForTraining(JanusForConditionalGeneration):
         size = self.config.vision_config.image_size
         return like.new_zeros(1, self.config.vision_config.num_channels, size, size)
 
-    def _varlen_kwargs(self, batch: PackedBatch) -> dict:
-        """Varlen kernels take the packed segment boundaries; sdpa derives its mask from position_ids."""
-        if self.model.language_model.config._attn_implementation in ("sdpa", "eager"):
+    def _attention_kwargs(self, batch: PackedBatch) -> dict:
+        """Varlen kernels take the packed segment boundaries; sdpa a block-diagonal mask from position_ids."""
+        backend = self.model.language_model.config._attn_implementation
+        if backend == "sdpa":
+            return {"attention_mask": packed_causal_mask(batch.position_ids)}
+        if backend == "eager":
             return {}
         cu, longest = batch.cu_seqlens, batch.max_seqlen
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
     def forward(self, batch: PackedBatch) -> PackedLoss:
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        # [B*T, D]; image inputs go in by index_copy at positions the batch brings (masked_scatter's backward
+        # is a masked_select, whose size the host must read).
+        embeds = self.model.get_input_embeddings()(batch.input_ids).flatten(0, 1)
         zero = embeds.new_zeros(())  # collects the 0-weighted outputs of modules run on dummy inputs
 
         if batch.pixel_values.shape[0] > 0:
             features = self._image_features(batch.pixel_values.to(embeds.dtype))
-            embeds = embeds.masked_scatter(batch.und_image_mask.unsqueeze(-1), features.to(embeds.dtype))
+            embeds = embeds.index_copy(0, batch.und_at, features.flatten(0, 1).to(embeds.dtype))
         elif self.run_every_module:
             zero = zero + 0.0 * self._image_features(self._dummy_pixels(embeds)).sum()
 
         if batch.gen_input_ids.numel() > 0:
             gen = self._gen_embeddings(batch.gen_input_ids)
-            embeds = embeds.masked_scatter(batch.gen_image_mask.unsqueeze(-1), gen.to(embeds.dtype))
+            embeds = embeds.index_copy(0, batch.gen_at, gen.to(embeds.dtype))
         elif self.run_every_module:
             zero = zero + 0.0 * self._gen_embeddings(batch.input_ids.new_zeros(1)).sum()
 
         # use_cache=False: with a cache, Llama ignores packed position_ids and samples see each other.
         hidden = self.model.language_model(
-            inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **self._varlen_kwargs(batch)
-        ).last_hidden_state
+            inputs_embeds=embeds.view(*batch.input_ids.shape, -1), position_ids=batch.position_ids, use_cache=False,
+            **self._attention_kwargs(batch)
+        ).last_hidden_state.flatten(0, 1)
 
-        # Each head runs only where it has targets: full-vocabulary logits for a whole row are GBs.
-        token_loss = hidden.new_zeros(batch.input_ids.shape, dtype=torch.float32)
-        text_at = batch.text_targets != IGNORE
-        image_at = batch.image_targets != IGNORE
-        for at, targets, head in ((text_at, batch.text_targets, self.lm_head),
-                                  (image_at, batch.image_targets, self.model.generation_head)):
-            if at.any():
-                logits = head(hidden[at]).float()
-                token_loss = token_loss.index_put((at,), F.cross_entropy(logits, targets[at], reduction="none"))
+        # Each head runs only where it has targets: full-vocabulary logits for a whole row are GBs. Where those
+        # are comes with the batch (model/batch.py): finding them here would make the host wait for the GPU.
+        token_loss = hidden.new_zeros(batch.input_ids.numel(), dtype=torch.float32)
+        for at, targets, head in ((batch.text_at, batch.text_targets, self.lm_head),
+                                  (batch.image_at, batch.image_targets, self.model.generation_head)):
+            if at.numel() > 0:
+                logits = head(hidden.index_select(0, at)).float()
+                loss = F.cross_entropy(logits, targets.flatten().index_select(0, at), reduction="none")
+                token_loss = token_loss.index_put((at,), loss)
             elif self.run_every_module:
-                zero = zero + 0.0 * head(hidden[:1, :1]).sum()
+                zero = zero + 0.0 * head(hidden[:1]).sum()
 
-        has_target = text_at | image_at
-        task = batch.task[has_target]
-        loss_sum = token_loss.new_zeros(len(TASKS)).index_add(0, task, token_loss[has_target]) + zero
-        target_count = torch.bincount(task, minlength=len(TASKS))
-        return PackedLoss(loss_sum=loss_sum, target_count=target_count, token_loss=token_loss)
+        task = batch.task.flatten().index_select(0, batch.target_at)
+        loss_sum = token_loss.new_zeros(len(TASKS)).index_add(0, task, token_loss.index_select(0, batch.target_at))
+        return PackedLoss(loss_sum=loss_sum + zero, target_count=batch.target_count,
+                          token_loss=token_loss.view(batch.input_ids.shape))
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] causal mask within each packed sample, a sample starting wherever positions do not go up
+    by one (transformers' own rule, which it follows with a host-side check of whether the rows are packed)."""
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    sample = starts.cumsum(-1)
+    causal = torch.ones(position_ids.shape[-1], position_ids.shape[-1], dtype=torch.bool,
+                        device=position_ids.device).tril()
+    return (causal & (sample[:, :, None] == sample[:, None, :]))[:, None]

@@ -71,11 +71,11 @@ class NonfiniteSteps:
     def __init__(self, limit: int):
         self.limit, self.in_a_row = limit, 0
 
-    def check(self, step: int, applied: bool, task_loss: list[float]) -> None:
+    def check(self, step: int, applied: bool, task_loss: torch.Tensor) -> None:
         self.in_a_row = 0 if applied else self.in_a_row + 1
         if self.in_a_row >= self.limit:
             raise FloatingPointError(f"step {step}: {self.in_a_row} non-finite steps in a row; task losses "
-                                     f"{dict(zip(TASKS, task_loss, strict=True))}")
+                                     f"{dict(zip(TASKS, task_loss.tolist(), strict=True))}")
 
 
 def wandb_run_id(output: str | Path) -> str:
@@ -109,11 +109,13 @@ class Monitor:
         return (step % self.config.logging.log_every == 0 or step == self.config.optim.train_steps
                 or step == self.start_step + 1)
 
-    def maybe_log(self, step: int, task_loss: list[float], lr: float, engine, micro_batches: list[PackedBatch],
+    def maybe_log(self, step: int, task_loss: torch.Tensor, lr: float, engine, micro_batches: list[PackedBatch],
                   seconds: float, applied: bool, too_long: dict[str, int]) -> dict | None:
+        """On log steps only: reading the losses (and summing the counts over ranks) waits for the device."""
         if not self.due(step):
             return None
-        record = step_record(step, task_loss, lr, engine, micro_batches, seconds, self.config, applied, too_long)
+        record = step_record(step, task_loss.tolist(), lr, engine, micro_batches, seconds, self.config, applied,
+                             too_long)
         log(format_record(record))
         self.record(record)
         return record

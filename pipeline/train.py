@@ -55,7 +55,7 @@ def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, s
                                                          config.optim.loss_normalisation)
         step += 1
         watchdog.beat()
-        task_loss = (loss_sums / step_counts.clamp(min=1)).tolist()
+        task_loss = loss_sums / step_counts.clamp(min=1)  # left on the device: read on log steps only
         nonfinite.check(step, applied, task_loss)
         monitor.maybe_log(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started, applied,
                           data.too_long)
@@ -82,7 +82,7 @@ def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tens
     """
     device, world = weights.device, dist.get_world_size()
     # The whole step's target count, on every rank, before the first backward.
-    step_counts = torch.stack([b.target_counts() for b in micro_batches]).sum(0).to(device, torch.float32)
+    step_counts = torch.stack([b.target_count for b in micro_batches]).sum(0).to(device, torch.float32)
     dist.all_reduce(step_counts)
     loss_sums = torch.zeros(len(TASKS), device=device)
     for batch in micro_batches:
