@@ -248,10 +248,11 @@ def _pids_using(marker: str) -> list[int]:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One `ray start --head` for the session: localhost, free ports, token auth on (the token is passed in the
-    environment, so nothing is written to ~/.ray). Yields a dict with `address` (GCS), `dashboard` (job API URL)
-    and `env` (what a client needs). Stopped by signalling the processes it started, not `ray stop`, which would
-    also stop other Ray instances on a shared machine."""
+    """One `ray start --head` for the session: every server on the loopback address only, free ports, token auth on
+    (the token is passed in the environment, so nothing is written to ~/.ray). Yields a dict with `address` (GCS),
+    `dashboard` (job API URL), `env` (what a client needs) and `temp_dir` (its sessions and logs). Stopped by
+    signalling the processes it started, not `ray stop`, which would also stop other Ray instances on a shared
+    machine."""
     import secrets
     import shutil
     import signal
@@ -262,9 +263,14 @@ def ray_cluster():
     import urllib.error
     import urllib.request
 
+    from preprocess.job import SINGLE_NODE_ENV
+
     temp_dir = tempfile.mkdtemp(prefix="rayjp", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    # --node-ip-address and --dashboard-host still left the GCS, the raylet and two agents listening on every
+    # interface; Ray's single-machine switch puts every server on 127.0.0.1, as in preprocess/job.py's embedded Ray.
+    # A client needs the switch too (`env`, and ray_client): a driver without it timed out connecting.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", SINGLE_NODE_ENV: "0"}
     from tests.distributed import free_ports
 
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
@@ -290,7 +296,7 @@ def ray_cluster():
                 raise RuntimeError(f"ray start failed: {tail}") from None
             time.sleep(1)
     try:
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "env": env}
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "env": env, "temp_dir": temp_dir}
     finally:
         proc.send_signal(signal.SIGINT)  # `ray start --block` then stops the node processes it started
         try:
@@ -316,11 +322,17 @@ def ray_cluster():
 def ray_client(ray_cluster):
     """This test process connected to the session's Ray cluster (the preprocess job reuses the connection)."""
     import ray
+    import ray._private.ray_constants as ray_constants
     from ray._raylet import AuthenticationTokenLoader, Config
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    from preprocess.job import SINGLE_NODE_ENV
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", SINGLE_NODE_ENV)}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update({k: ray_cluster["env"][k] for k in saved})
-    # Ray reads the auth mode and token once per process (at import): make it see the ones just set.
+    # Ray reads the auth mode, the token and the single-machine switch once per process (at import): make it see the
+    # ones just set, so that this driver's own servers are on the loopback address too.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     ray.init(address=ray_cluster["address"], logging_level="WARNING")
@@ -328,6 +340,7 @@ def ray_client(ray_cluster):
         yield ray_cluster
     finally:
         ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

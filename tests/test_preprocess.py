@@ -2,8 +2,9 @@
 
 Ray job runs (kept few, the machine has 2 cores): understanding on two tars (photos + a bad-input corpus),
 generation on an ImageNet-style folder, text on JSONL, understanding on LLaVA JSON, a killed run and its
-resume, one `ray job submit`, two runs whose output is rejected, a run that loses a Ray worker (and its
-undisturbed twin) and one embedded Ray started and probed.
+resume, two runs whose output is rejected, a run that loses a Ray worker (and its undisturbed twin) and one
+embedded Ray started and probed. `ray job submit` runs in tests/test_preprocess_inputs.py, on every kind of
+bad input at once.
 """
 
 from __future__ import annotations
@@ -98,9 +99,8 @@ def bad_corpus(photos: dict[str, Image.Image]) -> tuple[dict[str, bytes], dict[s
     return members, expected
 
 
-@pytest.fixture(scope="module")
-def und_inputs(tmp_path_factory, photos) -> dict:
-    root = tmp_path_factory.mktemp("und_in")
+def photo_members(photos: dict[str, Image.Image]) -> dict[str, bytes]:
+    """The captioned photographs as img2dataset writes them: key.jpg|png, key.txt and key.json."""
     good = {}
     for name, caption in CAPTIONS.items():
         key = Path(name).stem
@@ -109,8 +109,14 @@ def und_inputs(tmp_path_factory, photos) -> dict:
             {"quality": 95} if ext == "jpg" else {}))
         good[f"{key}.txt"] = caption.encode()
         good[f"{key}.json"] = json.dumps({"url": f"http://example.com/{name}", "caption": caption}).encode()
+    return good
+
+
+@pytest.fixture(scope="module")
+def und_inputs(tmp_path_factory, photos) -> dict:
+    root = tmp_path_factory.mktemp("und_in")
     members, expected = bad_corpus(photos)
-    tars = [write_tar(root / "photos-00000.tar", good), write_tar(root / "bad-00001.tar", members)]
+    tars = [write_tar(root / "photos-00000.tar", photo_members(photos)), write_tar(root / "bad-00001.tar", members)]
     return {"tars": [str(t) for t in tars], "expected_bad": expected}
 
 
@@ -331,20 +337,6 @@ def test_killed_run_resumes_to_identical_output(und_run, und_inputs, tokenizer_d
     assert not list(out.glob(".*.tmp-*"))
     manifest = Manifest.read(out)
     assert manifest.shards == ref_manifest.shards and manifest.skipped == ref_manifest.skipped
-
-
-@pytest.mark.integration
-def test_ray_job_submit_equals_embedded_run(und_run, und_inputs, tokenizer_dir, ray_cluster, tmp_path):
-    ref_out, ref_manifest = und_run
-    out = tmp_path / "submitted"
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
-           "--working-dir", str(REPO), "--", sys.executable, "-m", "preprocess",
-           *und_args(und_inputs, tokenizer_dir, out)]
-    done = subprocess.run(cmd, env=ray_cluster["env"], cwd=REPO, capture_output=True, timeout=400)
-    assert done.returncode == 0, (done.stdout + done.stderr).decode()[-4000:]
-    assert "succeeded" in done.stdout.decode()
-    assert shard_bytes(out) == shard_bytes(ref_out)
-    assert Manifest.read(out).shards == ref_manifest.shards
 
 
 def test_rejection_rule():
