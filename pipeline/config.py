@@ -251,12 +251,18 @@ class SystemConfig(Section):
     ds_config: str | None = doc("a ds_configs/ name or a JSON path; unset: zero3_bf16 on GPU, zero3_cpu on CPU",
                                 None)
     gpus_per_node: int = doc("GPUs per node, for the batch plan's advice", 8)
+    gpu: Literal["a100-40g", "a100-80g", "h100", "h200"] = doc("GPU --dry-run plans for", "a100-80g")
+    nodes: int | None = doc("nodes --dry-run plans for (unset: from --world-size)", None)
+    intra_node_gbps: float = doc("per-GPU bandwidth inside a node (NVLink), Gb/s, for --dry-run", 2400.0)
+    inter_node_gbps: float = doc("per-GPU network bandwidth across nodes, Gb/s, for --dry-run", 200.0)
     watchdog_seconds: float = doc("exit 3 with every stack if no step completes in this long (0: off)", 1800.0)
     collective_timeout_seconds: float = doc("a collective (all-reduce, gather) waiting this long raises on its rank: "
                                             "below --watchdog-seconds, so a dead peer is named first", 1500.0)
 
     def check(self) -> None:
         need(self.gpus_per_node >= 1, "gpus_per_node", "must be at least 1")
+        need(self.nodes is None or self.nodes >= 1, "nodes", "must be at least 1")
+        need(self.intra_node_gbps > 0 and self.inter_node_gbps > 0, "inter_node_gbps", "bandwidths must be positive")
         need(self.watchdog_seconds >= 0, "watchdog_seconds", "must be 0 (off) or more")
         need(0 < self.collective_timeout_seconds and (not self.watchdog_seconds
                                                        or self.collective_timeout_seconds < self.watchdog_seconds),
@@ -363,7 +369,8 @@ class Parser(HfArgumentParser):
         self.add_argument("--config", help="YAML file of settings (sections as in OUTPUT/config.yaml, or flat); "
                                            "flags override it")
         self.add_argument("--dry-run", action="store_true",
-                          help="print the batch plan and per-GPU memory estimate for --world-size, build nothing")
+                          help="print the batch plan, per-GPU memory and the performance plan for --world-size "
+                               "(or --nodes x --gpus-per-node) on --gpu, build nothing")
         self.add_argument("--world-size", type=int, help="data-parallel size for --dry-run")
         self.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
 

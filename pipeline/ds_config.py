@@ -74,9 +74,13 @@ def deepspeed_config(template: str | Path, plan: BatchPlan, *, hidden_size: int,
     """A template from ds_configs/ (a name or a path) with the run's numbers filled in."""
     config = json.loads(template_path(template).read_text())
     zero = config.setdefault("zero_optimization", {})
-    zero["reduce_bucket_size"] = max(hidden_size * hidden_size, MIN_BUCKET)
-    zero["stage3_prefetch_bucket_size"] = max(int(0.9 * hidden_size * hidden_size), MIN_BUCKET)
-    zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    # A number in the template wins (the dry run's recommended plan writes them); a placeholder is filled here.
+    derived = {"reduce_bucket_size": max(hidden_size * hidden_size, MIN_BUCKET),
+               "stage3_prefetch_bucket_size": max(int(0.9 * hidden_size * hidden_size), MIN_BUCKET),
+               "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in derived.items():
+        if not isinstance(zero.get(key), int | float) or isinstance(zero.get(key), bool):
+            zero[key] = value
     config["train_micro_batch_size_per_gpu"] = plan.rows_per_micro_batch
     config["gradient_accumulation_steps"] = plan.accumulation_steps
     config["train_batch_size"] = plan.rows_per_step

@@ -27,8 +27,17 @@ o_proj input 2D; the gate/up input 2D; gate output, SiLU output, up output and t
 Total 26D + 8I, i.e. 47.5 D for the 7B (I = 2.69 D), a little above Korthikanti's 34 D for a GPT layer
 (its 4D GELU MLP keeps 2 tensors of 4D; SwiGLU keeps 4 of I). Measured on the tiny model within 5%.
 
-Not counted: the CUDA context and NCCL buffers (~1-2 GB), allocator fragmentation, ZeRO's reduce
-buckets, and the dummy SigLIP run of micro-batches without images. Treat the total as a floor.
+    worst row's logits  a micro-batch of text rows: every position a target of the 102,400-wide LM head
+                     (8 B x rows x seq_len x vocab: 3.1 GiB for one 4096-token row); the total takes the larger
+                     of this and the typical logits above, since any micro-batch may be all text
+    head gradients   the full bf16 gradient of the embedding or LM head (V x D each), alive whole before
+                     its reduce-scatter: the larger of the two trainable ones (one at each end of the backward)
+    CUDA + NCCL      1 GiB CUDA context and workspaces, 0.5 GiB of NCCL buffers per communicator
+    fragmentation    10% on top of everything
+
+Not counted: ZeRO's reduce buckets (pipeline/plan.py adds them per sharding choice) and the dummy SigLIP run of
+micro-batches without images. The launchers set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which keeps
+fragmentation near the margin above.
 
 DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs_all_cold`) assumes every parameter
 trains: 18 bytes per parameter sharded, plus 4 bytes per parameter of the largest layer; it covers
@@ -43,7 +52,7 @@ from dataclasses import dataclass, replace
 
 from transformers import JanusConfig
 
-from model.config import model_config
+from model.config import model_config, model_size
 from model.sample import TASKS
 from model.stages import NEVER_TRAINED, Stage, part_of, stage_for
 from model.summary import meta_model
@@ -53,6 +62,9 @@ from pipeline.preflight import checked_plan
 BF16, FP32 = 2, 4
 GIB = 2 ** 30
 LOGIT_BYTES = 8  # fp32 logits + fp32 log-softmax saved by cross-entropy
+CUDA_CONTEXT = 1.0 * GIB     # CUDA context, cuBLAS workspaces
+NCCL_PER_GROUP = 0.5 * GIB   # NCCL buffers per communicator
+FRAGMENTATION = 0.10         # allocator margin on top of everything else
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,17 @@ def logit_bytes(config: JanusConfig, text_targets: float, image_targets: float) 
     return LOGIT_BYTES * (text_targets * vocab + image_targets * codebook)
 
 
+def worst_row_logit_bytes(config: JanusConfig, rows: int, seq_len: int) -> float:
+    """Logits of a micro-batch whose rows are all text: every position a target of the LM head."""
+    return LOGIT_BYTES * rows * seq_len * config.text_config.vocab_size
+
+
+def head_gradient_bytes(config: JanusConfig, trainable: tuple[str, ...] | list[str]) -> float:
+    """The full bf16 gradient of the larger trainable vocabulary matrix (token embedding in the LLM, or LM head)."""
+    t = config.text_config
+    return BF16 * t.vocab_size * t.hidden_size if {"llm", "lm_head"} & set(trainable) else 0.0
+
+
 def nodes_and_gpus(world_size: int, gpus_per_node: int = 8) -> tuple[int, int]:
     """(nodes, GPUs per node) for a world size: one partial node below gpus_per_node."""
     if world_size <= gpus_per_node:
@@ -205,6 +228,8 @@ class MemoryEstimate:
     activations_checkpointed: float
     activations_full: float
     logits: float
+    worst_logits: float
+    head_gradients: float
     deepspeed_gpu: int
     deepspeed_table: str
 
@@ -222,8 +247,15 @@ class MemoryEstimate:
         return self.weights + self.optimizer
 
     @property
+    def overhead(self) -> float:
+        """CUDA context and one NCCL communicator."""
+        return CUDA_CONTEXT + NCCL_PER_GROUP
+
+    @property
     def total(self) -> float:
-        return self.model_states + self.gathered_params + self.activations + self.logits
+        used = (self.model_states + self.gathered_params + self.activations + max(self.logits, self.worst_logits)
+                + self.head_gradients + self.overhead)
+        return used * (1 + FRAGMENTATION)
 
 
 def estimate_memory(model: str | JanusConfig, stage: Stage, world_size: int, micro_batch_rows: int = 1,
@@ -250,6 +282,8 @@ def estimate_memory(model: str | JanusConfig, stage: Stage, world_size: int, mic
         activations_checkpointed=activation_bytes(config, tokens, und_images, siglip_trains, True),
         activations_full=activation_bytes(config, tokens, und_images, siglip_trains, False),
         logits=micro_batch_rows * logit_bytes(config, mix.text_targets, mix.image_targets),
+        worst_logits=worst_row_logit_bytes(config, micro_batch_rows, seq_len),
+        head_gradients=head_gradient_bytes(config, stage.trainable),
         deepspeed_gpu=ds_gpu, deepspeed_table=ds_table,
     )
 
@@ -276,8 +310,11 @@ def format_dry_run(est: MemoryEstimate) -> str:
         line("gathered params (bf16)", est.gathered_params, "largest module + prefetched layers"),
         line("activations, ckpt on", est.activations_checkpointed, "2*D B/token/layer + one layer recomputed"),
         line("activations, ckpt off", est.activations_full, "(26*D + 8*I) B/token/layer"),
-        line("head logits", est.logits, f"{LOGIT_BYTES} B x targets x head width"),
-        line("total (ours)", est.total, f"checkpointing {ckpt}; + ~1-2 GiB CUDA/NCCL not counted"),
+        line("head logits, typical", est.logits, f"{LOGIT_BYTES} B x targets x head width"),
+        line("head logits, worst row", est.worst_logits, f"{LOGIT_BYTES} B x seq_len x vocab per text row"),
+        line("head gradients (bf16)", est.head_gradients, "full V x D gradient before its reduce-scatter"),
+        line("CUDA context + NCCL", est.overhead, "1 GiB + 0.5 GiB per communicator"),
+        line("total (ours)", est.total, f"checkpointing {ckpt}; + {FRAGMENTATION:.0%} fragmentation margin"),
         line("DeepSpeed all-trainable", est.deepspeed_gpu, "model states only: 18 B x all / world + 4 B x largest"),
         line("ours, same scope", est.model_states + BF16 * 2 * p.largest_module, "model states + 4 B x largest"),
         "DeepSpeed's own table:",
@@ -286,15 +323,33 @@ def format_dry_run(est: MemoryEstimate) -> str:
     return "\n".join(out)
 
 
+def planned_world_size(config: TrainConfig, world_size: int | None) -> int:
+    """--world-size, or --nodes x --gpus-per-node; both must agree when both are given."""
+    nodes, per_node = config.system.nodes, config.system.gpus_per_node
+    if world_size and nodes and world_size != nodes * per_node:
+        raise ConfigError(f"--world-size {world_size} is not --nodes {nodes} x --gpus-per-node {per_node}")
+    if not (world_size or nodes):
+        raise ConfigError("--dry-run needs --world-size or --nodes (the cluster to plan for)")
+    return world_size or nodes * per_node
+
+
 def dry_run(config: TrainConfig, world_size: int | None) -> str:
-    """`--dry-run`: the batch plan (refused if impossible) and the per-GPU memory estimate, building nothing."""
-    if not world_size:
-        raise ConfigError("--dry-run needs --world-size (the data-parallel size to plan for)")
+    """`--dry-run`: the batch plan (refused if impossible), the per-GPU memory estimate and the performance plan for
+    every sharding choice, building nothing."""
+    from pipeline.plan import cluster_for, stage_plan  # the plan builds on this module
+
+    world_size = planned_world_size(config, world_size)
     plan = checked_plan(config, world_size)
-    stage = replace(stage_for(config.stage), ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
-                    seq_len=config.data.seq_len)
+    stage = replace(stage_for(config.stage, model_size(model_config(config.model.model))),
+                    ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
+                    seq_len=config.data.seq_len, rows_per_step=config.optim.rows_per_step,
+                    train_steps=config.optim.train_steps)
+    system = config.system
     estimate = estimate_memory(config.model.model, stage, world_size, config.data.rows_per_micro_batch,
-                               config.data.seq_len, config.model.gradient_checkpointing, config.system.gpus_per_node)
+                               config.data.seq_len, config.model.gradient_checkpointing, system.gpus_per_node)
+    nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
+    cluster = cluster_for(system.gpu, nodes, per_node, system.intra_node_gbps, system.inter_node_gbps)
     return (f"Stage {config.stage}, model {config.model.model}: {plan.rows_per_step} rows/step over {world_size} "
             f"ranks = {plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) x "
-            f"{config.data.seq_len} tokens per rank\n" + format_dry_run(estimate))
+            f"{config.data.seq_len} tokens per rank\n" + format_dry_run(estimate) + "\n\n"
+            + stage_plan(config.model.model, stage, cluster, f"Stage {config.stage} {config.model.model}"))
