@@ -1,7 +1,9 @@
 """The Ray Data job: input shards -> read -> decode/transform/tokenise -> (VQ actors) -> Arrow shards + manifest.
 
     from_items(pending shards) -> map_batches(shard_rows)            tasks, one per input shard: read it, then
-                                                                     decode/convert; bad input = skip row
+                                                                     decode/convert; bad input = skip row; with
+                                                                     fewer shards than CPUs, a task takes several
+                                                                     CPUs and converts on as many threads
                                -> map_batches(VQStage)               generation only: a batched actor pool
                                -> iter_batches on the driver         rows regrouped by input shard; a shard is
                                                                      written when all its rows have arrived
@@ -26,10 +28,12 @@ import secrets
 import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -58,10 +62,9 @@ from preprocess.records import (
     EMPTY_SHARD,
     FILE_FAILED,
     OUT_SCHEMA,
-    RAW_SCHEMA,
     ConvertConfig,
     cached_tokenizer,
-    convert_batch,
+    convert_record,
 )
 from preprocess.sources import InputShard, list_shards, read_shard_records, redact
 
@@ -186,16 +189,48 @@ def finished_shards(out: Path, shards: list[InputShard], shash: str) -> dict[int
     return done
 
 
-def shard_rows(batch: pa.Table, cfg: ConvertConfig, chunk: int) -> Iterator[pa.Table]:
-    """`map_batches` body for one shard descriptor: that input shard's records, converted `chunk` at a time.
+def shard_rows(batch: pa.Table, cfg: ConvertConfig, chunk: int, threads: int = 1) -> Iterator[pa.Table]:
+    """`map_batches` body for one shard descriptor: that input shard's records converted in record order, on
+    `threads` threads (Pillow releases the GIL while it decodes, resizes and encodes), `chunk` rows a table.
+    Decoding happens here, not in Ray's readers, so that one bad file is one skip.
 
     One task per input shard, by construction: as two fused `map_batches` steps Ray Data bundled as many
     descriptors into a task as the convert step's batch size (16), so a small job ran in one task, and a
     lost worker cost 16 shards."""
     for desc in batch.to_pylist():
-        records = read_shard_records(InputShard(**desc))
-        for start in range(0, len(records), chunk):
-            yield convert_batch(pa.Table.from_pylist(records[start:start + chunk], schema=RAW_SCHEMA), cfg)
+        rows: list[dict] = []
+        # The reader's dicts go straight to the converter: a round trip through an Arrow table copied every image.
+        for converted in ordered_map(partial(convert_record, cfg=cfg), read_shard_records(InputShard(**desc)),
+                                     threads):
+            rows += converted
+            if len(rows) >= chunk:
+                yield pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
+
+
+def ordered_map(fn: Callable, items: Iterable, threads: int) -> Iterator:
+    """`map(fn, items)` on `threads` threads, in order, with at most 2 x `threads` results held ahead."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        ahead: deque = deque()
+        for item in items:
+            ahead.append(pool.submit(fn, item))
+            if len(ahead) >= 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def task_threads(pending: int, reserved: int = 0) -> int:
+    """CPUs (and threads) per shard task: with fewer input shards than CPUs, each takes several, never more than
+    one node has (a task runs on one node: asking more would never schedule), leaving `reserved` CPUs free."""
+    nodes = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+    share = (sum(nodes) - reserved) // max(pending, 1)
+    return max(1, min(share, max(nodes, default=1) - reserved))
 
 
 class VQStage:
@@ -248,10 +283,12 @@ def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset
     # passing Ray's task options (max_retries) here, so that default stays. A run-again task does not deliver
     # rows twice (its generator's outputs are numbered), and a shard is written only when it holds exactly
     # the rows its records announced.
-    ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1,
-                        fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size})
-    if cfg.convert.task == GENERATION:
-        res = vq_resources(cfg)
+    res = vq_resources(cfg) if cfg.convert.task == GENERATION else None
+    # The VQ actors' CPUs stay free: a shard task holding them would hold back the actors that consume its rows.
+    threads = task_threads(len(pending), res["concurrency"] * res["num_cpus"] if res else 0)
+    ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1, num_cpus=threads,
+                        fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size, "threads": threads})
+    if res:
         ds = ds.map_batches(VQStage, batch_format="pyarrow", batch_size=cfg.vq_batch_size,
                             concurrency=res["concurrency"], num_cpus=res["num_cpus"], num_gpus=res.get("num_gpus"),
                             fn_constructor_kwargs={"vq_path": cfg.vq, "dtype": cfg.vq_dtype,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -150,9 +151,15 @@ class Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
+# The job converts one shard's records on several threads, and they share the tokenizer: transformers' fast
+# tokenizer keeps `split_special_tokens` as state on the Rust tokenizer, set by each call, so two threads encoding
+# at once can each encode with the other's setting (seen: ~3% of samples with a format token spelled out).
+TOKENIZER_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=4)
 def cached_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """One tokenizer per worker process: Ray reuses workers across tasks."""
+    """One tokenizer per worker process (Ray reuses workers across tasks); use it under TOKENIZER_LOCK."""
     return load_tokenizer(path)
 
 
@@ -292,8 +299,10 @@ def convert_understanding(record: dict, cfg: ConvertConfig) -> list[dict]:
     system, turns = understanding_turns(record, len(images), cfg)
     tokenizer = cached_tokenizer(cfg.tokenizer)
     try:
-        sample = understanding_sample(tokenizer, turns, images, system=system, num_image_tokens=cfg.num_image_tokens,
-                                      key=record["key"], image_marker=IMAGE_MARKER)
+        with TOKENIZER_LOCK:
+            sample = understanding_sample(tokenizer, turns, images, system=system,
+                                          num_image_tokens=cfg.num_image_tokens, key=record["key"],
+                                          image_marker=IMAGE_MARKER)
     except ValueError as exc:  # <image> markers that do not match the images; text the tokenizer cannot keep plain
         raise Skip(BAD_RECORD, str(exc)) from exc
     if len(sample.input_ids) > cfg.context:
@@ -308,7 +317,8 @@ def convert_generation(record: dict, cfg: ConvertConfig) -> list[dict]:
     caption = record_caption(record)
     image = generation_image(open_image(record["images"][0], cfg))
     try:
-        prompt = generation_prompt_ids(cached_tokenizer(cfg.tokenizer), caption)
+        with TOKENIZER_LOCK:
+            prompt = generation_prompt_ids(cached_tokenizer(cfg.tokenizer), caption)
     except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
         raise Skip(BAD_RECORD, f"caption: {exc}") from exc
     if len(prompt) + cfg.num_image_tokens + 1 > cfg.context:  # + <end_of_image>
@@ -352,7 +362,8 @@ def convert_text(record: dict, cfg: ConvertConfig) -> list[dict]:
     if not text.strip():
         raise Skip(TEXT_EMPTY)
     try:
-        pieces = split_document(cached_tokenizer(cfg.tokenizer), text, cfg.context, record["key"])
+        with TOKENIZER_LOCK:
+            pieces = split_document(cached_tokenizer(cfg.tokenizer), text, cfg.context, record["key"])
     except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
         raise Skip(BAD_RECORD, f"{cfg.text_field}: {exc}") from exc
     return [s.to_row() for s in pieces]
@@ -391,9 +402,3 @@ def convert_record(record: dict, cfg: ConvertConfig) -> list[dict]:
     except Skip as skip:
         rows = [{"key": record["key"], "task": cfg.task, "skip": skip.reason, "detail": str(skip)[:200]}]
     return [{**row, **bookkeeping, "part": i, "parts": len(rows)} for i, row in enumerate(rows)]
-
-
-def convert_batch(batch: pa.Table, cfg: ConvertConfig) -> pa.Table:
-    """`map_batches` body: decoding happens here (not in Ray's readers) so one bad file is one skip."""
-    rows = [out for record in batch.to_pylist() for out in convert_record(record, cfg)]
-    return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)

@@ -57,3 +57,20 @@ def test_loader_bench(shard_corpus, tokenizer_dir, tmp_path):
               "--text", str(shard_corpus["text"]), "--gen", str(shard_corpus["generation"]), "--batches", "3",
               "--json", str(out))
     assert all(r["tokens_per_s"] > 0 for r in json.loads(out.read_text()).values())
+
+
+def test_preprocess_job_bench_checks_the_real_job(tmp_path):
+    """Two tiny tars of web photos: the job's output checked (reruns byte-identical, stored pixels exact, one tar
+    alone the same bytes) inside the bench, which exits non-zero otherwise; and the storage table."""
+    out = tmp_path / "preprocess_job.json"
+    run_bench("-m", "bench.preprocess_job", "--corpus", "web", "--tars", "2", "--web-per-tar", "3", "--repeat", "1",
+              "--json", str(out))
+    results = json.loads(out.read_text())
+    (job,) = results["jobs"]
+    assert job["rows"] == job["images_checked"] == 6 and job["floor_rows_per_s_per_core"] > 0
+    assert all(rate > 0 for rate in (job["job_rows_per_s_per_core"]["execution"], job["one_tar_rows_per_s_per_core"]))
+    storage = {r["option"]: r for r in results["storage"]}
+    assert all(r["exact"] for name, r in storage.items() if "lossy" not in name)
+    assert not storage["jpeg q98 4:4:4 (lossy)"]["exact"]
+    # The stored default stays within ~25% of the bytes of the slow default it replaced.
+    assert storage["webp lossless m0 q100 (default)"]["bytes"] <= 1.25 * storage["webp lossless m4"]["bytes"]
