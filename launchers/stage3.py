@@ -3,10 +3,13 @@
 Defaults: Table 2 (model/stages.py). Any value: a flag (--help lists them) or --config FILE.yaml.
 """
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the deepspeed launcher
+# Before torch allocates on the GPU: packed batches vary in length, expandable segments keep the cache unfragmented.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from pipeline.train import main  # noqa: E402
 

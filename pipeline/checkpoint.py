@@ -257,6 +257,15 @@ def loading_config(ds: dict, path: Path | None) -> dict:
     of ranks (the key is read only when loading, but only from the config the engine was built with)."""
     if not resized(path):
         return ds
+    stage, saved = ds.get("zero_optimization", {}).get("stage"), saved_world_size(path)
+    if stage != 3:
+        from pipeline.config import ConfigError
+
+        # Seen with deepspeed 0.19.8: a 2-rank ZeRO-2 checkpoint, converted with inject_missing_state (its files lack
+        # universal_checkpoint_info), loads on 1 rank without an error, but the next step's loss is off by 0.04
+        # (ZeRO-3's is bit-identical): refused rather than trained on wrong.
+        raise ConfigError(f"{path} was written by {saved} ranks under ZeRO-{stage}: resume it on {saved} ranks "
+                          "(only ZeRO-3 checkpoints resume on another number)")
     return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
 
 

@@ -79,6 +79,8 @@ def deepspeed_config(template: str | Path, plan: BatchPlan, *, hidden_size: int,
                "stage3_prefetch_bucket_size": max(int(0.9 * hidden_size * hidden_size), MIN_BUCKET),
                "stage3_param_persistence_threshold": 10 * hidden_size}
     for key, value in derived.items():
+        if key.startswith("stage3_") and zero.get("stage") != 3:
+            continue  # ZeRO-1/2 keep every weight whole: nothing is gathered or persisted
         if not isinstance(zero.get(key), int | float) or isinstance(zero.get(key), bool):
             zero[key] = value
     config["train_micro_batch_size_per_gpu"] = plan.rows_per_micro_batch

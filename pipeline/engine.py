@@ -32,8 +32,9 @@ def run_deepspeed_config(config: TrainConfig, plan: BatchPlan) -> dict:
 
 
 def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProForTraining:
-    """Built sharded (each rank holds only its part), then filled from --init if given."""
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    """Built sharded under ZeRO-3 (each rank holds only its part), whole under ZeRO-1/2; then filled from --init."""
+    # zero.Init shards parameters whatever the config's stage: ZeRO-2 would get ZeRO-3-partitioned weights.
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=ds["zero_optimization"].get("stage", 0) == 3):
         model = JanusProForTraining(model_config(config.model.model, image_token_id))
     if config.model.init:
         init = Path(config.model.init)

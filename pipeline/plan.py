@@ -320,6 +320,7 @@ class PlanRow:
     memory: float               # bytes per GPU
     fits: bool
     available: bool
+    grad_bytes: int = BF16      # gradients reduced in bf16, or in fp32 (FP32) where that costs no step time
 
     @property
     def bytes_by_kind(self) -> dict[str, float]:
@@ -331,7 +332,8 @@ class PlanRow:
         return out
 
 
-def sharded_memory(sharding: str, est: MemoryEstimate, cluster: Cluster, gathers: Gathers, reduce_bucket: int) -> float:
+def sharded_memory(sharding: str, est: MemoryEstimate, cluster: Cluster, gathers: Gathers, reduce_bucket: int,
+                   grad_bytes: int = BF16) -> float:
     """Bytes per GPU of one choice: model states by its sharding, what ZeRO gathers, activations, the worst row's
     logits, the full head gradients, buckets, CUDA context and NCCL buffers, then the fragmentation margin."""
     p = est.params
@@ -343,7 +345,7 @@ def sharded_memory(sharding: str, est: MemoryEstimate, cluster: Cluster, gathers
     gathered = 0.0 if sharding == "zero2" else BF16 * gathers.peak_held
     groups = 2 if sharding in ("zero3-hpz", "mics") else 1
     used = (weights + states + gathered + est.activations + max(est.worst_logits, est.logits) + est.head_gradients
-            + 2 * BF16 * reduce_bucket + CUDA_CONTEXT + groups * NCCL_PER_GROUP)
+            + 2 * grad_bytes * reduce_bucket + CUDA_CONTEXT + groups * NCCL_PER_GROUP)
     return used * (1 + FRAGMENTATION)
 
 
@@ -382,15 +384,23 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
                 if prefetch not in gathers_by_prefetch:
                     gathers_by_prefetch[prefetch] = gathered_elements(units, prefetch_bucket=prefetch)
                 gathers = gathers_by_prefetch[prefetch]
-                first = micro_batch_collectives(sharding, gathers, trainable, cluster, True, bucket)
-                later = micro_batch_collectives(sharding, gathers, trainable, cluster, False, bucket)
-                boundary = step_boundary_collectives(sharding, trainable, cluster)
-                comm = sum(c.seconds(cluster) for c in first) + (accumulation - 1) * sum(
-                    c.seconds(cluster) for c in later)
-                boundary_s = sum(c.seconds(cluster) for c in boundary)
-                step = max(compute, comm) + boundary_s
+                # Gradients summed in fp32 where that costs no step time (the reduce-scatter stays hidden under
+                # compute) and still fits; otherwise in bf16 (DeepSpeed's default for a bf16 model).
+                costed = {}
+                for grad_bytes in (BF16, FP32):
+                    first = micro_batch_collectives(sharding, gathers, trainable, cluster, True, bucket, grad_bytes)
+                    later = micro_batch_collectives(sharding, gathers, trainable, cluster, False, bucket, grad_bytes)
+                    boundary = step_boundary_collectives(sharding, trainable, cluster, grad_bytes)
+                    comm = sum(c.seconds(cluster) for c in first) + (accumulation - 1) * sum(
+                        c.seconds(cluster) for c in later)
+                    boundary_s = sum(c.seconds(cluster) for c in boundary)
+                    memory = sharded_memory(sharding, est, cluster, gathers, bucket, grad_bytes)
+                    costed[grad_bytes] = (max(compute, comm) + boundary_s, memory, first, later, boundary, comm,
+                                          boundary_s)
+                fp32_free = costed[FP32][0] <= costed[BF16][0] and costed[FP32][1] <= cluster.gpu.memory
+                grad_bytes = FP32 if fp32_free else BF16
+                step, memory, first, later, boundary, comm, boundary_s = costed[grad_bytes]
                 model_flops = cluster.world * accumulation * flops.model
-                memory = sharded_memory(sharding, est, cluster, gathers, bucket)
                 collectives = [(c, n) for c, n in [(c, 1) for c in first] + [(c, accumulation - 1) for c in later]
                                + [(c, 1) for c in boundary] if n and c.full_bytes]
                 rows.append(PlanRow(
@@ -402,18 +412,15 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
                     mfu=model_flops / (step * cluster.world * cluster.gpu.peak_flops),
                     tokens_per_s=stage.rows_per_step * stage.seq_len / step,
                     days=stage.train_steps * step / 86400, memory=memory, fits=memory <= cluster.gpu.memory,
-                    available=sharding not in UNAVAILABLE))
+                    available=sharding not in UNAVAILABLE, grad_bytes=grad_bytes))
     return rows
 
 
 def recommended(rows: list[PlanRow]) -> PlanRow | None:
-    """The fastest available choice that fits memory (of equally fast ones, the one needing least memory)."""
+    """The fastest available choice that fits memory (of equally fast ones, one reducing gradients in fp32, then the
+    one needing least memory)."""
     usable = [r for r in rows if r.fits and r.available]
-    return min(usable, key=lambda r: (round(r.step_s, 3), r.memory)) if usable else None
-
-
-NEEDS_ENGINE = {"zero2": "the engine builds every model under zero.Init, which shards it for ZeRO-3 only: "
-                         "ZeRO-2 needs zero.Init(enabled=stage == 3) in pipeline/engine.py first"}
+    return min(usable, key=lambda r: (round(r.step_s, 3), r.grad_bytes != FP32, r.memory)) if usable else None
 
 
 def recommended_template(row: PlanRow, gpus_per_node: int) -> dict:
@@ -423,6 +430,8 @@ def recommended_template(row: PlanRow, gpus_per_node: int) -> dict:
     zero["reduce_bucket_size"] = zero["stage3_prefetch_bucket_size"] = row.bucket  # one decoder layer prefetched
     if row.sharding == "zero3-hpz":
         zero["zero_hpz_partition_size"] = gpus_per_node
+    if row.grad_bytes == FP32:
+        config["communication_data_type"] = "fp32"  # each bf16 gradient cast to fp32, then reduce-scattered
     if row.sharding == "zero2":
         zero["stage"] = 2
         for key in [k for k in zero if k.startswith("stage3_")]:
@@ -449,8 +458,8 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
             f"({cluster.gpu.memory / GIB:.0f} GiB, {cluster.gpu.peak_flops / 1e12:.0f} TFLOP/s bf16), "
             f"{cluster.intra_node_gbps:g} Gb/s in node, {cluster.inter_node_gbps:g} Gb/s across nodes per GPU")
     out = [head,
-           f"  {'sharding':<10} {'rows/mb':>7} {'accum':>5} {'ckpt':>4} {'bucket M':>8} {'compute s':>9} {'comm s':>7} "
-           f"{'step s':>7} {'MFU':>6} {'tok/s':>9} {'days':>7} {'GiB/GPU':>8}  note"]
+           f"  {'sharding':<10} {'rows/mb':>7} {'accum':>5} {'ckpt':>4} {'grads':>5} {'bucket M':>8} {'compute s':>9} "
+           f"{'comm s':>7} {'step s':>7} {'MFU':>6} {'tok/s':>9} {'days':>7} {'GiB/GPU':>8}  note"]
     # An unavailable sharding is shown once, its best row, for comparison.
     shown = [r for r in rows if r.available] + [
         min((r for r in rows if r.sharding == name and r.fits), key=lambda r: r.step_s)
@@ -459,21 +468,21 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
         note = UNAVAILABLE.get(r.sharding, "" if r.fits else "does not fit")
         mark = "*" if r is best else " "
         ckpt = "on" if r.checkpointing else "off"
-        out.append(f"{mark} {r.sharding:<10} {r.micro_batch_rows:>7} {r.accumulation:>5} {ckpt:>4} "
+        grads = "fp32" if r.grad_bytes == FP32 else "bf16"
+        out.append(f"{mark} {r.sharding:<10} {r.micro_batch_rows:>7} {r.accumulation:>5} {ckpt:>4} {grads:>5} "
                    f"{r.bucket / 1e6:>8.1f} {r.compute_s:>9.2f} {r.comm_s:>7.2f} {r.step_s:>7.2f} {r.mfu:>6.1%} "
                    f"{r.tokens_per_s:>9.0f} {r.days:>7.1f} {r.memory / GIB:>8.1f}  {note}")
     if best is None:
         out.append("No choice fits memory: add nodes or a larger GPU.")
     else:
         out.append(f"Recommended (*): {best.sharding}, {best.micro_batch_rows} row(s) per micro-batch, "
-                   f"checkpointing {'on' if best.checkpointing else 'off'}, buckets of {best.bucket:,} elements: "
+                   f"checkpointing {'on' if best.checkpointing else 'off'}, gradients reduced in "
+                   f"{'fp32' if best.grad_bytes == FP32 else 'bf16'}, buckets of {best.bucket:,} elements: "
                    f"MFU {best.mfu:.1%}, {best.days:.1f} days")
         flags = f"--rows-per-micro-batch {best.micro_batch_rows}" + (
             " --gradient-checkpointing" if best.checkpointing else "")
         out.append(f"  run it: {flags} --ds-config FILE, FILE holding "
                    f"{json.dumps(recommended_template(best, cluster.gpus_per_node), separators=(',', ':'))}")
-        if best.sharding in NEEDS_ENGINE:
-            out.append(f"  not yet: {NEEDS_ENGINE[best.sharding]}")
         out.append("  per step, per GPU, bytes sent by collective:")
         out += [f"    {k:<58} {v / 1e9:>8.2f} GB" for k, v in best.bytes_by_kind.items()]
         out.append(f"  per step, FLOPs by part (whole job, model {best.model_flops:.3g}, with recompute "
@@ -482,7 +491,8 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
     out += ["Assumptions: rings move (g-1)/g of a collective per GPU at the group's link bandwidth, "
             f"+{HOP_LATENCY_INTER * 1e6:g} us per hop across nodes; compute at {MATMUL_EFFICIENCY:.0%} of bf16 peak on "
             "model FLOPs + recompute; compute and gathers/reduce-scatters overlap fully (step = max of the two, plus "
-            "step-boundary collectives); rows packed full with the stage's typical samples; memory adds the "
+            "step-boundary collectives); gradients reduced in fp32 where that keeps them hidden and fits (twice "
+            "bf16's bytes), else in bf16; rows packed full with the stage's typical samples; memory adds the "
             f"worst row's logits (all text), full head gradients, {CUDA_CONTEXT / GIB:g} GiB CUDA context, "
             f"{NCCL_PER_GROUP / GIB:g} GiB NCCL per communicator and a {FRAGMENTATION:.0%} fragmentation margin."]
     return "\n".join(out)

@@ -128,7 +128,11 @@ def main(stage: int, argv: list[str] | None = None) -> None:
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
     check_shards_once(config.data.data + config.data.val_data)
     resume_from = intact_checkpoints(config)
-    engine = build_engine(config, checkpoint.loading_config(ds, resume_from), special.image_placeholder)
+    try:
+        loading = checkpoint.loading_config(ds, resume_from)
+    except ConfigError as error:
+        refuse(str(error))
+    engine = build_engine(config, loading, special.image_placeholder)
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}

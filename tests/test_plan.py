@@ -141,6 +141,38 @@ def test_a_40gb_gpu_rules_out_zero2_without_checkpointing_for_the_7b():
     assert any(r.fits for r in with_checkpointing if r.sharding == "zero3")
 
 
+def test_gradients_are_reduced_in_fp32_where_that_costs_no_step_time(tmp_path):
+    from pipeline.ds_config import batch_plan, deepspeed_config
+
+    def reduce_scatter_bytes(row) -> float:
+        return sum(c.full_bytes * n for c, n in row.collectives if c.kind == "reduce-scatter")
+
+    # Stage I trains only the adaptors and heads: their gradients are small, fp32 hides under compute.
+    stage1 = plan_rows("7b", stage_for(1, "7b"), A100_256)
+    best = recommended(stage1)
+    assert best.grad_bytes == 4 and best.comm_s <= best.compute_s
+    twin = plan_rows("7b", stage_for(1, "7b"), A100_256, micro_batches=(best.micro_batch_rows,),
+                     checkpointing=(best.checkpointing,), buckets=((best.bucket, best.bucket),))
+    assert all(r.grad_bytes == 4 for r in twin if r.sharding == best.sharding)
+    # Its bytes are fp32's: twice what the same gradients weigh in bf16.
+    trainable = sum(u.trainable for u in module_units(preset_config("7b"), tuple(stage_for(1, "7b").trainable),
+                                                       40_960, best.checkpointing))
+    assert reduce_scatter_bytes(best) == pytest.approx(4 * trainable * best.accumulation)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(recommended_template(best, 8)))
+    filled = deepspeed_config(path, batch_plan(256, 256, best.micro_batch_rows), hidden_size=4096,
+                              learning_rate=1e-3, betas=[0.9, 0.95], weight_decay=0.0, eps=1e-8, grad_clip=1.0)
+    assert filled["communication_data_type"] == "fp32"
+    # It is ZeRO-2: nothing stage-3-only is filled in (ZeRO-2 gathers and persists nothing).
+    assert filled["zero_optimization"]["stage"] == 2
+    assert not [k for k in filled["zero_optimization"] if k.startswith("stage3_")]
+    # Stage II's 7b is communication-bound: fp32 gradients would add step time, so they stay bf16.
+    stage2 = recommended(plan_rows("7b", stage_for(2, "7b"), A100_256))
+    assert stage2.grad_bytes == 2 and stage2.comm_s > stage2.compute_s
+    assert "communication_data_type" not in recommended_template(stage2, 8)
+    assert all(r.comm_s <= r.compute_s for r in stage1 + [stage2] if r.grad_bytes == 4)
+
+
 def test_flops_are_metrics_formula_on_the_expected_micro_batch():
     stage = stage_for(2, "1b")
     row = next(r for r in plan_rows("1b", stage, A100_256, micro_batches=(1,), checkpointing=(True,))

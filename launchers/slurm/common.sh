@@ -44,6 +44,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 # One thread per rank for CPU ops: 8 ranks x all cores each would oversubscribe the node.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Packed batches vary in length step to step: expandable segments keep the CUDA cache from fragmenting.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 # ---- the node list and the rendezvous -----------------------------------------------------------------------
 # scontrol expands Slurm's compressed node list (gpu[001-032]) into one host per line, in allocation order.

@@ -1,5 +1,6 @@
 """Optimizer steps through the real engine with DeepSpeed's comms logger on; rank 0 prints the bytes each kind of
-collective logged per step, counted over every step after the first (which records ZeRO-3's module trace).
+collective logged per step, counted over every step after the first (which records ZeRO-3's module trace), and
+every step's loss.
 
     python tests/ranks/comms_bytes.py ARGS_JSON   (under tests.distributed.run_ranks)
 
@@ -44,15 +45,17 @@ def my_micro_batches() -> list:
             for i in range(0, len(mine), plan.rows_per_micro_batch)]
 
 
-measured = args["steps"] - 1
+measured, losses = args["steps"] - 1, []
 for step in range(args["steps"]):
     if step == 1:
         comms_logger.reset_data()
-    optimizer_step(engine, my_micro_batches(), weights, config.optim.loss_normalisation)
+    loss_sums, counts, _ = optimizer_step(engine, my_micro_batches(), weights, config.optim.loss_normalisation)
+    losses.append((loss_sums.sum() / counts.sum()).item())
 logged = {name: {"bytes": sum(size * record[0] for size, record in sizes.items()) / measured,
                  "calls": sum(record[0] for record in sizes.values()) / measured}
           for name, sizes in comms_logger.get_raw_data().items()}
 if rank == 0:
     print("LOGGED " + json.dumps(logged))
+    print("LOSSES " + json.dumps(losses))
 dist.barrier()
 dist.destroy_process_group()
