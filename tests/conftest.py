@@ -59,6 +59,33 @@ def tiny_model(special) -> JanusProForTraining:
 
 
 @pytest.fixture(scope="session")
+def init_checkpoint(tmp_path_factory, special) -> Path:
+    """A tiny model's initial weights (transformers layout): what the training runs here start from."""
+    from model.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder))
+    path = tmp_path_factory.mktemp("init")
+    save_checkpoint(model, path, "transformers")
+    return path
+
+
+@pytest.fixture(scope="session")
+def three_samples(tokenizer, photos) -> list:
+    """One understanding, one generation and one text sample, real photo and tokenizer: the model tests' inputs."""
+    from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
+    from model.images import encode_image, understanding_image
+
+    torch.manual_seed(1)
+    image = encode_image(understanding_image(photos["chelsea.png"]))
+    und = understanding_sample(tokenizer, [Turn("user", "<image_placeholder>\nWhat animal is this?"),
+                                           Turn("assistant", "A cat on a red carpet.")], [image])
+    gen = generation_sample(tokenizer, "a coffee cup on a saucer", torch.randint(0, 1024, (576,)).tolist())
+    text = text_sample(tokenizer, "The quick brown fox jumps over the lazy dog.")
+    return [und, gen, text]
+
+
+@pytest.fixture(scope="session")
 def shard_corpus(tmp_path_factory, tokenizer, photos) -> dict[str, Path]:
     """One small real corpus for the data-path tests: a manifest directory per task, several shards each.
 

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.checkpoint import COMPLETE, latest_checkpoint
 from tests.distributed import Ranks, run_ranks
-from tests.test_training import init_checkpoint, losses, stage_args  # noqa: F401 (init_checkpoint: a fixture)
+from tests.test_training import losses, stage_args
 
 STEPS = 6
 
@@ -25,7 +25,7 @@ def args(corpus, tokenizer_dir, init, output: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path_factory) -> Path:  # noqa: F811
+def straight(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path_factory) -> Path:
     """The uninterrupted run every faulty one is held against."""
     output = tmp_path_factory.mktemp("straight") / "run"
     run_ranks(args(shard_corpus, tokenizer_dir, init_checkpoint, output), timeout=600)
@@ -65,7 +65,7 @@ def stopped_mid_save(ranks: Ranks, run: Path, steps: list[int]) -> Path:
 
 
 @pytest.mark.integration
-def test_kill_9_during_a_save_resumes_from_the_checkpoint_before(shard_corpus, tokenizer_dir, init_checkpoint,  # noqa: F811
+def test_kill_9_during_a_save_resumes_from_the_checkpoint_before(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                  straight, tmp_path):
     run = tmp_path / "run"
     ranks = Ranks(args(shard_corpus, tokenizer_dir, init_checkpoint, run))
@@ -109,7 +109,7 @@ def small_disk(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("full", ["bytes", "inodes"])
-def test_a_full_disk_during_a_save_fails_clearly_then_resumes(shard_corpus, tokenizer_dir, init_checkpoint,  # noqa: F811
+def test_a_full_disk_during_a_save_fails_clearly_then_resumes(shard_corpus, tokenizer_dir, init_checkpoint,
                                                               straight, small_disk, full):
     """bytes: the disk fills while both ranks write DeepSpeed's shards (torch.save then says only "iostream error").
     inodes: the disk fills exactly at rank 0's COMPLETE, while rank 1 waits for it in a collective."""

@@ -13,8 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.batch import pack_rows, sample_length
-from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
-from model.images import encode_image, understanding_image
+from model.chat_format import text_sample
 from model.sample import TASKS
 from pipeline.loss import step_loss
 
@@ -60,14 +59,9 @@ class ToList(TorchFunctionMode):
 
 
 @pytest.fixture(scope="module")
-def mixed_batch(tokenizer, photos, special):
+def mixed_batch(three_samples, special):
     """Two rows: understanding + text with a padding tail, generation + text."""
-    torch.manual_seed(1)
-    image = encode_image(understanding_image(photos["chelsea.png"]))
-    und = understanding_sample(tokenizer, [Turn("user", "<image_placeholder>\nWhat animal is this?"),
-                                           Turn("assistant", "A cat on a red carpet.")], [image])
-    gen = generation_sample(tokenizer, "a coffee cup on a saucer", torch.randint(0, 1024, (576,)).tolist())
-    text = text_sample(tokenizer, "The quick brown fox jumps over the lazy dog.")
+    und, gen, text = three_samples
     seq_len = max(sample_length(und), sample_length(gen)) + sample_length(text) + 5
     return pack_rows([[und, text], [gen, text]], seq_len, special)
 

@@ -27,18 +27,6 @@ def zero2(template: dict) -> dict:
 LEVERS = {"zero2": zero2}
 
 
-@pytest.fixture(scope="module")
-def init_checkpoint(tmp_path_factory, special) -> Path:
-    from model.config import preset_config
-    from model.janus import JanusProForTraining
-    from model.weights import save_checkpoint
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("init")
-    save_checkpoint(JanusProForTraining(preset_config("tiny", special.image_placeholder)), path, "transformers")
-    return path
-
-
 def lever_config(name: str, directory: Path) -> str:
     path = directory / f"{name}.json"
     path.write_text(json.dumps(LEVERS[name](json.loads((DS_CONFIGS / "zero3_cpu.json").read_text()))))

@@ -1,22 +1,8 @@
-import pytest
 import torch
 import torch.nn.functional as F
 
 from model.batch import IGNORE, pack_rows, sample_length
-from model.chat_format import Turn, generation_sample, text_sample, understanding_sample
-from model.images import encode_image, understanding_image
 from model.sample import TASK_INDEX
-
-
-@pytest.fixture(scope="module")
-def three_samples(tokenizer, photos):
-    torch.manual_seed(1)
-    image = encode_image(understanding_image(photos["chelsea.png"]))
-    und = understanding_sample(tokenizer, [Turn("user", "<image_placeholder>\nWhat animal is this?"),
-                                           Turn("assistant", "A cat on a red carpet.")], [image])
-    gen = generation_sample(tokenizer, "a coffee cup on a saucer", torch.randint(0, 1024, (576,)).tolist())
-    text = text_sample(tokenizer, "The quick brown fox jumps over the lazy dog.")
-    return [und, gen, text]
 
 
 @torch.no_grad()

@@ -114,20 +114,6 @@ def resize_args(corpus, tokenizer_dir, output: Path, init: Path, steps: int) -> 
 
 
 @pytest.fixture(scope="module")
-def init_checkpoint(tmp_path_factory, special) -> Path:
-    """A tiny model's initial weights (transformers layout), as in tests/test_training.py."""
-    from model.config import preset_config
-    from model.janus import JanusProForTraining
-    from model.weights import save_checkpoint
-
-    torch.manual_seed(0)
-    model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder))
-    path = tmp_path_factory.mktemp("init")
-    save_checkpoint(model, path, "transformers")
-    return path
-
-
-@pytest.fixture(scope="module")
 def straight(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path_factory) -> Path:
     """The uninterrupted run: 6 steps on 2 ranks, checkpointed at steps 3 and 6."""
     run = tmp_path_factory.mktemp("straight") / "run"

@@ -19,20 +19,6 @@ from tests.distributed import REPO, Ranks, rank_script, run_ranks
 LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
 
 
-@pytest.fixture(scope="module")
-def init_checkpoint(tmp_path_factory, special) -> Path:
-    """A tiny model's weights in transformers layout: what every stage-1 run here starts from."""
-    from model.config import preset_config
-    from model.janus import JanusProForTraining
-    from model.weights import save_checkpoint
-
-    torch.manual_seed(0)
-    model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder))
-    path = tmp_path_factory.mktemp("init")
-    save_checkpoint(model, path, "transformers")
-    return path
-
-
 def stage_args(stage: int, corpus, tokenizer_dir, output, init, *extra: str, tasks=None) -> list[str]:
     tasks = tasks or ["understanding", "generation"] + (["text"] if stage > 1 else [])
     return [LAUNCHER.format(stage), "--model", "tiny", "--tokenizer", str(tokenizer_dir), "--output", str(output),
