@@ -55,14 +55,8 @@ class Manifest:
     def size_problems(self, root: Path) -> list[str]:
         """Shards missing or not of their recorded size: a stat per shard, so every shard of a 72M-row dataset is
         checked in seconds before training starts (their hashes are checked once across the job's ranks)."""
-        found = []
-        for shard in self.shards:
-            path = root / shard.file
-            if not path.is_file():
-                found.append(f"{shard.file} is missing")
-            elif shard.bytes is not None and path.stat().st_size != shard.bytes:
-                found.append(f"{shard.file} has {path.stat().st_size} bytes, not {shard.bytes}")
-        return found
+        found = ((shard.file, size_problem(root / shard.file, shard.bytes)) for shard in self.shards)
+        return [f"{name} {problem}" for name, problem in found if problem]
 
     def write(self, directory: str | Path) -> Path:
         self.check_accounting()
@@ -128,11 +122,19 @@ def file_sha256(path: str | Path) -> str:
 def file_problem(path: Path, sha256: str, size: int | None = None) -> str | None:
     """What is wrong with a file against its recorded sha256 (and size, when recorded), or None: shards against
     their manifest, checkpoint files against their COMPLETE."""
+    problem = size_problem(path, size)
+    if problem is None and file_sha256(path) != sha256:
+        problem = "does not match its sha256"
+    return problem
+
+
+def size_problem(path: Path, size: int | None) -> str | None:
+    """Whether a file is missing or not of its recorded size (None: not recorded), by a stat alone."""
     if not path.is_file():
         return "is missing"
     if size is not None and path.stat().st_size != size:
         return f"has {path.stat().st_size} bytes, not {size}"
-    return "does not match its sha256" if file_sha256(path) != sha256 else None
+    return None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -324,9 +324,8 @@ def universal(path: Path) -> Path:
             raise RuntimeError(f"converting {path} to a universal checkpoint failed on rank 0: {failures[0]}")
         files = file_records(out)
         if dist.get_rank() == 0:
-            marker = out / f".{COMPLETE}.tmp"
-            marker.write_text(json.dumps({"writer": WRITER, "from": path.name, "files": files}) + "\n")
-            os.replace(marker, out / COMPLETE)
+            marker = json.dumps({"writer": WRITER, "from": path.name, "files": files}) + "\n"
+            _write_atomically(out / COMPLETE, lambda f: f.write_text(marker))
         dist.barrier()
     return out
 

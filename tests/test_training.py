@@ -341,6 +341,17 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shard_corpus, tokenizer_d
     assert "SKIPPED (non-finite)" in ranks.output(0)
 
 
+@pytest.mark.integration
+def test_a_task_whose_samples_never_fit_stops_the_run_with_exit_2(shard_corpus, tokenizer_dir, init_checkpoint,
+                                                                  tmp_path):
+    """Found mid-run, fixed only by a person (--seq-len or --ratio): exit 2, which Slurm's scripts never requeue."""
+    args = stage_args(2, shard_corpus, tokenizer_dir, tmp_path / "run", init_checkpoint, "--ratio", "0", "0", "1",
+                      "--seq-len", "500", "--max-too-long-in-a-row", "4", tasks=["generation"])
+    with pytest.raises(AssertionError, match=r"exited 2(.|\n)*error: generation: the last 4 samples drawn were all "
+                                             r"longer than --seq-len 500"):
+        run_ranks(args, world_size=1, timeout=600)
+
+
 def test_watchdog_exits_nonzero_with_stacks_when_no_step_completes():
     code = "import time\nfrom pipeline.monitor import Watchdog\nWatchdog(1.0)\ntime.sleep(30)\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
