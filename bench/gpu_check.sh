@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared script for a session that is lent a GPU machine (~8 minutes).
+# The GPU checks, as one prepared script for a session that is lent a GPU machine (~10 minutes).
 #
 #   here:  bash bench/gpu_wheels.sh            # pure-Python wheels the GPU image lacks -> gpu-wheels/
 #   there: OUT=/some/dir bash bench/gpu_check.sh   (carry gpu-wheels/)
@@ -29,3 +29,7 @@ part attention_backends 90 python -m pytest -q -p no:cacheprovider tests/test_at
 part vq 150 python bench/vq.py --batches 32 128 --iters 3 --json "$OUT/vq.json"
 part train_step_1b 240 python bench/train_step.py --model 1b --backends varlen sdpa --checkpointing both \
   --steps 5 --json "$OUT/train_step.json"
+# Host syncs (issue 18): a pinned batch's copy under torch.cuda.set_sync_debug_mode("error"); train() for 5
+# steps under mode "warn" ("error" would stop in DeepSpeed's own grad-norm check), each wait attributed to ours
+# or DeepSpeed's, none of ours allowed outside log steps (-rA prints the list).
+part host_syncs 120 python -m pytest -q -rA -p no:cacheprovider tests/test_host_syncs.py

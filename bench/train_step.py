@@ -4,7 +4,7 @@
                                [--checkpointing both] [--steps 10] [--layers N] [--json out.json]
     python bench/train_step.py --model tiny --device cpu --seq-len 1024 --steps 2   (what `make test` runs)
 
-Plain PyTorch on one device (no DeepSpeed, no data loading): packed rows of Stage II's mixture built
+Plain PyTorch on one device (no DeepSpeed, no data loading): flat packed micro-batches of Stage II's mixture built
 from synthetic samples of realistic lengths (understanding ~650 tokens with one image, generation
 ~590, text 50-1500), Stage II's trainable parts, AdamW, bf16 on GPU. FLOPs come from
 pipeline/metrics.py, the same function the training log uses. `--layers` truncates the LLM when the
@@ -50,20 +50,18 @@ def synthetic_sample(task: str, special: SpecialTokens, rng: random.Random, voca
 
 
 def packed_batches(n: int, rows: int, seq_len: int, special: SpecialTokens, vocab: int, seed: int = 0) -> list:
-    """`n` batches of `rows` packed rows of Stage II's mixture (und : text : gen = 2 : 3 : 5)."""
+    """`n` micro-batches of Stage II's mixture (und : text : gen = 2 : 3 : 5), each one flat stream of whole samples
+    up to `rows` x `seq_len` tokens, as the training data path builds them (no padding computed)."""
     rng = random.Random(seed)
     image = encode_image(Image.fromarray(np.random.default_rng(seed).integers(0, 255, (384, 384, 3), np.uint8)))
     tasks = [UNDERSTANDING] * 2 + [TEXT] * 3 + [GENERATION] * 5
-    packer, batches = Packer(seq_len, buffer_size=64), []
+    packer, batches = Packer(rows * seq_len, buffer_size=64), []
     for _ in range(n):
-        row_samples = []
-        for _ in range(rows):
-            while packer.needs():
-                s = synthetic_sample(rng.choice(tasks), special, rng, vocab, image)
-                if sample_length(s) <= seq_len:
-                    packer.add(Entry(0, 0, 0, s, sample_length(s)))
-            row_samples.append([e.sample for e in packer.next_row()])
-        batches.append(pack_rows(row_samples, seq_len, special))
+        while packer.needs():
+            s = synthetic_sample(rng.choice(tasks), special, rng, vocab, image)
+            if sample_length(s) <= seq_len:
+                packer.add(Entry(0, 0, 0, s, sample_length(s)))
+        batches.append(pack_rows([[e.sample for e in packer.next_row()]], None, special))
     return batches
 
 

@@ -43,14 +43,27 @@ class PackedBatch:
     target_count: torch.Tensor    # [len(TASKS)] loss targets per task (the forward's `target_count`)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                is_float = value.is_floating_point()
-                value = value.to(device, dtype=dtype if (dtype is not None and is_float) else None)
-            moved[f.name] = value
-        return PackedBatch(**moved)
+        """The batch on `device`, floating-point tensors in `dtype` if given. To a GPU the copies do not block the
+        host: from pinned memory (`pin_memory`) they are asynchronous, and a blocking copy would first wait for
+        everything queued on the device."""
+        non_blocking = torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, dtype=dtype if dtype is not None and t.is_floating_point() else None,
+                        non_blocking=non_blocking)
+
+        return self._map(move)
+
+    def pin_memory(self) -> PackedBatch:
+        """The batch in page-locked host memory, for the data path's worker thread to call so the training thread
+        does not. Without CUDA the batch itself: pinning needs the CUDA runtime."""
+        if not torch.cuda.is_available():
+            return self
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> PackedBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
 
 @dataclass
@@ -95,10 +108,16 @@ def sample_length(sample: Sample, eoi_is_target: bool = False) -> int:
     return len(sample.input_ids) + extra
 
 
-def pack_rows(rows: list[list[Sample]], seq_len: int, special: SpecialTokens,
+def pack_rows(rows: list[list[Sample]], seq_len: int | None, special: SpecialTokens,
               eoi_is_target: bool = False) -> PackedBatch:
-    """Tensors for rows of whole samples, each row padded at its end to `seq_len`."""
+    """Tensors for rows of whole samples, each row padded at its end to `seq_len`.
+
+    `seq_len=None` pads to the longest row: one row is then a flat stream of exactly its samples, with no
+    padding to compute (the training data path's default; the varlen kernels take any length).
+    """
     B = len(rows)
+    if seq_len is None:
+        seq_len = max(sum(sample_length(s, eoi_is_target) for s in row) for row in rows)
     input_ids = torch.full((B, seq_len), special.pad, dtype=torch.long)
     position_ids = torch.zeros((B, seq_len), dtype=torch.long)
     text_targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)

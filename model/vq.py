@@ -16,6 +16,7 @@ from transformers import JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.config import model_config
+from model.images import normalised
 from model.weights import detect_layout, from_original, read_entries
 
 VQ_PREFIX = "model.vqmodel."  # where our (transformers') Janus model keeps its VQ
@@ -63,3 +64,13 @@ def vq_encode(vq: JanusVQVAE, pixel_values: torch.Tensor) -> torch.Tensor:
     batch = hidden.shape[0]
     z = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
     return nearest_code(z, vq.quantize.embedding.weight).view(batch, -1)
+
+
+@torch.no_grad()
+def vq_encode_uint8(vq: JanusVQVAE, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, (H/16)*(W/16)] VQ ids. The images cross to the VQ's device as uint8 (a quarter of
+    float32's bytes; pinned, without blocking, on a GPU) and are normalised there."""
+    param = next(vq.parameters())
+    if param.device.type == "cuda":
+        pixels = pixels.pin_memory()
+    return vq_encode(vq, normalised(pixels.to(param.device, non_blocking=True)))

@@ -125,7 +125,9 @@ class DataConfig(Section):
     val_data: list[str] = doc("held-out manifests for validation", [])
     ratio: list[float] = doc("Table 2: und : text : gen, mixed inside every step")
     seq_len: int = doc("Table 2: tokens per packed row", 4096)
-    rows_per_micro_batch: int = doc("packed rows per rank per forward", 1)
+    rows_per_micro_batch: int = doc("packed rows per rank per forward: a token budget of rows x --seq-len", 1)
+    pad_rows: bool = doc("build each micro-batch as its rows, each padded to --seq-len (fixed shapes); default: "
+                         "one flat stream of whole samples up to the token budget, no padding computed", False)
     ratio_unit: Literal["samples", "tokens"] = doc("what --ratio counts", "samples")
     guidance_dropout: float = doc("P(generation prompt -> pad), for classifier-free guidance", 0.1)
     eoi_is_target: bool = doc("train <end_of_image> as a generation target", False)

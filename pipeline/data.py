@@ -1,8 +1,8 @@
 """The training data path: shards -> task mixing -> guidance dropout -> packing -> PackedBatch.
 
-Planning (which samples go in which row) is cheap and runs in the training process, so its state is
-exact; decoding images and building tensors runs in a thread pool ahead of the step (PIL releases
-the GIL while decoding). The state saved with a checkpoint is the one after the last batch the
+Planning (which samples go in which row, reading the shards) runs in a thread of its own and records the state
+after each micro-batch, so the state is exact; decoding images and building tensors runs in a thread pool ahead of
+the step (PIL releases the GIL while decoding). The state saved with a checkpoint is the one after the last batch the
 trainer *consumed*, not the last one prefetched, so a resumed run continues with exactly the next batch.
 
 A run resumed on another number of ranks continues from every old rank's state (`continue_from`): within each
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import queue
 import struct
-from collections import deque
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -68,7 +69,11 @@ class DataPipeline:
         ]
         self.mixer = Mixer(config.ratio, [s.task for s in self.sources], [s.weight for s in self.sources],
                            config.ratio_unit)
-        self.packer = Packer(config.seq_len, config.buffer_size, config.max_age)
+        # Padded rows, or one flat stream per micro-batch with the same token budget: the varlen kernels (and sdpa's
+        # block-diagonal mask) need no padding, so none is computed.
+        self.rows = config.rows_per_micro_batch if config.pad_rows else 1
+        row_tokens = config.seq_len if config.pad_rows else config.seq_len * config.rows_per_micro_batch
+        self.packer = Packer(row_tokens, config.buffer_size, config.max_age)
         self.too_long = dict.fromkeys(TASKS, 0)  # samples longer than seq_len, dropped: counted and logged
         self._too_long_in_a_row = dict.fromkeys(TASKS, 0)
         self._lengths_dropped: dict[str, list[int]] = {task: [] for task in TASKS}
@@ -109,9 +114,10 @@ class DataPipeline:
                           f"--seq-len, or give that task's part of --ratio 0")
 
     def plan_rows(self) -> list[list[Entry]]:
-        """The next micro-batch's rows as packer entries: each sample with where it came from (source, epoch, row)."""
+        """The next micro-batch's rows as packer entries: each sample with where it came from (source, epoch, row).
+        Without --pad-rows, one row: the micro-batch's flat stream."""
         rows = []
-        for _ in range(self.config.rows_per_micro_batch):
+        for _ in range(self.rows):
             self._fill_buffer()
             rows.append(self.packer.next_row())
         return rows
@@ -130,19 +136,49 @@ class DataPipeline:
 
     # ---- consumption ----
     def __iter__(self) -> Iterator[PackedBatch]:
+        """Batches in plan order. Planning (and the shard reads it makes) runs in a thread of its own, the batches'
+        tensors in a pool of `num_workers`, `prefetch` micro-batches ahead: the training thread only waits."""
         self.load_state_dict(self.state_dict())  # drop what an earlier iterator prefetched but never handed out
-        pending: deque = deque()
+        ready: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch))
+        stop = threading.Event()
         with ThreadPoolExecutor(max_workers=max(1, self.config.num_workers)) as pool:
-            while True:
-                while len(pending) < max(1, self.config.prefetch):
-                    rows = self.plan_micro_batch()
-                    future = pool.submit(pack_rows, rows, self.config.seq_len, self.special,
-                                         self.config.eoi_is_target)
-                    pending.append((future, self._plan_state()))
-                future, state = pending.popleft()
-                batch = future.result()
-                self._consumed_state = state
-                yield batch
+            planner = threading.Thread(target=self._plan_ahead, args=(pool, ready, stop), daemon=True,
+                                       name="data-planner")
+            planner.start()
+            try:
+                while True:
+                    planned = ready.get()
+                    if isinstance(planned, BaseException):  # TooLong, a damaged shard: the trainer's to handle
+                        raise planned
+                    future, state = planned
+                    batch = future.result()
+                    self._consumed_state = state
+                    yield batch
+            finally:
+                stop.set()
+                planner.join()
+
+    def _plan_ahead(self, pool: ThreadPoolExecutor, ready: queue.Queue, stop: threading.Event) -> None:
+        """The planner thread: plan, submit the tensors' build, queue (future, state after it) until stopped."""
+        while not stop.is_set():
+            try:
+                planned = (pool.submit(self._tensors, self.plan_micro_batch()), self._plan_state())
+            except BaseException as error:  # handed to the training thread, which raises it
+                planned = error
+            while not stop.is_set():
+                try:
+                    ready.put(planned, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(planned, BaseException):
+                return
+
+    def _tensors(self, rows: list[list[Sample]]) -> PackedBatch:
+        """A worker thread's part: the rows' tensors, in pinned memory on a GPU machine (the copy to the device then
+        does not block the training thread)."""
+        pad_to = self.config.seq_len if self.config.pad_rows else None
+        return pack_rows(rows, pad_to, self.special, self.config.eoi_is_target).pin_memory()
 
     def state_dict(self) -> dict:
         """The state after the last batch handed to the trainer (JSON-serialisable)."""

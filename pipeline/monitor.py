@@ -29,10 +29,14 @@ def log(*parts: object) -> None:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning) on any rank: checkpoint at the next step boundary."""
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning) on any rank: checkpoint within two steps, on every rank at the
+    same step."""
 
     def __init__(self):
         self.raised = False
+        self._flag: torch.Tensor | None = None  # this rank's flag, reduced over ranks in place
+        self._host: torch.Tensor | None = None  # the reduced flag in host memory (pinned on a GPU machine)
+        self._wait = None  # waits for the reduction started at the previous call
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -40,9 +44,33 @@ class StopFlag:
         self.raised = True
 
     def any_rank(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.raised)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Collective, once per step on every rank: whether any rank was signalled before the previous call.
+
+        Each call reads the reduction the previous call started, then starts the next one, so the host reads a flag
+        the device finished a step ago instead of waiting for the device every step. Every rank reads the same
+        reduction at the same call, so all of them stop at the same step."""
+        stopping = False
+        if self._wait is not None:
+            self._wait()  # on a GPU, an event the device passed a step ago: no wait in practice
+            stopping = bool(self._host.numpy()[0])  # host memory: no device to wait for
+        self._start(device)
+        return stopping
+
+    def _start(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        if self._flag is None:
+            self._flag = torch.zeros(1, device=device)
+            self._host = torch.zeros(1, pin_memory=True) if cuda else self._flag
+        self._flag.fill_(float(self.raised))  # a kernel with the value as its argument: no host-to-device copy
+        work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+        if not cuda:  # gloo reduces into host memory itself
+            self._wait = work.wait
+            return
+        work.wait()  # NCCL: orders the copy after the reduction on the device; the host does not wait
+        self._host.copy_(self._flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._wait = done.synchronize
 
 
 class Watchdog:

@@ -1,4 +1,7 @@
-"""Sequence packing: fill rows of `seq_len` tokens with whole samples from a look-ahead buffer.
+"""Sequence packing: fill rows of `capacity` tokens with whole samples from a look-ahead buffer.
+
+A row is a padded row of --seq-len tokens, or (the default) a whole micro-batch's flat stream of up to
+rows x seq-len tokens (pipeline/data.py).
 
 Each row takes the oldest buffered sample (so none waits more than `buffer_size` rows), every sample
 older than `max_age` rows that still fits, then the subset of the rest that fills the row most
@@ -46,8 +49,8 @@ def best_subset(lengths: list[int], capacity: int) -> list[int]:
 
 
 class Packer:
-    def __init__(self, seq_len: int, buffer_size: int = 64, max_age: int = 16):
-        self.seq_len, self.buffer_size, self.max_age = seq_len, buffer_size, max_age
+    def __init__(self, capacity: int, buffer_size: int = 64, max_age: int = 16):
+        self.capacity, self.buffer_size, self.max_age = capacity, buffer_size, max_age
         self.buffer: list[Entry] = []
 
     def needs(self) -> int:
@@ -55,8 +58,8 @@ class Packer:
         return self.buffer_size - len(self.buffer)
 
     def add(self, entry: Entry) -> None:
-        if entry.length > self.seq_len:
-            raise ValueError(f"sample of {entry.length} tokens cannot fit a row of {self.seq_len}")
+        if entry.length > self.capacity:
+            raise ValueError(f"sample of {entry.length} tokens cannot fit a row of {self.capacity}")
         self.buffer.append(entry)
 
     def next_row(self) -> list[Entry]:
@@ -65,11 +68,11 @@ class Packer:
             return []
         taken, used = [0], self.buffer[0].length
         for i, e in enumerate(self.buffer[1:], start=1):
-            if e.age >= self.max_age and used + e.length <= self.seq_len:
+            if e.age >= self.max_age and used + e.length <= self.capacity:
                 taken.append(i)
                 used += e.length
         rest = [i for i in range(len(self.buffer)) if i not in taken]
-        fill = best_subset([self.buffer[i].length for i in rest], self.seq_len - used)
+        fill = best_subset([self.buffer[i].length for i in rest], self.capacity - used)
         chosen = sorted(taken + [rest[j] for j in fill])
         row = [self.buffer[i] for i in chosen]
         self.buffer = [e for i, e in enumerate(self.buffer) if i not in set(chosen)]

@@ -19,6 +19,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import deepspeed
 import torch
@@ -79,6 +80,11 @@ def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tens
 
     A step whose global gradient norm is not finite is not applied: DeepSpeed's ZeRO-3 optimizer then skips
     the update, Adam's moments and step count included, and clears the gradients, on every rank alike.
+
+    Nothing here waits for the device (under NCCL the collectives are queued on it); `engine.step()` does, once
+    per step: DeepSpeed reads whether the global gradient norm is finite (`is_invalid_grad_norm`), which that
+    skip needs. torch's AdamW reads its step count too, a tensor kept on the host. tests/test_host_syncs.py
+    records whose each wait is (on a GPU with the driver's sync debug mode too: bench/gpu_check.sh).
     """
     device, world = weights.device, dist.get_world_size()
     # The whole step's target count, on every rank, before the first backward.
@@ -148,7 +154,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
                      sampler=Sampler(config, tokenizer))
     except NEEDS_A_PERSON as error:  # a requeue would fail the same way: exit 2, which Slurm does not requeue
         print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
-        raise SystemExit(2) from None
+        exit_needing_a_person()
     log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")
     dist.barrier()
     dist.destroy_process_group()
@@ -186,11 +192,20 @@ def intact_checkpoints(config: TrainConfig) -> Path | None:
     return Path(ckpt.resume)
 
 
-def refuse(message: str) -> None:
+def refuse(message: str) -> NoReturn:
     """A fault in the inputs found once the ranks are up: rank 0 says it in one line, every rank exits 2 (a
     scheduler must not requeue it)."""
     log(f"error: {message}")
-    raise SystemExit(2)
+    exit_needing_a_person()
+
+
+def exit_needing_a_person() -> NoReturn:
+    """Exit 2 now, which a scheduler must not requeue. Not through the interpreter's teardown: with the process
+    group still up, a C++ thread destroyed unjoined there can abort the process (std::terminate, exit -6, seen on
+    2 CPU ranks under load), which reads as a crash to requeue. The metrics file is flushed at every write."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def resume(config: TrainConfig, engine, data: DataPipeline, path: Path | None) -> int:

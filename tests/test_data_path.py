@@ -1,16 +1,17 @@
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from model.batch import pack_rows
+from model.batch import pack_rows, sample_length
 from model.manifest import Manifest
 from model.sample import GENERATION, TASK_INDEX, TASKS
 from pipeline.config import DataConfig
-from pipeline.data import DataPipeline, drops_prompt, with_prompt_dropped
+from pipeline.data import DataPipeline, TooLong, drops_prompt, with_prompt_dropped
 from pipeline.packer import best_subset
 from pipeline.reader import FingerprintMismatch, Source, SourceSpec
 
@@ -87,8 +88,6 @@ def test_ratio_per_step_and_every_task_in_every_step(shard_corpus, special):
             step = [s for _ in range(4) for s in pipe.plan_micro_batch()[0]]
             amount = torch.zeros(3, dtype=torch.float64)
             for s in step:
-                from model.batch import sample_length
-
                 amount[TASK_INDEX[s.task]] += 1 if unit == "samples" else sample_length(s)
             assert all(amount[i] > 0 for i in range(3) if ratio[i] > 0), (ratio, amount)
             measured.append(amount / amount.sum())
@@ -96,26 +95,37 @@ def test_ratio_per_step_and_every_task_in_every_step(shard_corpus, special):
         assert (mean - share).abs().max() < 0.02, (ratio, unit, mean)
 
 
-def test_packed_rows_are_full(shard_corpus, special):
-    pipe = DataPipeline(make_config(shard_corpus, (2, 3, 5), seq_len=4096, buffer_size=64), special)
-    rows = [pipe.plan_micro_batch() for _ in range(30)]
-    from model.batch import sample_length
-
-    used = [sum(sample_length(s) for s in row) for mb in rows for row in mb]
-    assert sum(used) / (4096 * len(used)) > 0.99
+@pytest.mark.parametrize("pad_rows", [True, False])
+def test_packed_micro_batches_are_full(shard_corpus, special, pad_rows):
+    pipe = DataPipeline(make_config(shard_corpus, (2, 3, 5), seq_len=4096, buffer_size=64, pad_rows=pad_rows), special)
+    planned = [pipe.plan_micro_batch() for _ in range(30)]
+    assert {len(mb) for mb in planned} == {2 if pad_rows else 1}  # padded rows, or one flat stream
+    assert all(sum(sample_length(s) for s in row) <= 4096 * (1 if pad_rows else 2) for mb in planned for row in mb)
+    used = sum(sample_length(s) for mb in planned for row in mb for s in row)
+    assert used / (2 * 4096 * len(planned)) > 0.99  # the token budget: 2 rows x 4096
 
 
 @torch.no_grad()
-def test_packer_batches_equal_samples_one_by_one(shard_corpus, special, tiny_model):
-    pipe = DataPipeline(make_config(shard_corpus, guidance_dropout=0.5), special)
+@pytest.mark.parametrize("pad_rows", [True, False])
+def test_micro_batches_equal_samples_one_by_one(shard_corpus, special, tiny_model, pad_rows):
+    """The data path's own batches: each sample's per-token losses are what it gets alone. Flat (the default), a
+    micro-batch is one row holding exactly its samples' tokens: no padding is computed."""
+    pipe = DataPipeline(make_config(shard_corpus, guidance_dropout=0.5, pad_rows=pad_rows, num_workers=1), special)
     rows = pipe.plan_micro_batch()
-    batch = pack_rows(rows, pipe.config.seq_len, special)
+    pipe.load_state_dict(DataPipeline(pipe.config, special).state_dict())  # replay: iter() gives the same rows
+    batch = next(iter(pipe))
+    if pad_rows:
+        assert batch.input_ids.shape == (2, 2048) and (batch.task == -1).any()
+    else:
+        assert batch.input_ids.shape[0] == 1 and (batch.task >= 0).all()  # nothing but samples
+        assert batch.input_ids.shape[1] == sum(sample_length(s) for s in rows[0])
     out = tiny_model(batch)
     k = 0
     for b, row in enumerate(rows):
         for sample in row:
             at = batch.sample_index[b] == k
-            alone = tiny_model(pack_rows([[sample]], int(at.sum()), special))
+            alone = tiny_model(pack_rows([[sample]], None, special))
+            assert alone.token_loss.shape[1] == int(at.sum())
             torch.testing.assert_close(out.token_loss[b, at], alone.token_loss[0], atol=1e-5, rtol=0)
             k += 1
     assert k >= 4
@@ -170,7 +180,8 @@ def test_samples_longer_than_a_row_are_counted_per_task(shard_corpus, special):
     pipe = DataPipeline(make_config(shard_corpus, (0, 1, 0), seq_len=600, guidance_dropout=0.0), special)
     rows = [pipe.plan_micro_batch() for _ in range(20)]
     assert pipe.too_long["text"] > 0 and pipe.too_long["understanding"] == pipe.too_long["generation"] == 0
-    assert all(sum(len(s.input_ids) for s in row) <= 600 for batch in rows for row in batch)
+    assert all(len(s.input_ids) <= 600 for batch in rows for row in batch for s in row)
+    assert all(sum(len(s.input_ids) for s in row) <= 2 * 600 for batch in rows for row in batch)  # 2 rows' budget
     assert pipe.state_dict()["too_long"]["text"] <= pipe.too_long["text"]  # saved with a checkpoint
 
 
@@ -214,3 +225,27 @@ def test_shards_are_hashed_once_across_ranks_and_damage_is_found_at_start(shard_
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
     problems = reader.shard_problems(manifests)
     assert problems == [f"{shard} does not match its sha256 (recorded in its manifest)"]
+
+
+def test_planning_and_shard_reads_run_off_the_training_thread(shard_corpus, special):
+    pipe = DataPipeline(make_config(shard_corpus, guidance_dropout=0.0), special)
+    readers: set[str] = set()
+    for source in pipe.sources:
+        read = source.sample
+
+        def recorded(row_id, read=read):
+            readers.add(threading.current_thread().name)
+            return read(row_id)
+
+        source.sample = recorded
+    batches = iter(pipe)
+    for _ in range(3):
+        next(batches)
+    batches.close()
+    assert readers == {"data-planner"}
+
+
+def test_a_planning_error_reaches_the_training_thread(shard_corpus, special):
+    pipe = DataPipeline(make_config(shard_corpus, (0, 1, 0), seq_len=100, max_too_long_in_a_row=4), special)
+    with pytest.raises(TooLong, match="longer than --seq-len 100"):
+        next(iter(pipe))

@@ -127,7 +127,7 @@ janus_render() {
 #
 # Pre-emption and time limits. `#SBATCH --signal=B:USR1@N` sends USR1 to this batch shell only, N seconds
 # before the end; the trap forwards it to every task of the running step (`scancel --signal` without --batch
-# signals the job's steps, not the batch shell). pipeline/train.py checkpoints at the next step boundary on
+# signals the job's steps, not the batch shell). pipeline/train.py checkpoints within two steps on
 # USR1 (any rank) and exits 0; then we requeue (`--requeue` alone covers node failures and pre-emption, not
 # a TIMEOUT) and the requeued job continues with --resume auto. SIGTERM (scancel, or a pre-emption with
 # PreemptMode=REQUEUE, where Slurm requeues by itself) reaches the tasks from Slurm directly: training

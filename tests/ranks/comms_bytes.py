@@ -35,7 +35,7 @@ assert ds.get("comms_logger", {}).get("enabled"), "the --ds-config template must
 engine = build_engine(config, ds, special.image_placeholder)
 weights = torch.tensor(config.optim.task_loss_weights)
 per_rank = config.optim.rows_per_step // world
-planner = DataPipeline(replace(config.data, rows_per_micro_batch=config.optim.rows_per_step), special)
+planner = DataPipeline(replace(config.data, rows_per_micro_batch=config.optim.rows_per_step, pad_rows=True), special)
 
 
 def my_micro_batches() -> list:

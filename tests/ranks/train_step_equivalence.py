@@ -31,7 +31,7 @@ plan = batch_plan(config.optim.rows_per_step, world, config.data.rows_per_micro_
 engine = build_engine(config, run_deepspeed_config(config, plan), special.image_placeholder)
 
 # The same 4 rows on every run, planned once on one "rank"; this rank's share, in micro-batches.
-planner = DataPipeline(replace(config.data, rows_per_micro_batch=4, guidance_dropout=0.0), special)
+planner = DataPipeline(replace(config.data, rows_per_micro_batch=4, pad_rows=True, guidance_dropout=0.0), special)
 rows = planner.plan_micro_batch()
 mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
 micro = [pack_rows(mine[i:i + plan.rows_per_micro_batch], config.data.seq_len, special)
