@@ -1,28 +1,44 @@
-"""VQ encoding throughput (the generation tokeniser of preprocessing): images/s per setting.
+"""VQ pre-tokenisation (preprocess's generation actors): images/s per setting and batch, and the actor settings.
 
-    python bench/vq.py --device cuda [--batches 8 32 128] [--iters 5] [--json out.json]
+    python bench/vq.py --device cuda [--batches 16 32 64 128 256] [--iters 5] [--json out.json]
     python bench/vq.py --device cpu --preset tiny --batches 2 --iters 1     (what `make test` runs)
 
-Settings on a GPU: fp32, TF32, bf16 (with the share of ids that agree with fp32), channels-last,
-torch.compile, over a batch sweep. The VQ-16 encoder costs 312.5 GFLOP per 384x384 image (PyTorch's
-FLOP counter), so images/s x 312.5e9 / peak gives the share of the card's bf16 peak reached.
-Random weights stand in for the released ones: speed does not depend on their values.
+What an actor does per batch, timed: 384x384 RGB images arrive as uint8 bytes (`gen_pixels`), are stacked on the
+host, cross to the device as uint8 and are normalised there (`model.vq.vq_encode_uint8`), and the ids come back.
+Settings on a GPU: fp32, TF32, bf16, bf16 + channels-last, + torch.compile; each prints the share of ids that
+agree with fp32 beside its speed. The VQ-16 encoder costs 312.5 GFLOP per 384x384 image (PyTorch's FLOP counter),
+so images/s x 312.5e9 / peak is the share of the card's bf16 peak reached.
+
+The choice it prints: the fastest setting whose ids agree with fp32 on >= 99.9% of tokens (the default precision
+must not change what a model is trained on), at the batch where it is fastest, and actors per GPU: an actor
+waits for its own host work (stacking the batch, building each row's sample) between forwards, so k actors keep
+the device busy a share min(1, k x device / (host + device)) of the time: the fewest reaching 95%.
+Random weights stand in for the released ones: speed does not depend on their values (agreement does; check it
+again with `--vq` on the real VQ).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import tempfile
 import time
 
+import numpy as np
 import torch
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
+from model.chat_format import generation_sample
 from model.config import preset_config
-from model.vq import vq_encode
+from model.tokenizer import build_tokenizer
+from model.vq import load_vq, vq_encode_uint8
 from pipeline.metrics import peak_flops
 
 ENCODER_FLOPS = 312.5e9  # per 384x384 image, VQ-16 encoder + quant_conv
+SIZE = 384
+AGREEMENT = 0.999  # the least share of ids equal to fp32's for a setting to be chosen
+BUSY = 0.95  # the share of time the actors of one GPU should keep it computing
 
 
 def settings(device: str) -> list[dict]:
@@ -35,9 +51,10 @@ def settings(device: str) -> list[dict]:
             {"name": "bf16+channels-last+compile", "dtype": torch.bfloat16, "channels_last": True, "compile": True}]
 
 
-def encoder(preset: str, device: str, setting: dict) -> JanusVQVAE:
+def encoder(preset: str, vq_path: str | None, device: str, setting: dict) -> JanusVQVAE:
     torch.manual_seed(0)
-    vq = JanusVQVAE(preset_config(preset).vq_config).eval().to(device, setting["dtype"])
+    vq = load_vq(vq_path) if vq_path else JanusVQVAE(preset_config(preset).vq_config).eval()
+    vq = vq.to(device, setting["dtype"])
     if setting.get("channels_last"):
         vq = vq.to(memory_format=torch.channels_last)
     if setting.get("compile"):
@@ -45,47 +62,73 @@ def encoder(preset: str, device: str, setting: dict) -> JanusVQVAE:
     return vq
 
 
-def images_per_second(vq: JanusVQVAE, images: torch.Tensor, iters: int, device: str) -> tuple[float, torch.Tensor]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ids = vq_encode(vq, images)  # warm-up (and compilation)
-    sync()
+def host_batch(rows: list[bytes]) -> torch.Tensor:
+    """The actor's host work before a forward: the rows' uint8 bytes as one [B, H, W, 3] tensor (no float copy)."""
+    return torch.from_numpy(np.stack([np.frombuffer(r, np.uint8).reshape(SIZE, SIZE, 3) for r in rows]))
+
+
+def device_seconds(vq: JanusVQVAE, rows: list[bytes], iters: int, device: str) -> tuple[float, torch.Tensor]:
+    """Seconds per batch from host uint8 to ids back on the host, and the ids."""
+    ids = vq_encode_uint8(vq, host_batch(rows)).cpu()  # warm-up (and compilation)
     start = time.perf_counter()
     for _ in range(iters):
-        ids = vq_encode(vq, images)
-    sync()
-    return images.shape[0] * iters / (time.perf_counter() - start), ids
+        ids = vq_encode_uint8(vq, host_batch(rows)).cpu()  # .cpu() waits for the device, as the actor does
+    return (time.perf_counter() - start) / iters, ids
+
+
+def host_seconds_per_image(ids: torch.Tensor, iters: int) -> float:
+    """The actor's host work after a forward, per image: each row's generation sample (a caption tokenised)."""
+    tokenizer = build_tokenizer(tempfile.mkdtemp(prefix="vq-bench-tokenizer-"))
+    captions = [f"a photograph of item {i}, in soft light, on a plain grey background" for i in range(len(ids))]
+    start = time.perf_counter()
+    for _ in range(iters):
+        for caption, row in zip(captions, ids.tolist(), strict=True):
+            generation_sample(tokenizer, caption, row)
+    return (time.perf_counter() - start) / (iters * len(ids))
+
+
+def chosen(results: list[dict], host_per_image: float) -> dict:
+    """The fastest setting and batch whose ids agree with fp32 enough, and the actors per GPU that keep it busy."""
+    best = max((r for r in results if r["ids_agree_with_fp32"] >= AGREEMENT), key=lambda r: r["images_per_s"])
+    device_per_image = 1.0 / best["images_per_s"]
+    return {**best, "host_ms_per_image": 1e3 * host_per_image,
+            "actors_per_gpu": math.ceil(BUSY * (host_per_image + device_per_image) / device_per_image)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="1b", help="whose VQ config (tiny for a quick CPU run)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--vq", help="a real VQ (JanusVQVAE or Janus checkpoint directory) instead of random weights")
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
     peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None
+    rng = np.random.default_rng(0)
     results, reference = [], {}
     print(f"{'setting':<28}{'batch':>6}{'images/s':>10}{'of bf16 peak':>14}{'ids = fp32':>12}")
     for setting in settings(args.device):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(setting.get("tf32"))
-        vq = encoder(args.preset, args.device, setting)
+        vq = encoder(args.preset, args.vq, args.device, setting)
         for batch in args.batches:
-            torch.manual_seed(batch)
-            images = torch.rand(batch, 3, 384, 384, device=args.device) * 2 - 1
-            if setting.get("channels_last"):
-                images = images.contiguous(memory_format=torch.channels_last)
-            rate, ids = images_per_second(vq, images.to(setting["dtype"]), args.iters, args.device)
+            rows = [rng.integers(0, 256, SIZE * SIZE * 3, dtype=np.uint8).tobytes() for _ in range(batch)]
+            seconds, ids = device_seconds(vq, rows, args.iters, args.device)
             reference.setdefault(batch, ids)
             agree = (ids == reference[batch]).float().mean().item()
+            rate = batch / seconds
             share = rate * ENCODER_FLOPS / peak if peak else None
             results.append({"setting": setting["name"], "batch": batch, "images_per_s": rate, "peak_share": share,
                             "ids_agree_with_fp32": agree})
             print(f"{setting['name']:<28}{batch:>6}{rate:>10.1f}{'-' if share is None else f'{share:.1%}':>14}"
                   f"{agree:>12.2%}", flush=True)
+    pick = chosen(results, host_seconds_per_image(reference[args.batches[-1]], max(1, args.iters)))
+    print(f"chosen: {pick['setting']} at batch {pick['batch']} ({pick['images_per_s']:.1f} images/s, ids "
+          f"{pick['ids_agree_with_fp32']:.2%} = fp32); host work {pick['host_ms_per_image']:.2f} ms per image -> "
+          f"{pick['actors_per_gpu']} actor(s) per GPU (--vq-dtype, --vq-batch-size, --vq-actors-per-gpu)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"results": results, "chosen": pick}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def test_vq_bench_cpu_mode(tmp_path):
     out = tmp_path / "vq.json"
     run_bench("bench/vq.py", "--device", "cpu", "--preset", "tiny", "--batches", "2", "--iters", "1",
               "--json", str(out))
-    (r,) = json.loads(out.read_text())
+    got = json.loads(out.read_text())
+    (r,) = got["results"]
     assert r["images_per_s"] > 0 and r["ids_agree_with_fp32"] == 1.0
+    assert got["chosen"]["setting"] == "fp32" and got["chosen"]["actors_per_gpu"] == 1  # the CPU forward dominates
 
 
 def test_preprocess_bench_matches_the_reference(tmp_path):

@@ -3,8 +3,8 @@ import torch.nn.functional as F
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.config import preset_config
-from model.images import generation_image, pixel_values
-from model.vq import nearest_code, vq_encode
+from model.images import generation_image, normalised, pixel_values
+from model.vq import nearest_code, vq_encode, vq_encode_uint8
 
 
 def test_nearest_code_is_brute_force_cosine():
@@ -45,3 +45,17 @@ def test_vq_fingerprint_is_the_same_in_any_precision_that_holds_it():
     with torch.no_grad():
         next(held.parameters()).view(-1)[0] += 1.0
     assert weights_fingerprint(held) != stored
+
+
+def test_uint8_images_normalised_on_the_vq_device_get_the_same_ids(photos):
+    import numpy as np
+
+    torch.manual_seed(0)
+    vq = JanusVQVAE(preset_config("tiny").vq_config).eval()
+    images = [generation_image(photos[n]) for n in ("astronaut.png", "coffee.png")]
+    uint8 = torch.from_numpy(np.stack([np.asarray(im) for im in images]))
+    assert torch.equal(normalised(uint8), pixel_values(images))
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        on = vq.to(device)
+        assert torch.equal(vq_encode_uint8(on, uint8).cpu(), vq_encode(on, pixel_values(images)).cpu())
