@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import deepspeed
@@ -51,11 +52,13 @@ class Validator:
         rank, world = dist.get_rank(), dist.get_world_size()
         sums, counts = torch.zeros(len(TASKS), device=self.device), torch.zeros(len(TASKS), device=self.device)
         engine.eval()
-        batches = DataPipeline(self.data, self.special, rank, world, **self.pipeline_options)
-        for _, batch in zip(range(self.batches), batches, strict=False):
-            out = engine(batch.to(self.device))
-            sums += out.loss_sum.float()
-            counts += out.target_count.float()
+        # closing: the pipeline's planner thread stops with its iterator, not whenever it is collected
+        data = DataPipeline(self.data, self.special, rank, world, **self.pipeline_options)
+        with contextlib.closing(iter(data)) as batches:
+            for batch in islice(batches, self.batches):
+                out = engine(batch.to(self.device))
+                sums += out.loss_sum.float()
+                counts += out.target_count.float()
         engine.train()
         dist.all_reduce(sums)
         dist.all_reduce(counts)
