@@ -252,6 +252,11 @@ class SystemConfig(Section):
     title: ClassVar[str] = "system"
     ds_config: str | None = doc("a ds_configs/ name or a JSON path; unset: zero3_bf16 on GPU, zero3_cpu on CPU",
                                 None)
+    frozen_weights: Literal["partitioned", "persisted"] = doc(
+        "ZeRO-3's frozen parameters (SigLIP in Stages I-II, the LLM in Stage I, the VQ): partitioned (gathered "
+        "in every micro-batch's forward and backward) or persisted (whole on every rank from their first use in "
+        "a step until the optimizer step: one gather per step, none in backward; costs their full bf16 weights "
+        "per GPU); ZeRO-1/2 keep every weight whole anyway", "partitioned")
     gpus_per_node: int = doc("GPUs per node, for the batch plan's advice", 8)
     gpu: Literal["a100-40g", "a100-80g", "h100", "h200"] = doc("GPU --dry-run plans for", "a100-80g")
     nodes: int | None = doc("nodes --dry-run plans for (unset: from --world-size)", None)

@@ -48,12 +48,50 @@ def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProF
 
 
 def build_engine(config: TrainConfig, ds: dict, image_token_id: int):
-    """The stage's own DeepSpeed engine: only trainable parameters reach the optimizer."""
+    """The stage's own DeepSpeed engine: only trainable parameters reach the optimizer; under ZeRO-3 with
+    `--frozen-weights persisted`, frozen parameters are marked persistent (see `persist_frozen`)."""
     model = build_model(config, ds, image_token_id)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    persist = config.system.frozen_weights == "persisted" and ds["zero_optimization"].get("stage", 0) == 3
+    if persist:
+        ds = with_frozen_live(ds, sum(p.ds_numel for p in frozen))
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
         lr_scheduler=lambda optimizer: lr_scheduler(optimizer, config.optim))
+    if persist:
+        persist_frozen(frozen)
     return engine
+
+
+def with_frozen_live(ds: dict, frozen: int) -> dict:
+    """`stage3_max_live_parameters` raised by the persisted frozen elements: the coordinator counts every gathered
+    element as live until it is released, so a persisted 7B LLM (Stage I) would use up the default 1e9 and stop
+    the prefetcher in the step's first micro-batch."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds["zero_optimization"]
+    live = zero.get("stage3_max_live_parameters", DeepSpeedZeroConfig().max_live_parameters)
+    return {**ds, "zero_optimization": {**zero, "stage3_max_live_parameters": int(live) + frozen}}
+
+
+def persist_frozen(frozen: list[torch.nn.Parameter]) -> None:
+    """Keep frozen ZeRO-3 parameters whole from their first use in a step until the optimizer step.
+
+    deepspeed 0.19.8's coordinator never releases a `ds_persist` parameter once its trace is recorded
+    (`__params_to_release`, `release_backward_leftovers` and the recompute path skip it), so a frozen module is
+    gathered in the step's first forward and not again in later micro-batches or in any backward. The optimizer
+    step still partitions every parameter (`_partition_all_parameters` -> `release_and_reset_all` ignores
+    `ds_persist`) and `_post_step` re-gathers only the threshold-persistent ones it listed at start, so these are
+    gathered once per step, prefetched with the forward; under hpZ from their node copy, which
+    `invalidate_secondary_tensor` never drops for frozen parameters: across nodes once per run. Checkpoints are
+    unchanged (saving partitions everything first and each rank writes its partition), so save, resume and export
+    work as under `partitioned`.
+
+    Not built outside zero.Init instead: `deepspeed.initialize` converts every parameter of the engine's module to a
+    ZeRO-3 parameter (`DeepSpeedZeRoOffload._convert_to_zero_parameters`), so they would be partitioned anyway;
+    keeping them whole needs them outside the engine's module, and outside its checkpoints."""
+    for param in frozen:
+        param.ds_persist = True
 
 
 def vq_fingerprint(model: JanusProForTraining) -> str:

@@ -9,6 +9,9 @@ Our estimate, per GPU, in bytes (P = all parameters, P_t = trainable ones, W = w
     gathered params  2 * (largest module + prefetch_layers * decoder layer)
                      ZeRO-3 gathers one module's full bf16 parameters at a time (the largest is the
                      102,400 x D embedding or LM head), and prefetches the next few decoder layers
+    frozen, whole    2 * frozen parameters the training forward uses, only with --frozen-weights
+                     persisted: held whole on every rank (not the VQ, which runs in preprocessing, nor
+                     SigLIP's unused attention-pool head: never gathered in training)
     activations      tokens = micro_batch_rows * seq_len (pads occupy memory too), per LLM layer:
                        no checkpointing: (26 * D + 8 * I) bytes/token (derived below)
                        checkpointing:    2 * D bytes/token (the bf16 layer input), plus one layer's
@@ -114,19 +117,23 @@ class ParamCounts:
     trainable: int
     largest_module: int   # most parameters one module owns directly: what ZeRO-3 gathers at once
     decoder_layer: int    # one LLM decoder layer
+    frozen_used: int = 0  # frozen parameters the training forward uses (not the VQ, not NEVER_TRAINED)
 
 
 def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str]) -> ParamCounts:
     """Parameter counts of a preset, checkpoint directory or config, counted on the meta device."""
     meta = meta_model(model)
-    total = trainable_count = 0
+    total = trainable_count = frozen_used = 0
     for name, param in meta.named_parameters():
         total += param.numel()
         if part_of(name) in trainable and not name.startswith(NEVER_TRAINED):
             trainable_count += param.numel()
+        elif not name.startswith(("model.vqmodel.", *NEVER_TRAINED)):
+            frozen_used += param.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
     layer = sum(p.numel() for p in meta.model.language_model.layers[0].parameters())
-    return ParamCounts(total=total, trainable=trainable_count, largest_module=largest, decoder_layer=layer)
+    return ParamCounts(total=total, trainable=trainable_count, largest_module=largest, decoder_layer=layer,
+                       frozen_used=frozen_used)
 
 
 def llm_layer_activation_bytes(config: JanusConfig) -> int:
@@ -232,6 +239,12 @@ class MemoryEstimate:
     head_gradients: float
     deepspeed_gpu: int
     deepspeed_table: str
+    frozen_whole: float                 # the forward's frozen parameters in bf16: what persisted holds
+    frozen_weights: str = "partitioned"
+
+    @property
+    def persisted_frozen(self) -> float:
+        return self.frozen_whole if self.frozen_weights == "persisted" else 0.0
 
     @property
     def activations(self) -> float:
@@ -253,14 +266,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        used = (self.model_states + self.gathered_params + self.activations + max(self.logits, self.worst_logits)
-                + self.head_gradients + self.overhead)
+        used = (self.model_states + self.gathered_params + self.persisted_frozen + self.activations
+                + max(self.logits, self.worst_logits) + self.head_gradients + self.overhead)
         return used * (1 + FRAGMENTATION)
 
 
 def estimate_memory(model: str | JanusConfig, stage: Stage, world_size: int, micro_batch_rows: int = 1,
                     seq_len: int | None = None, checkpointing: bool = True, gpus_per_node: int = 8,
-                    prefetch_layers: int = 2) -> MemoryEstimate:
+                    prefetch_layers: int = 2, frozen_weights: str = "partitioned") -> MemoryEstimate:
     """Our ZeRO-3 per-GPU estimate (see the module docstring) next to DeepSpeed's all-trainable one."""
     config = model if isinstance(model, JanusConfig) else model_config(model)
     seq_len = seq_len or stage.seq_len
@@ -285,6 +298,7 @@ def estimate_memory(model: str | JanusConfig, stage: Stage, world_size: int, mic
         worst_logits=worst_row_logit_bytes(config, micro_batch_rows, seq_len),
         head_gradients=head_gradient_bytes(config, stage.trainable),
         deepspeed_gpu=ds_gpu, deepspeed_table=ds_table,
+        frozen_whole=BF16 * params.frozen_used, frozen_weights=frozen_weights,
     )
 
 
@@ -308,6 +322,8 @@ def format_dry_run(est: MemoryEstimate) -> str:
         line("master weights (fp32)", est.master_weights, "4 B x trainable / world"),
         line("Adam m, v (fp32)", est.adam_states, "8 B x trainable / world"),
         line("gathered params (bf16)", est.gathered_params, "largest module + prefetched layers"),
+        line("frozen weights, whole", est.persisted_frozen,
+             f"2 B x frozen params the forward uses ({est.frozen_weights})"),
         line("activations, ckpt on", est.activations_checkpointed, "2*D B/token/layer + one layer recomputed"),
         line("activations, ckpt off", est.activations_full, "(26*D + 8*I) B/token/layer"),
         line("head logits, typical", est.logits, f"{LOGIT_BYTES} B x targets x head width"),
@@ -346,7 +362,8 @@ def dry_run(config: TrainConfig, world_size: int | None) -> str:
                     train_steps=config.optim.train_steps)
     system = config.system
     estimate = estimate_memory(config.model.model, stage, world_size, config.data.rows_per_micro_batch,
-                               config.data.seq_len, config.model.gradient_checkpointing, system.gpus_per_node)
+                               config.data.seq_len, config.model.gradient_checkpointing, system.gpus_per_node,
+                               frozen_weights=system.frozen_weights)
     nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
     cluster = cluster_for(system.gpu, nodes, per_node, system.intra_node_gbps, system.inter_node_gbps)
     return (f"Stage {config.stage}, model {config.model.model}: {plan.rows_per_step} rows/step over {world_size} "

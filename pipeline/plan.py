@@ -17,8 +17,15 @@ hpZ (`zero_hpz_partition_size` = GPUs per node) keeps a second bf16 partition in
 first gather after an optimizer step crosses the nodes, every later one stays in the node. Trainable parameters'
 secondary copies are dropped at each step (`invalidate_secondary_tensor` walks the fp16 groups only), frozen ones
 are kept, so a frozen module crosses the nodes once per run. MiCS was removed in deepspeed 0.19.8 (its config
-keys raise): it is costed for comparison and never recommended. ZeRO-2 keeps every weight whole: it
-reduce-scatters gradients every micro-batch and all-gathers the updated trainable weights once per step.
+keys raise): it is costed for comparison and never recommended. ZeRO-2 keeps every weight whole: it all-reduces
+gradients every micro-batch, not a reduce-scatter (`use_multi_rank_bucket_allreduce`, on by default, sends each
+bucket whole through `allreduce_and_scatter` and each rank keeps its part: twice a reduce-scatter's bytes; the
+comms logger sees `all_reduce`), and all-gathers the updated trainable weights once per step.
+
+`--frozen-weights persisted` (pipeline/engine.py's `persist_frozen`) marks ZeRO-3's frozen parameters `ds_persist`:
+the coordinator never releases them once its trace is recorded, but the optimizer step partitions every parameter,
+so a frozen module is gathered once per step, in its first micro-batch, and never in a backward; under hpZ that
+gather stays in the node. It costs their whole bf16 weights on every GPU.
 
 Cost model (assumptions, printed with the table and in the README):
 - a collective over a group of g GPUs moves (g - 1) / g of its full size per GPU for an all-gather or a
@@ -62,6 +69,7 @@ HOP_LATENCY_INTER = 5e-6     # seconds per ring hop across nodes
 HOP_LATENCY_INTRA = 1e-6     # seconds per ring hop inside a node
 MAX_REUSE_DISTANCE = 10 ** 9  # deepspeed's default stage3_max_reuse_distance (elements)
 SHARDINGS = ("zero3", "zero3-hpz", "mics", "zero2")
+FROZEN_WEIGHTS = ("partitioned", "persisted")  # --frozen-weights, for the ZeRO-3 kinds
 UNAVAILABLE = {"mics": "removed in deepspeed 0.19.8"}
 
 
@@ -169,10 +177,13 @@ class Gathers:
     backward_calls: int
     peak_held: int
     forward_frozen: int   # of `forward`, in modules with nothing trainable (hpZ keeps their node copy for good)
+    frozen_once: int = 0        # persisted frozen modules: gathered once per step (in its first micro-batch)
+    frozen_once_calls: int = 0
+    forward_frozen_calls: int = 0
 
 
 def gathered_elements(units: list[Unit], reuse_distance: int = MAX_REUSE_DISTANCE,
-                      prefetch_bucket: int = MIN_BUCKET) -> Gathers:
+                      prefetch_bucket: int = MIN_BUCKET, persist_frozen: bool = False) -> Gathers:
     """Walk the trace as deepspeed's coordinator (PartitionedParameterCoordinator) does once it has recorded it:
 
     - fetch: gather the module if it is not held; then the prefetcher reads on in the trace, gathering modules not
@@ -182,19 +193,29 @@ def gathered_elements(units: list[Unit], reuse_distance: int = MAX_REUSE_DISTANC
       that reappears within `reuse_distance` elements of the rest of the trace; release the rest.
 
     So a prefetch bucket as large as the model keeps everything from the forward to the backward (the prefetcher
-    passes the whole trace at the first module), whatever the reuse distance."""
+    passes the whole trace at the first module), whatever the reuse distance.
+
+    `persist_frozen` (`--frozen-weights persisted`): modules with nothing trainable are never released once
+    gathered; they count in `frozen_once` (the step's first micro-batch), not in `forward`/`backward` (every
+    micro-batch), nor in `peak_held` (the memory estimate holds them whole)."""
     steps = trace(units)
+    persisted = {u.name for u in units if persist_frozen and not u.trainable}
     held: set[str] = set()
     fetched_for: dict[str, int] = {}
-    totals, calls = [0, 0], [0, 0]
-    peak = frozen = ahead = 0
+    totals, calls, once = [0, 0], [0, 0], [0, 0]
+    peak = frozen = frozen_calls = ahead = 0
 
     def gather(unit: Unit, backward: bool) -> None:
-        nonlocal frozen
+        nonlocal frozen, frozen_calls
+        held.add(unit.name)
+        if unit.name in persisted:
+            once[0] += unit.gathered
+            once[1] += 1
+            return
         totals[backward] += unit.gathered
         calls[backward] += 1
         frozen += unit.gathered if not (backward or unit.trainable) else 0
-        held.add(unit.name)
+        frozen_calls += not (backward or unit.trainable)
 
     for i, (unit, backward) in enumerate(steps):
         if unit.gathered and unit.name not in held:
@@ -208,16 +229,16 @@ def gathered_elements(units: list[Unit], reuse_distance: int = MAX_REUSE_DISTANC
                 in_flight += later.gathered
             fetched_for[later.name] = max(fetched_for.get(later.name, -1), ahead)
             ahead += 1
-        peak = max(peak, sum(u.gathered for u in units if u.name in held))
+        peak = max(peak, sum(u.gathered for u in units if u.name in held and u.name not in persisted))
         walked, soon = 0, set()
         for later, _ in steps[i + 1:]:
             if walked >= reuse_distance:
                 break
             soon.add(later.name)
             walked += later.elements
-        if unit.name not in soon and fetched_for.get(unit.name, -1) <= i + 1:
+        if unit.name not in soon and fetched_for.get(unit.name, -1) <= i + 1 and unit.name not in persisted:
             held.discard(unit.name)
-    return Gathers(totals[0], totals[1], calls[0], calls[1], peak, frozen)
+    return Gathers(totals[0], totals[1], calls[0], calls[1], peak, frozen, once[0], once[1], frozen_calls)
 
 
 # ---- bytes and seconds of one step per sharding ----
@@ -252,8 +273,14 @@ def micro_batch_collectives(sharding: str, gathers: Gathers, trainable: int, clu
     world, node = cluster.world, min(cluster.gpus_per_node, cluster.world)
     multi = cluster.nodes > 1
     buckets = -(-trainable // reduce_bucket)
-    if sharding == "zero2":
-        return [Collective("reduce-scatter", "gradients", grad_bytes * trainable, world, multi, buckets)]
+    if sharding == "zero2":  # each bucket all-reduced whole, each rank keeping its part (see the module docstring)
+        return [Collective("all-reduce", "gradients", grad_bytes * trainable, world, multi, buckets)]
+    # Persisted frozen modules: gathered in the step's first micro-batch only; under hpZ from the node copy that
+    # is never dropped for frozen parameters, so in the node from the second step on.
+    in_node = sharding in ("zero3-hpz", "mics")
+    once = [Collective("all-gather", "frozen parameters, once per step", param_bytes * gathers.frozen_once,
+                       node if in_node else world, multi and not in_node, gathers.frozen_once_calls)
+            ] if first and gathers.frozen_once else []
     rs = Collective("reduce-scatter", "gradients", grad_bytes * trainable, node if sharding == "mics" else world,
                     multi and sharding != "mics", buckets)
     forward = [Collective("all-gather", "parameters, forward", param_bytes * gathers.forward, world, multi,
@@ -261,14 +288,14 @@ def micro_batch_collectives(sharding: str, gathers: Gathers, trainable: int, clu
     if sharding == "zero3-hpz":
         across = gathers.forward - gathers.forward_frozen if first else 0
         forward = [Collective("all-gather", "parameters, forward", param_bytes * across, world, multi,
-                              gathers.forward_calls if across else 0),
+                              gathers.forward_calls - gathers.forward_frozen_calls if across else 0),
                    Collective("all-gather", "parameters, forward", param_bytes * (gathers.forward - across), node,
                               False, gathers.forward_calls)]
     elif sharding == "mics":
         forward = [replace(forward[0], group=node, across_nodes=False)]
     bwd_group, bwd_across = (world, multi) if sharding == "zero3" else (node, False)
-    return [*forward, Collective("all-gather", "parameters, backward", param_bytes * gathers.backward, bwd_group,
-                                 bwd_across, gathers.backward_calls), rs]
+    return [*once, *forward, Collective("all-gather", "parameters, backward", param_bytes * gathers.backward,
+                                        bwd_group, bwd_across, gathers.backward_calls), rs]
 
 
 def step_boundary_collectives(sharding: str, trainable: int, cluster: Cluster, grad_bytes: int = BF16,
@@ -321,6 +348,7 @@ class PlanRow:
     fits: bool
     available: bool
     grad_bytes: int = BF16      # gradients reduced in bf16, or in fp32 (FP32) where that costs no step time
+    frozen_weights: str = "partitioned"  # --frozen-weights (ZeRO-3 kinds), or "whole" (ZeRO-2 keeps every weight)
 
     @property
     def bytes_by_kind(self) -> dict[str, float]:
@@ -333,9 +361,10 @@ class PlanRow:
 
 
 def sharded_memory(sharding: str, est: MemoryEstimate, cluster: Cluster, gathers: Gathers, reduce_bucket: int,
-                   grad_bytes: int = BF16) -> float:
-    """Bytes per GPU of one choice: model states by its sharding, what ZeRO gathers, activations, the worst row's
-    logits, the full head gradients, buckets, CUDA context and NCCL buffers, then the fragmentation margin."""
+                   grad_bytes: int = BF16, persist_frozen: bool = False) -> float:
+    """Bytes per GPU of one choice: model states by its sharding, what ZeRO gathers, the frozen weights whole when
+    persisted, activations, the worst row's logits, the full head gradients, buckets, CUDA context and NCCL buffers,
+    then the fragmentation margin."""
     p = est.params
     node = min(cluster.gpus_per_node, cluster.world)
     shards = node if sharding == "mics" else cluster.world
@@ -343,6 +372,7 @@ def sharded_memory(sharding: str, est: MemoryEstimate, cluster: Cluster, gathers
                "mics": BF16 * p.total / shards, "zero2": BF16 * p.total}[sharding]
     states = (BF16 + FP32 + 2 * FP32) * p.trainable / shards
     gathered = 0.0 if sharding == "zero2" else BF16 * gathers.peak_held
+    gathered += est.frozen_whole if persist_frozen and sharding != "zero2" else 0.0
     groups = 2 if sharding in ("zero3-hpz", "mics") else 1
     used = (weights + states + gathered + est.activations + max(est.worst_logits, est.logits) + est.head_gradients
             + 2 * grad_bytes * reduce_bucket + CUDA_CONTEXT + groups * NCCL_PER_GROUP)
@@ -360,8 +390,10 @@ def bucket_choices(config: JanusConfig, decoder_layer: int) -> tuple[tuple[int, 
 
 def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_batches: tuple[int, ...] = (1, 2, 4),
               checkpointing: tuple[bool, ...] = (True, False), persistence_threshold: int | None = None,
-              buckets: tuple[tuple[int, int], ...] | None = None) -> list[PlanRow]:
-    """Every sharding x micro-batch x checkpointing x bucket choice whose micro-batches divide the step."""
+              buckets: tuple[tuple[int, int], ...] | None = None,
+              frozen_choices: tuple[str, ...] = FROZEN_WEIGHTS) -> list[PlanRow]:
+    """Every sharding x micro-batch x checkpointing x bucket x frozen-weights choice whose micro-batches divide the
+    step."""
     config = model if isinstance(model, JanusConfig) else model_config(model)
     width = config.text_config.hidden_size
     threshold = 10 * width if persistence_threshold is None else persistence_threshold
@@ -370,7 +402,12 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
     for ckpt in checkpointing:
         units = module_units(config, tuple(stage.trainable), threshold, ckpt)
         trainable = sum(u.trainable for u in units)
-        gathers_by_prefetch: dict[int, Gathers] = {}
+        # ZeRO-2 keeps every weight whole (one row); with nothing frozen gathered (Stage III) persisted is partitioned.
+        frozen_gathered = any(u.gathered and not u.trainable for u in units)
+        frozen_for = {s: ("whole",) if s == "zero2" else tuple(f for f in frozen_choices
+                                                               if f != "persisted" or frozen_gathered)
+                      for s in SHARDINGS}
+        gathers_by_choice: dict[tuple[int, bool], Gathers] = {}
         for mb in micro_batches:
             if per_rank < mb or per_rank % mb or stage.rows_per_step % cluster.world:
                 continue
@@ -379,11 +416,14 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
             flops = training_flops(counts, config, stage.trainable, ckpt)
             accumulation = per_rank // mb
             compute = accumulation * flops.hardware / (cluster.gpu.peak_flops * MATMUL_EFFICIENCY)
-            for sharding, (bucket, prefetch) in product(SHARDINGS,
-                                                        buckets or bucket_choices(config, est.params.decoder_layer)):
-                if prefetch not in gathers_by_prefetch:
-                    gathers_by_prefetch[prefetch] = gathered_elements(units, prefetch_bucket=prefetch)
-                gathers = gathers_by_prefetch[prefetch]
+            sizes = buckets or bucket_choices(config, est.params.decoder_layer)
+            choices = [(s, b, f) for s, b in product(SHARDINGS, sizes) for f in frozen_for[s]]
+            for sharding, (bucket, prefetch), frozen_weights in choices:
+                persist = frozen_weights == "persisted"
+                if (prefetch, persist) not in gathers_by_choice:
+                    gathers_by_choice[prefetch, persist] = gathered_elements(units, prefetch_bucket=prefetch,
+                                                                             persist_frozen=persist)
+                gathers = gathers_by_choice[prefetch, persist]
                 # Gradients summed in fp32 where that costs no step time (the reduce-scatter stays hidden under
                 # compute) and still fits; otherwise in bf16 (DeepSpeed's default for a bf16 model).
                 costed = {}
@@ -394,7 +434,7 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
                     comm = sum(c.seconds(cluster) for c in first) + (accumulation - 1) * sum(
                         c.seconds(cluster) for c in later)
                     boundary_s = sum(c.seconds(cluster) for c in boundary)
-                    memory = sharded_memory(sharding, est, cluster, gathers, bucket, grad_bytes)
+                    memory = sharded_memory(sharding, est, cluster, gathers, bucket, grad_bytes, persist)
                     costed[grad_bytes] = (max(compute, comm) + boundary_s, memory, first, later, boundary, comm,
                                           boundary_s)
                 fp32_free = costed[FP32][0] <= costed[BF16][0] and costed[FP32][1] <= cluster.gpu.memory
@@ -412,7 +452,7 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
                     mfu=model_flops / (step * cluster.world * cluster.gpu.peak_flops),
                     tokens_per_s=stage.rows_per_step * stage.seq_len / step,
                     days=stage.train_steps * step / 86400, memory=memory, fits=memory <= cluster.gpu.memory,
-                    available=sharding not in UNAVAILABLE, grad_bytes=grad_bytes))
+                    available=sharding not in UNAVAILABLE, grad_bytes=grad_bytes, frozen_weights=frozen_weights))
     return rows
 
 
@@ -441,13 +481,18 @@ def recommended_template(row: PlanRow, gpus_per_node: int) -> dict:
 
 def predicted_logged_bytes(units: list[Unit], world: int, micro_batches: int, param_bytes: int,
                            grad_bytes: int, reuse_distance: int = MAX_REUSE_DISTANCE,
-                           prefetch_bucket: int = MIN_BUCKET) -> dict[str, float]:
-    """What deepspeed's comms logger records per step under ZeRO-3 for one step of `micro_batches`: an all-gather
-    logs its input (this rank's partition, 1/world of the gathered tensor), a reduce-scatter its input (the whole
-    bucket)."""
-    gathers = gathered_elements(units, reuse_distance, prefetch_bucket)
+                           prefetch_bucket: int = MIN_BUCKET, persist_frozen: bool = False,
+                           sharding: str = "zero3") -> dict[str, float]:
+    """What deepspeed's comms logger records per step of `micro_batches` under ZeRO-3 (an all-gather logs its input,
+    this rank's partition: 1/world of the gathered tensor; a reduce-scatter its input, the whole bucket), or
+    ZeRO-2 (an all-reduce logs the whole bucket; the step's all-gather this rank's part of the trainable weights)."""
     trainable = sum(u.trainable for u in units)
-    return {"all_gather_into_tensor": micro_batches * param_bytes * (gathers.forward + gathers.backward) / world,
+    if sharding == "zero2":
+        return {"all_reduce": micro_batches * grad_bytes * trainable,
+                "all_gather_into_tensor": param_bytes * trainable / world}
+    gathers = gathered_elements(units, reuse_distance, prefetch_bucket, persist_frozen)
+    gathered = micro_batches * (gathers.forward + gathers.backward) + gathers.frozen_once
+    return {"all_gather_into_tensor": param_bytes * gathered / world,
             "reduce_scatter_tensor": micro_batches * grad_bytes * trainable}
 
 
@@ -458,8 +503,8 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
             f"({cluster.gpu.memory / GIB:.0f} GiB, {cluster.gpu.peak_flops / 1e12:.0f} TFLOP/s bf16), "
             f"{cluster.intra_node_gbps:g} Gb/s in node, {cluster.inter_node_gbps:g} Gb/s across nodes per GPU")
     out = [head,
-           f"  {'sharding':<10} {'rows/mb':>7} {'accum':>5} {'ckpt':>4} {'grads':>5} {'bucket M':>8} {'compute s':>9} "
-           f"{'comm s':>7} {'step s':>7} {'MFU':>6} {'tok/s':>9} {'days':>7} {'GiB/GPU':>8}  note"]
+           f"  {'sharding':<10} {'frozen':<11} {'rows/mb':>7} {'accum':>5} {'ckpt':>4} {'grads':>5} {'bucket M':>8} "
+           f"{'compute s':>9} {'comm s':>7} {'step s':>7} {'MFU':>6} {'tok/s':>9} {'days':>7} {'GiB/GPU':>8}  note"]
     # An unavailable sharding is shown once, its best row, for comparison.
     shown = [r for r in rows if r.available] + [
         min((r for r in rows if r.sharding == name and r.fits), key=lambda r: r.step_s)
@@ -469,18 +514,21 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
         mark = "*" if r is best else " "
         ckpt = "on" if r.checkpointing else "off"
         grads = "fp32" if r.grad_bytes == FP32 else "bf16"
-        out.append(f"{mark} {r.sharding:<10} {r.micro_batch_rows:>7} {r.accumulation:>5} {ckpt:>4} {grads:>5} "
-                   f"{r.bucket / 1e6:>8.1f} {r.compute_s:>9.2f} {r.comm_s:>7.2f} {r.step_s:>7.2f} {r.mfu:>6.1%} "
-                   f"{r.tokens_per_s:>9.0f} {r.days:>7.1f} {r.memory / GIB:>8.1f}  {note}")
+        out.append(f"{mark} {r.sharding:<10} {r.frozen_weights:<11} {r.micro_batch_rows:>7} {r.accumulation:>5} "
+                   f"{ckpt:>4} {grads:>5} {r.bucket / 1e6:>8.1f} {r.compute_s:>9.2f} {r.comm_s:>7.2f} "
+                   f"{r.step_s:>7.2f} {r.mfu:>6.1%} {r.tokens_per_s:>9.0f} {r.days:>7.1f} {r.memory / GIB:>8.1f}  "
+                   f"{note}")
     if best is None:
         out.append("No choice fits memory: add nodes or a larger GPU.")
     else:
-        out.append(f"Recommended (*): {best.sharding}, {best.micro_batch_rows} row(s) per micro-batch, "
+        out.append(f"Recommended (*): {best.sharding}, frozen weights {best.frozen_weights}, "
+                   f"{best.micro_batch_rows} row(s) per micro-batch, "
                    f"checkpointing {'on' if best.checkpointing else 'off'}, gradients reduced in "
                    f"{'fp32' if best.grad_bytes == FP32 else 'bf16'}, buckets of {best.bucket:,} elements: "
                    f"MFU {best.mfu:.1%}, {best.days:.1f} days")
         flags = f"--rows-per-micro-batch {best.micro_batch_rows}" + (
-            " --gradient-checkpointing" if best.checkpointing else "")
+            " --gradient-checkpointing" if best.checkpointing else "") + (
+            " --frozen-weights persisted" if best.frozen_weights == "persisted" else "")
         out.append(f"  run it: {flags} --ds-config FILE, FILE holding "
                    f"{json.dumps(recommended_template(best, cluster.gpus_per_node), separators=(',', ':'))}")
         out.append("  per step, per GPU, bytes sent by collective:")
@@ -491,7 +539,9 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
     out += ["Assumptions: rings move (g-1)/g of a collective per GPU at the group's link bandwidth, "
             f"+{HOP_LATENCY_INTER * 1e6:g} us per hop across nodes; compute at {MATMUL_EFFICIENCY:.0%} of bf16 peak on "
             "model FLOPs + recompute; compute and gathers/reduce-scatters overlap fully (step = max of the two, plus "
-            "step-boundary collectives); gradients reduced in fp32 where that keeps them hidden and fits (twice "
+            "step-boundary collectives); ZeRO-2 all-reduces its gradients (DeepSpeed's default); persisted frozen "
+            "weights are gathered once per step (DeepSpeed's optimizer step partitions every parameter), in the node "
+            "under hpZ, and held whole; gradients reduced in fp32 where that keeps them hidden and fits (twice "
             "bf16's bytes), else in bf16; rows packed full with the stage's typical samples; memory adds the "
             f"worst row's logits (all text), full head gradients, {CUDA_CONTEXT / GIB:g} GiB CUDA context, "
             f"{NCCL_PER_GROUP / GIB:g} GiB NCCL per communicator and a {FRAGMENTATION:.0%} fragmentation margin."]

@@ -1,6 +1,7 @@
-"""The plan's levers through the launchers' own engine set-up (--ds-config), on 2 CPU ranks (gloo): each does the
-same step as plain ZeRO-3, to 1e-5 in loss and weights; a ZeRO-2 run also saves, resumes and exports; gradients
-reduced in fp32 under a bf16 model send fp32's bytes, as the plan counts them."""
+"""The plan's levers through the launchers' own engine set-up (--ds-config and flags), on 2 CPU ranks (gloo): each
+does the same step as plain ZeRO-3, to 1e-5 in loss and weights; a ZeRO-2 run and a --frozen-weights persisted run
+also save, resume and export; gradients reduced in fp32 under a bf16 model send fp32's bytes, as the plan counts
+them."""
 
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ def zero2(template: dict) -> dict:
     return {**template, "zero_optimization": {**zero, "stage": 2}}
 
 
-LEVERS = {"zero2": zero2}
+# name: (the ZeRO-3 template as the lever's --ds-config, the lever's flags)
+LEVERS = {"zero2": (zero2, []),
+          "frozen-persisted": (lambda template: template, ["--frozen-weights", "persisted"])}
 
 
 def lever_config(name: str, directory: Path) -> str:
     path = directory / f"{name}.json"
-    path.write_text(json.dumps(LEVERS[name](json.loads((DS_CONFIGS / "zero3_cpu.json").read_text()))))
+    path.write_text(json.dumps(LEVERS[name][0](json.loads((DS_CONFIGS / "zero3_cpu.json").read_text()))))
     return str(path)
 
 
-def step(ds_config: str, init: Path, corpus, tokenizer_dir, directory: Path) -> tuple[float, dict]:
+def step(ds_config: str, init: Path, corpus, tokenizer_dir, directory: Path, extra: list[str] = ()
+         ) -> tuple[float, dict]:
     """One optimizer step of 4 fixed rows: (loss, every trainable weight after it)."""
     from safetensors.torch import load_file
 
@@ -42,7 +46,7 @@ def step(ds_config: str, init: Path, corpus, tokenizer_dir, directory: Path) -> 
     flags = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), "--init", str(init),
              "--data", *[str(corpus[t]) for t in ("understanding", "text", "generation")],
              "--seq-len", "1400", "--rows-per-step", "4", "--rows-per-micro-batch", "1", "--warmup-steps", "0",
-             "--ds-config", ds_config, "--output", str(directory / name)]
+             "--ds-config", ds_config, "--output", str(directory / name), *extra]
     outputs = run_ranks(rank_script("train_step_equivalence.py", {"flags": flags, "out": str(out)}), timeout=600)
     loss = float(next(x for x in outputs[0].splitlines() if x.startswith("loss ")).split()[1])
     return loss, load_file(str(out))
@@ -57,7 +61,8 @@ def plain_zero3(init_checkpoint, shard_corpus, tokenizer_dir, tmp_path_factory) 
 @pytest.mark.parametrize("lever", sorted(LEVERS))
 def test_a_lever_steps_like_plain_zero3(lever, plain_zero3, init_checkpoint, shard_corpus, tokenizer_dir, tmp_path):
     plain_loss, plain = plain_zero3
-    loss, weights = step(lever_config(lever, tmp_path), init_checkpoint, shard_corpus, tokenizer_dir, tmp_path)
+    loss, weights = step(lever_config(lever, tmp_path), init_checkpoint, shard_corpus, tokenizer_dir, tmp_path,
+                         LEVERS[lever][1])
     assert loss == pytest.approx(plain_loss, abs=1e-5)
     assert set(weights) == set(plain)
     for name, value in plain.items():
@@ -107,6 +112,53 @@ def test_zero2_checkpoint_resumes_and_exports(init_checkpoint, shard_corpus, tok
     assert sorted(exported) == sorted(tensors(init_checkpoint))  # every tensor, the frozen VQ included
     for name, value in exported.items():
         assert torch.equal(value, consolidated[name]), name
+
+
+@pytest.mark.integration
+def test_persisted_frozen_weights_train_like_partitioned_resume_and_export(init_checkpoint, shard_corpus,
+                                                                           tokenizer_dir, tmp_path):
+    """Stage I (the frozen LLM persisted, gradients flowing through it), 4 steps of 2 micro-batches: the same
+    losses as partitioned at every step (persisted weights are read from the step's first gather on, across
+    micro-batches and steps); a resume from step 2 gives the straight run's losses; the export holds every tensor,
+    the frozen ones exactly as --init had them (checkpoints save each rank's partition, not the whole copy)."""
+    from pipeline.checkpoint import complete_checkpoints, consolidated_state
+    from pipeline.export import export
+    from tests.test_training import losses, tensors
+
+    def args(run: Path, frozen: str) -> list[str]:
+        return [str(Path(REPO) / "launchers" / "stage1.py"), "--model", "tiny", "--tokenizer", str(tokenizer_dir),
+                "--init", str(init_checkpoint), "--output", str(run), "--frozen-weights", frozen,
+                "--data", *[str(shard_corpus[t]) for t in ("understanding", "generation")], "--seq-len", "1400",
+                "--rows-per-step", "4", "--warmup-steps", "0", "--log-every", "1", "--num-workers", "1",
+                "--train-steps", "4", "--save-every", "2", "--keep-last", "2"]
+
+    persisted, partitioned = tmp_path / "persisted", tmp_path / "partitioned"
+    run_ranks(args(persisted, "persisted"), timeout=600)
+    run_ranks(args(partitioned, "partitioned"), timeout=600)
+    straight, plain = losses(persisted), losses(partitioned)
+    assert sorted(straight) == [1, 2, 3, 4]
+    for s in straight:
+        assert straight[s] == pytest.approx(plain[s], abs=1e-5), s
+
+    step2, step4 = complete_checkpoints(persisted)
+    shutil.rmtree(step4)
+    outputs = run_ranks(args(persisted, "persisted"), timeout=600)
+    assert f"resumed from {step2} at step 2" in outputs[0]
+    resumed = losses(persisted)
+    for s in (3, 4):
+        assert resumed[s] == pytest.approx(straight[s], abs=1e-6), s
+
+    exported = tensors(export(persisted, tmp_path / "export", "transformers", dtype="fp32").path)
+    consolidated = consolidated_state(complete_checkpoints(persisted)[-1])
+    init = tensors(init_checkpoint)
+    assert sorted(exported) == sorted(init)
+    for name, value in exported.items():
+        assert torch.equal(value, consolidated[name]), name
+    frozen = [n for n in init if n.startswith(("model.language_model.", "model.vision_model.", "model.vqmodel.",
+                                                "lm_head."))]
+    assert frozen
+    for name in frozen:
+        assert torch.equal(exported[name], init[name].to(exported[name].dtype)), name
 
 
 def logged(template: dict, flags: list[str], directory: Path) -> tuple[dict, list[float]]:

@@ -113,3 +113,20 @@ def test_llama_layer_activation_bytes_match_what_autograd_saves():
     skip |= {t.untyped_storage().data_ptr() for t in (x, *rope)}
     measured = sum(n for ptr, n in saved.items() if ptr not in skip) / T
     assert measured == pytest.approx(llm_layer_activation_bytes(config), rel=0.10)
+
+
+def test_persisted_frozen_weights_are_counted_whole():
+    """--frozen-weights persisted: every frozen parameter the training forward uses, whole in bf16 on every GPU
+    (Stage I 7b: the LLM, LM head and SigLIP; not the VQ, which runs in preprocessing, nor SigLIP's unused head)."""
+    partitioned = estimate_memory("7b", STAGES[1], world_size=256)
+    persisted = estimate_memory("7b", STAGES[1], world_size=256, frozen_weights="persisted")
+    meta = meta_model("7b")
+    p = persisted.params
+    unused = sum(x.numel() for n, x in meta.named_parameters() if n.startswith(("model.vqmodel.",
+                                                                                 "model.vision_model.head.")))
+    assert unused > 0 and persisted.persisted_frozen == 2 * (p.total - p.trainable - unused)
+    assert 13 * GIB < persisted.persisted_frozen < 14 * GIB and partitioned.persisted_frozen == 0
+    assert persisted.total - partitioned.total == pytest.approx(1.1 * persisted.persisted_frozen)
+    assert "frozen weights, whole" in format_dry_run(persisted)
+    # Stage III trains everything the forward uses: nothing frozen to hold.
+    assert estimate_memory("7b", STAGES[3], world_size=128, frozen_weights="persisted").persisted_frozen == 0

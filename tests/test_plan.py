@@ -70,6 +70,55 @@ def test_frozen_forward_only_modules_are_gathered_once_and_counted_as_frozen():
     assert (g.forward, g.backward, g.forward_frozen) == (450, 150, 300)
 
 
+def test_persisted_frozen_modules_are_gathered_once_per_step_and_never_released():
+    units = [unit("siglip", 300, trains=False, backward=False), unit("llm", 200, trains=False), unit("head", 50)]
+    partitioned = gathered_elements(units, reuse_distance=0, prefetch_bucket=0)
+    persisted = gathered_elements(units, reuse_distance=0, prefetch_bucket=0, persist_frozen=True)
+    # Partitioned: each micro-batch gathers all three, then the LLM (a gradient flows through it) and the head again.
+    assert (partitioned.forward, partitioned.backward, partitioned.frozen_once) == (550, 250, 0)
+    # Persisted: the frozen ones once per step and never in a backward; only the head every micro-batch.
+    assert (persisted.forward, persisted.backward) == (50, 50)
+    assert (persisted.frozen_once, persisted.frozen_once_calls) == (500, 2)
+    assert persisted.peak_held == 50  # the memory estimate holds the frozen ones whole instead
+
+
+def test_the_plan_costs_and_recommends_persisted_frozen_weights():
+    """7b Stage I on 4 x 8 H100: four micro-batches a step, each gathering the frozen 7B LLM forward (and part of
+    it backward) when partitioned; persisted gathers it once a step and holds 13.4 GiB more per GPU."""
+    from pipeline.plan import sharded_memory
+
+    cluster = cluster_for("h100", 4, 8, 2400.0, 200.0)
+    stage = stage_for(1, "7b")
+    rows = plan_rows("7b", stage, cluster, micro_batches=(2,), checkpointing=(False,),
+                     buckets=((MIN_BUCKET * 16, MIN_BUCKET * 16),))
+    plain, persisted = (next(r for r in rows if r.sharding == "zero3" and r.frozen_weights == f)
+                        for f in ("partitioned", "persisted"))
+    assert plain.accumulation == persisted.accumulation == 4
+    units = module_units(preset_config("7b"), tuple(stage.trainable), 40_960, False)
+    frozen = sum(u.gathered for u in units if not u.trainable)
+    once = [(c, n) for c, n in persisted.collectives if c.what.startswith("frozen")]
+    assert [(c.full_bytes, n) for c, n in once] == [(2 * frozen, 1)]
+    assert persisted.comm_s < plain.comm_s / 3
+    gathered = sum(c.full_bytes * n for c, n in plain.collectives if c.kind == "all-gather")
+    assert gathered > 4 * 2 * frozen  # partitioned: every micro-batch, and again in backward
+    # Memory: the same gathers cost the frozen weights whole on top, with the fragmentation margin.
+    est = estimate_memory("7b", stage, cluster.world, 2, checkpointing=False)
+    g = gathered_elements(units, prefetch_bucket=MIN_BUCKET * 16, persist_frozen=True)
+    assert sharded_memory("zero3", est, cluster, g, MIN_BUCKET * 16, 4, True) - sharded_memory(
+        "zero3", est, cluster, g, MIN_BUCKET * 16, 4, False) == pytest.approx(1.1 * est.frozen_whole)
+    # The plan recommends it where it is the only way to hide the communication, and says how to run it.
+    every = plan_rows("7b", stage, cluster)
+    best = recommended(every)
+    assert (best.sharding, best.frozen_weights) == ("zero3", "persisted") and best.fits
+    assert "--frozen-weights persisted" in format_plan(every, cluster, "Stage I 7b")
+    config, _ = resolve(1, ["--model", "7b", "--frozen-weights", "persisted"])
+    assert config.system.frozen_weights == "persisted"
+    # ZeRO-2 keeps every weight whole (one row); Stage III has nothing frozen to gather (no persisted rows).
+    assert {r.frozen_weights for r in every if r.sharding == "zero2"} == {"whole"}
+    stage3 = plan_rows("7b", stage_for(3, "7b"), cluster_for("a100-80g", 8, 8, 2400.0, 200.0))
+    assert stage3 and not any(r.frozen_weights == "persisted" for r in stage3)
+
+
 def test_checkpointed_layers_rerun_their_forward_in_the_backward_trace():
     units = [unit("a", 1, block="L0"), unit("b", 1, block="L0"), unit("head", 1)]
     order = [(u.name, backward) for u, backward in trace(units)]
@@ -163,8 +212,12 @@ def test_gradients_are_reduced_in_fp32_where_that_costs_no_step_time(tmp_path):
     filled = deepspeed_config(path, batch_plan(256, 256, best.micro_batch_rows), hidden_size=4096,
                               learning_rate=1e-3, betas=[0.9, 0.95], weight_decay=0.0, eps=1e-8, grad_clip=1.0)
     assert filled["communication_data_type"] == "fp32"
-    # It is ZeRO-2: nothing stage-3-only is filled in (ZeRO-2 gathers and persists nothing).
-    assert filled["zero_optimization"]["stage"] == 2
+    # A ZeRO-2 plan: nothing stage-3-only is filled in (ZeRO-2 gathers and persists nothing).
+    zero2 = next(r for r in stage1 if r.sharding == "zero2")
+    path.write_text(json.dumps(recommended_template(zero2, 8)))
+    filled = deepspeed_config(path, batch_plan(256, 256, zero2.micro_batch_rows), hidden_size=4096,
+                              learning_rate=1e-3, betas=[0.9, 0.95], weight_decay=0.0, eps=1e-8, grad_clip=1.0)
+    assert filled["zero_optimization"]["stage"] == 2 and zero2.frozen_weights == "whole"
     assert not [k for k in filled["zero_optimization"] if k.startswith("stage3_")]
     # Stage II's 7b is communication-bound: fp32 gradients would add step time, so they stay bf16.
     stage2 = recommended(plan_rows("7b", stage_for(2, "7b"), A100_256))
@@ -227,10 +280,15 @@ def wide_model(directory: Path, image_token_id: int) -> Path:
     return directory
 
 
-def logged_bytes(tmp_path: Path, stage: int, flags: list[str], reuse_distance: int, steps: int = 2) -> dict:
+def logged_bytes(tmp_path: Path, stage: int, flags: list[str], reuse_distance: int, steps: int = 2,
+                 zero_stage: int = 3) -> dict:
+    """DeepSpeed's comms logger per step (every step after the first counted) through comms_bytes.py."""
     template = json.loads((DS_CONFIGS / "zero3_cpu.json").read_text())
     template["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     template["zero_optimization"]["stage3_max_reuse_distance"] = reuse_distance
+    if zero_stage == 2:  # as the plan's recommended template writes ZeRO-2
+        zero = {k: v for k, v in template["zero_optimization"].items() if not k.startswith("stage3_")}
+        template["zero_optimization"] = {**zero, "stage": 2}
     (tmp_path / "logged.json").write_text(json.dumps(template))
     flags = [*flags, "--ds-config", str(tmp_path / "logged.json"), "--output", str(tmp_path / "run")]
     outputs = run_ranks(rank_script("comms_bytes.py", {"stage": stage, "flags": flags, "steps": steps}),
@@ -239,36 +297,65 @@ def logged_bytes(tmp_path: Path, stage: int, flags: list[str], reuse_distance: i
     return json.loads(line.removeprefix("LOGGED "))
 
 
+# case: (stage, model, rows per step, reuse distance, sharding, frozen weights, steps)
+COMMS_CASES = {
+    "tiny-stage2": (2, "tiny", 4, 10 ** 9, "zero3", "partitioned", 2),
+    "wide-stage1": (1, "wide", 2, 2 * 10 ** 8, "zero3", "partitioned", 2),
+    "tiny-stage1-persisted": (1, "tiny", 4, 10 ** 9, "zero3", "persisted", 3),
+    "wide-stage1-persisted": (1, "wide", 4, 2 * 10 ** 8, "zero3", "persisted", 2),
+    "tiny-stage2-zero2": (2, "tiny", 4, 10 ** 9, "zero2", "partitioned", 3),
+}
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["tiny-stage2", "wide-stage1"])
+@pytest.mark.parametrize("case", sorted(COMMS_CASES))
 def test_predicted_bytes_match_deepspeeds_comms_logger(case, shard_corpus, tokenizer_dir, special, tmp_path):
-    """ZeRO-3 on 2 CPU ranks (fp32: 4 bytes a parameter), 2 steps, the second one counted. Tiny, Stage II, two
-    micro-batches a step, deepspeed's default reuse distance (1e9 elements: the whole model is kept from forward to
-    backward, so no backward gathers); the 1b widths with 2 layers, Stage I, a reuse distance of 2e8 elements (the
-    last modules of the forward are kept, the rest gathered again)."""
+    """Every sharding choice that runs on 2 CPU ranks (fp32: 4 bytes a parameter), the first step (which records
+    ZeRO-3's module trace) not counted.
+
+    ZeRO-3, partitioned: tiny, Stage II, two micro-batches a step, deepspeed's default reuse distance (1e9
+    elements: the whole model is kept from forward to backward, so no backward gathers); the 1b widths with 2
+    layers, Stage I, a reuse distance of 2e8 elements (the last modules of the forward are kept, the rest gathered
+    again). --frozen-weights persisted: tiny Stage I (the frozen LLM is most of the model) with two micro-batches
+    and two steps counted, so the frozen modules are seen gathered once per step, neither per micro-batch nor once
+    per run; the wide Stage I with two micro-batches, where the frozen 1b-wide embedding, LLM layers and LM head
+    (97% of the gathers) are gathered in the first only. ZeRO-2: gradients all-reduced every micro-batch, the
+    trainable weights all-gathered once per step."""
+    stage, model, rows_per_step, reuse, sharding, frozen, steps = COMMS_CASES[case]
     data = ["--data", *[str(shard_corpus[t]) for t in ("understanding", "text", "generation")]]
-    if case == "tiny-stage2":
-        stage, model, rows_per_step, reuse = 2, "tiny", 4, 10 ** 9
-        config = preset_config("tiny", special.image_placeholder)
-    else:
-        stage, rows_per_step, reuse = 1, 2, 2 * 10 ** 8
+    if model == "wide":
         model = str(wide_model(tmp_path / "wide", special.image_placeholder))
         config = model_config(model)
+    else:
+        config = preset_config(model, special.image_placeholder)
     flags = ["--model", model, "--tokenizer", str(tokenizer_dir), *data, "--seq-len", "700",
-             "--rows-per-step", str(rows_per_step), "--rows-per-micro-batch", "1", "--warmup-steps", "0"]
-    logged = logged_bytes(tmp_path, stage, flags, reuse)
+             "--rows-per-step", str(rows_per_step), "--rows-per-micro-batch", "1", "--warmup-steps", "0",
+             "--frozen-weights", frozen]
+    logged = logged_bytes(tmp_path, stage, flags, reuse, steps, zero_stage=2 if sharding == "zero2" else 3)
     run_config, _ = resolve(stage, flags)
     width = config.text_config.hidden_size
     units = module_units(config, tuple(run_config.optim.trainable), 10 * width,
                          run_config.model.gradient_checkpointing)
     accumulation, prefetch = rows_per_step // 2, max(int(0.9 * width * width), MIN_BUCKET)  # as ds_config fills it
-    predicted = predicted_logged_bytes(units, 2, accumulation, 4, 4, reuse_distance=reuse, prefetch_bucket=prefetch)
+
+    def predict(**kwargs) -> dict[str, float]:
+        return predicted_logged_bytes(units, 2, accumulation, 4, 4, **{
+            "reuse_distance": reuse, "prefetch_bucket": prefetch, "persist_frozen": frozen == "persisted",
+            "sharding": sharding, **kwargs})
+
+    predicted = predict()
     print(case, "logged", logged, "predicted", predicted)
     for kind, value in predicted.items():
         assert logged[kind]["bytes"] == pytest.approx(value, rel=0.10), (kind, logged, predicted)
-    # The naive reading (every module gathered again in its backward) is caught: >10% away from what was sent.
-    naive = predicted_logged_bytes(units, 2, accumulation, 4, 4, reuse_distance=0, prefetch_bucket=0)
-    assert logged["all_gather_into_tensor"]["bytes"] != pytest.approx(naive["all_gather_into_tensor"], rel=0.10)
+    if sharding == "zero2":
+        return
+    # The readings this one is told from are caught: >10% away from what was sent.
+    gathered = logged["all_gather_into_tensor"]["bytes"]
+    if frozen == "partitioned":  # every module gathered again in its backward
+        naive = predict(reuse_distance=0, prefetch_bucket=0)
+        assert gathered != pytest.approx(naive["all_gather_into_tensor"], rel=0.10)
+    else:  # frozen modules gathered as if partitioned
+        assert gathered != pytest.approx(predict(persist_frozen=False)["all_gather_into_tensor"], rel=0.10)
 
 
 def test_the_recommended_template_is_what_the_launchers_fill_in(tmp_path):
