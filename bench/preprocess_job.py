@@ -1,6 +1,7 @@
 """The real understanding job's throughput per core, next to its transform floor measured in the same run.
 
-    python -m bench.preprocess_job [--tars 8] [--large-per-tar 8] [--web-per-tar 40] [--repeat 2] [--json out.json]
+    python -m bench.preprocess_job [--tars 8] [--large-per-tar 8] [--web-per-tar 40] [--repeat 2] [--gen-rows 2]
+                                   [--vq-preset 1b] [--json out.json]
 
 (Run with -m from the repository root: as `python bench/preprocess_job.py`, bench/preprocess.py would hide the
 preprocess package.)
@@ -47,14 +48,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
+from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from bench.preprocess import photo_bytes
-from model.chat_format import understanding_sample
-from model.images import WEBP_LOSSLESS, decode_image, encode_image, understanding_image
+from model.chat_format import generation_prompt_ids, generation_sample, understanding_sample
+from model.config import preset_config
+from model.images import (
+    IMAGE_SIZE,
+    WEBP_LOSSLESS,
+    decode_image,
+    encode_image,
+    generation_image,
+    pixel_values,
+    understanding_image,
+)
 from model.manifest import Manifest, read_shard, write_shard
 from model.sample import samples_from_table, samples_to_table
 from model.tokenizer import build_tokenizer
-from preprocess.records import ConvertConfig, cached_tokenizer, open_image, understanding_turns
+from model.vq import vq_encode
+from preprocess.records import ConvertConfig, cached_tokenizer, open_image, record_caption, understanding_turns
 from preprocess.sources import list_shards, read_shard_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +137,53 @@ def stage_seconds(tars: list[Path], cfg: ConvertConfig, out: Path) -> dict[str, 
     return {name: seconds / rows for name, seconds in clock.items()}
 
 
+def generation_stage_seconds(tars: list[Path], cfg: ConvertConfig, vq: JanusVQVAE, batch_size: int, rows: int,
+                             out: Path) -> dict[str, float]:
+    """One core, the generation path's functions one stage at a time over the first `rows` records (VQ in padded
+    batches of `batch_size`, as VQStage runs it): seconds per row of each stage."""
+    clock = dict.fromkeys(("read", "decode+transform", "vq", "tokenise", "write"), 0.0)
+    tokenizer = cached_tokenizer(cfg.tokenizer)
+    records, read = [], 0
+    for shard in list_shards([str(t) for t in tars], "auto", 10_000):
+        start = time.perf_counter()
+        records += read_shard_records(shard)
+        clock["read"] += time.perf_counter() - start
+        read = len(records)
+        if read >= rows:
+            break
+    rows = min(rows, read)
+    clock["read"] *= rows / read  # the share of the reading that the rows measured took
+    pixels, captions = [], []
+    for record in records[:rows]:
+        start = time.perf_counter()
+        image = generation_image(open_image(record["images"][0], cfg))
+        pixels.append(np.asarray(image, dtype=np.uint8).tobytes())
+        clock["decode+transform"] += time.perf_counter() - start
+        start = time.perf_counter()
+        captions.append(record_caption(record))
+        generation_prompt_ids(tokenizer, captions[-1])  # the converter's length check
+        clock["tokenise"] += time.perf_counter() - start
+    samples = []
+    for first in range(0, rows, batch_size):
+        start = time.perf_counter()
+        chunk = pixels[first:first + batch_size]
+        batch = pixel_values([Image.frombytes("RGB", (IMAGE_SIZE, IMAGE_SIZE), p) for p in chunk])
+        padded = torch.zeros((batch_size, *batch.shape[1:]), dtype=batch.dtype)
+        padded[:len(chunk)] = batch
+        with torch.no_grad():
+            ids = vq_encode(vq, padded)[:len(chunk)]
+        clock["vq"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for i, row_ids in enumerate(ids):
+            record = records[first + i]
+            samples.append(generation_sample(tokenizer, captions[first + i], row_ids.tolist(), key=record["key"]))
+        clock["tokenise"] += time.perf_counter() - start
+    start = time.perf_counter()
+    write_shard(samples_to_table(samples), out / "generation.arrow")
+    clock["write"] += time.perf_counter() - start
+    return {name: seconds / rows for name, seconds in clock.items()}
+
+
 def run_job(tars: list[Path], out: Path, tokenizer: Path) -> dict:
     """`python -m preprocess understanding` on all CPUs; when each line came, and the manifest it wrote."""
     cmd = [sys.executable, "-m", "preprocess", "understanding", "--input", *map(str, tars), "--output", str(out),
@@ -189,6 +248,13 @@ def corpus_row(name: str, photos: list[bytes], per_tar: int, args: argparse.Name
         (work / name / f"stages{r}").mkdir()
         for stage, seconds in stage_seconds(tars, cfg, work / name / f"stages{r}").items():
             stages[stage] = min(stages.get(stage, float("inf")), seconds)
+    gen_stages = {}
+    if args.gen_rows:
+        torch.manual_seed(0)
+        vq = JanusVQVAE(preset_config(args.vq_preset).vq_config).eval()
+        (work / name / "gen").mkdir()
+        gen_cfg = ConvertConfig(task="generation", tokenizer=str(tokenizer))
+        gen_stages = generation_stage_seconds(tars, gen_cfg, vq, args.vq_batch, args.gen_rows, work / name / "gen")
     first = run_job(tars, work / name / "out1", tokenizer)
     second = run_job(tars, work / name / "out2", tokenizer)
     checked = check_outputs(first["manifest"], second["manifest"], work / name / "out1", sources, cfg.image_format)
@@ -217,6 +283,7 @@ def corpus_row(name: str, photos: list[bytes], per_tar: int, args: argparse.Name
             "overhead_ms_per_row": (per_row_job - sum(stages.values())) * 1e3, "fixed_s": fixed,
             "marginal_overhead_ms_per_row": (1 / best["marginal"] - sum(stages.values())) * 1e3
             if best["marginal"] else None,
+            "generation_stage_ms_per_row": {k: v * 1e3 for k, v in gen_stages.items()},
             "images_checked": checked, "load_1min": [load_before, os.getloadavg()[0]]}
 
 
@@ -288,6 +355,10 @@ def main() -> None:
     parser.add_argument("--large-per-tar", type=int, default=8)
     parser.add_argument("--web-per-tar", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--gen-rows", type=int, default=2,
+                        help="records of each corpus for the generation (VQ) split, one core (0: none)")
+    parser.add_argument("--vq-batch", type=int, default=2, help="the generation split's VQ batch")
+    parser.add_argument("--vq-preset", default="1b", help="the VQ's config (1b and 7b: the real VQ-16; tiny)")
     parser.add_argument("--corpus", choices=("large", "web", "both", "none"), default="both",
                         help="which corpora to run the job on (none: only the storage table)")
     parser.add_argument("--json")
@@ -331,6 +402,9 @@ def print_job(row: dict) -> None:
     print(f"  ms per row, one core: {stages}  | Ray and job overhead {row['overhead_ms_per_row']:.1f} over the "
           f"execution, {'-' if extra is None else f'{extra:.1f}'} at the marginal rate\n  fixed seconds: {fixed}\n"
           f"  {row['images_checked']} stored images = the transform's pixels; reruns byte-identical", flush=True)
+    if row["generation_stage_ms_per_row"]:
+        gen = "  ".join(f"{k} {v:.1f}" for k, v in row["generation_stage_ms_per_row"].items())
+        print(f"  generation (VQ) path, ms per row, one core: {gen}", flush=True)
 
 
 def print_storage(rows: list[dict]) -> None:

@@ -44,7 +44,6 @@ from PIL import Image
 from ray._raylet import AuthenticationTokenLoader, Config
 
 from model.chat_format import generation_sample
-from model.config import DTYPES
 from model.images import IMAGE_SIZE, pixel_values
 from model.manifest import (
     MANIFEST_NAME,
@@ -57,7 +56,6 @@ from model.manifest import (
     write_shard,
 )
 from model.sample import GENERATION, SAMPLE_SCHEMA, Sample, samples_to_table
-from model.vq import load_vq, vq_encode
 from preprocess.records import (
     EMPTY_SHARD,
     FILE_FAILED,
@@ -240,6 +238,11 @@ class VQStage:
     the same ids whatever it was batched with, and reruns are byte-identical."""
 
     def __init__(self, vq_path: str, dtype: str, batch_size: int, tokenizer: str, threads: int) -> None:
+        # The VQ's modules (transformers' modelling code: ~1.2 s of CPU to import, 40% of what a worker imported)
+        # are imported where the VQ is used, so the workers of understanding and text jobs never load them.
+        from model.config import DTYPES
+        from model.vq import load_vq
+
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vq = load_vq(vq_path).to(device=device, dtype=DTYPES[dtype])
@@ -247,6 +250,8 @@ class VQStage:
         self.tokenizer = tokenizer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from model.vq import vq_encode
+
         rows = batch.to_pylist()
         todo = [r for r in rows if r["gen_pixels"] is not None]
         tokenizer = cached_tokenizer(self.tokenizer)
@@ -438,6 +443,8 @@ def run(cfg: JobConfig) -> Manifest:
     tokenizer = checked(cached_tokenizer, "--tokenizer", cfg.convert.tokenizer)
     vq_fp = None
     if cfg.convert.task == GENERATION:
+        from model.vq import load_vq
+
         if not cfg.vq:
             raise UsageError("generation needs --vq DIR (a JanusVQVAE directory or a Janus checkpoint)")
         vq_fp = weights_fingerprint(checked(load_vq, "--vq", cfg.vq))  # fails early, on the driver

@@ -289,6 +289,16 @@ def test_llava_multi_turn_multi_image(ray_client, photos, tokenizer, tokenizer_d
     assert samples["nomarker"].input_ids.count(special.image_placeholder) == 576
 
 
+def test_a_worker_imports_no_vq_code_until_it_runs_the_vq():
+    """Every Ray worker of a job imports preprocess.job (its task functions live there) before its first row: the
+    VQ's modules (transformers' modelling code, ~40% of that import) only where a VQ actor needs them."""
+    code = ("import sys, preprocess.job\n"
+            "print([m for m in ('model.vq', 'model.config', 'transformers.models.janus.modeling_janus')"
+            " if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_relative_output_is_refused_inside_a_ray_job(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert check_output_path("out") == tmp_path / "out"  # outside a job: resolved against the cwd
