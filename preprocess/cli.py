@@ -41,7 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vq", default="", help="generation: a JanusVQVAE directory or a Janus checkpoint")
     p.add_argument("--vq-dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--vq-batch-size", type=int, default=16)
-    p.add_argument("--vq-actors", type=int, default=0, help="0: one per GPU, else a quarter of the CPUs")
+    p.add_argument("--vq-actors", type=int, default=0,
+                   help="VQ actors in all; 0: --vq-actors-per-gpu on each GPU, else a quarter of the CPUs")
+    p.add_argument("--vq-actors-per-gpu", type=int, default=1, help="VQ actors sharing one GPU (bench/vq.py)")
+    p.add_argument("--vq-channels-last", action="store_true", help="run the VQ's convolutions channels-last")
     p.add_argument("--image-root", default="", help="LLaVA: the directory image paths are relative to")
     p.add_argument("--class-names", default="", help="ImageNet: wnid -> name (.txt lines or .json)")
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the document")
@@ -85,8 +88,9 @@ def vq_dtype_name(name: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    if args.shard_size < 1:
-        raise UsageError("--shard-size must be >= 1")
+    for flag in ("shard_size", "vq_batch_size", "vq_actors_per_gpu"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.max_skip_fraction <= 1:
         raise UsageError(f"--max-skip-fraction {args.max_skip_fraction:g}: give a fraction from 0 to 1")
     convert = ConvertConfig(task=args.task, tokenizer=args.tokenizer, context=args.context,
@@ -96,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(inputs=args.input, output=args.output, convert=convert, input_format=args.input_format,
                      shard_size=args.shard_size, image_root=args.image_root, class_names=args.class_names,
                      vq=args.vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
-                     vq_actors=args.vq_actors, cpus=args.cpus, gpus=args.gpus, address=args.address,
+                     vq_actors=args.vq_actors, vq_actors_per_gpu=args.vq_actors_per_gpu,
+                     vq_channels_last=args.vq_channels_last, cpus=args.cpus, gpus=args.gpus, address=args.address,
                      progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction)
 
 

@@ -34,7 +34,7 @@ from model.images import generation_image, pixel_values, psnr
 from model.manifest import Manifest, ShardEntry, file_sha256, read_shard, weights_fingerprint
 from model.sample import samples_from_table
 from preprocess.cli import main
-from preprocess.job import EXIT_REJECTED, EXIT_USAGE, KILL_ENV, PROGRESS_DIR, check_output_path, rejection
+from preprocess.job import EXIT_REJECTED, EXIT_USAGE, KILL_ENV, PROGRESS_DIR, UsageError, check_output_path, rejection
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = {
@@ -535,3 +535,12 @@ def test_a_killed_ray_worker_changes_nothing(ray_client, photos, tokenizer_dir, 
     assert manifest.rows_in == manifest.rows_written == 24
     keys = [s.key for e in manifest.shards for s in samples_from_table(read_shard(out / e.file))]
     assert len(set(keys)) == len(keys) == 24
+
+
+@pytest.mark.parametrize("flag", ["--vq-batch-size", "--vq-actors-per-gpu", "--shard-size"])
+def test_counts_below_one_are_refused_at_once(flag):
+    from preprocess.cli import config_from_args, parser
+
+    args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok", flag, "0"])
+    with pytest.raises(UsageError, match=f"{flag} must be >= 1"):
+        config_from_args(args)

@@ -59,3 +59,6 @@ def test_uint8_images_normalised_on_the_vq_device_get_the_same_ids(photos):
     for device in devices:
         on = vq.to(device)
         assert torch.equal(vq_encode_uint8(on, uint8).cpu(), vq_encode(on, pixel_values(images)).cpu())
+    # --vq-channels-last: the same model with other convolution kernels (ids may differ only at float ties)
+    last = vq_encode_uint8(vq.cpu().to(memory_format=torch.channels_last), uint8)
+    assert (last == vq_encode(vq, pixel_values(images))).float().mean() > 0.99
