@@ -313,11 +313,12 @@ def storage_options() -> dict[str, dict]:
     """Option name -> Pillow save arguments (the lossless ones, each WebP method at Pillow's default effort and
     at most effort 100 where that is cheap; each PNG level); JPEG q98 for scale."""
     options = {f"webp lossless m{m}": {"format": "WEBP", "lossless": True, "method": m} for m in range(7)}
-    options["webp lossless m0 q100 (default)"] = {"format": "WEBP", **WEBP_LOSSLESS}
-    options["webp lossless m1 q100"] = {"format": "WEBP", "lossless": True, "method": 1, "quality": 100}
+    options |= {f"webp lossless m{m} q100": {"format": "WEBP", "lossless": True, "method": m, "quality": 100}
+                for m in (0, 1)}
     options |= {f"png level {c}": {"format": "PNG", "compress_level": c} for c in range(10)}
     options["jpeg q98 4:4:4 (lossy)"] = {"format": "JPEG", "quality": 98, "subsampling": 0}
-    return options
+    default = {"format": "WEBP", **WEBP_LOSSLESS}  # what model.images.encode_image writes: marked in the table
+    return {f"{name} (default)" if spec == default else name: spec for name, spec in options.items()}
 
 
 def storage_table(images: list[Image.Image], repeat: int) -> list[dict]:
