@@ -202,7 +202,8 @@ def refuse(message: str) -> NoReturn:
 def exit_needing_a_person() -> NoReturn:
     """Exit 2 now, which a scheduler must not requeue. Not through the interpreter's teardown: with the process
     group still up, a C++ thread destroyed unjoined there can abort the process (std::terminate, exit -6, seen on
-    2 CPU ranks under load), which reads as a crash to requeue. The metrics file is flushed at every write."""
+    2 CPU ranks under load), which reads as a crash to requeue. metrics.jsonl is flushed at every write; TensorBoard's
+    last buffered events can be lost."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(2)
