@@ -68,6 +68,7 @@ MATMUL_EFFICIENCY = 0.7      # share of bf16 peak large bf16 matmuls reach on th
 HOP_LATENCY_INTER = 5e-6     # seconds per ring hop across nodes
 HOP_LATENCY_INTRA = 1e-6     # seconds per ring hop inside a node
 MAX_REUSE_DISTANCE = 10 ** 9  # deepspeed's default stage3_max_reuse_distance (elements)
+MAX_LIVE_PARAMETERS = 10 ** 9  # deepspeed's default stage3_max_live_parameters, and our templates' (elements)
 SHARDINGS = ("zero3", "zero3-hpz", "mics", "zero2")
 FROZEN_WEIGHTS = ("partitioned", "persisted")  # --frozen-weights, for the ZeRO-3 kinds
 UNAVAILABLE = {"mics": "removed in deepspeed 0.19.8"}
@@ -183,7 +184,8 @@ class Gathers:
 
 
 def gathered_elements(units: list[Unit], reuse_distance: int = MAX_REUSE_DISTANCE,
-                      prefetch_bucket: int = MIN_BUCKET, persist_frozen: bool = False) -> Gathers:
+                      prefetch_bucket: int = MIN_BUCKET, persist_frozen: bool = False,
+                      max_live: int = MAX_LIVE_PARAMETERS) -> Gathers:
     """Walk the trace as deepspeed's coordinator (PartitionedParameterCoordinator) does once it has recorded it:
 
     - fetch: gather the module if it is not held; then the prefetcher reads on in the trace, gathering modules not
@@ -192,8 +194,10 @@ def gathered_elements(units: list[Unit], reuse_distance: int = MAX_REUSE_DISTANC
     - release: keep a module whose later use the prefetcher already passed (`__params_to_release`' skip rule), or
       that reappears within `reuse_distance` elements of the rest of the trace; release the rest.
 
-    So a prefetch bucket as large as the model keeps everything from the forward to the backward (the prefetcher
-    passes the whole trace at the first module), whatever the reuse distance.
+    The prefetcher reads at most min(max_live - elements gathered now, prefetch_bucket) ahead (deepspeed's
+    `max_params_to_prefetch`): once `stage3_max_live_parameters` elements are held it stops, and what it has not
+    read past is released. So a prefetch bucket as large as the model keeps everything from the forward to the
+    backward only for models smaller than max_live; a 7B model is mostly gathered again in the backward.
 
     `persist_frozen` (`--frozen-weights persisted`): modules with nothing trainable are never released once
     gathered; they count in `frozen_once` (the step's first micro-batch), not in `forward`/`backward` (every
@@ -222,7 +226,10 @@ def gathered_elements(units: list[Unit], reuse_distance: int = MAX_REUSE_DISTANC
             gather(unit, backward)
         ahead = max(ahead, i + 1)
         in_flight = 0
-        while ahead < len(steps) and in_flight < prefetch_bucket:
+        # persisted frozen parameters do not count: pipeline/engine.py raises max_live by them
+        live = sum(u.gathered for u in units if u.name in held and u.name not in persisted)
+        budget = min(max_live - live, prefetch_bucket)
+        while ahead < len(steps) and in_flight < budget:
             later, later_backward = steps[ahead]
             if later.gathered and later.name not in held:
                 gather(later, later_backward)
@@ -482,7 +489,7 @@ def recommended_template(row: PlanRow, gpus_per_node: int) -> dict:
 def predicted_logged_bytes(units: list[Unit], world: int, micro_batches: int, param_bytes: int,
                            grad_bytes: int, reuse_distance: int = MAX_REUSE_DISTANCE,
                            prefetch_bucket: int = MIN_BUCKET, persist_frozen: bool = False,
-                           sharding: str = "zero3") -> dict[str, float]:
+                           sharding: str = "zero3", max_live: int = MAX_LIVE_PARAMETERS) -> dict[str, float]:
     """What deepspeed's comms logger records per step of `micro_batches` under ZeRO-3 (an all-gather logs its input,
     this rank's partition: 1/world of the gathered tensor; a reduce-scatter its input, the whole bucket), or
     ZeRO-2 (an all-reduce logs the whole bucket; the step's all-gather this rank's part of the trainable weights)."""
@@ -490,7 +497,7 @@ def predicted_logged_bytes(units: list[Unit], world: int, micro_batches: int, pa
     if sharding == "zero2":
         return {"all_reduce": micro_batches * grad_bytes * trainable,
                 "all_gather_into_tensor": param_bytes * trainable / world}
-    gathers = gathered_elements(units, reuse_distance, prefetch_bucket, persist_frozen)
+    gathers = gathered_elements(units, reuse_distance, prefetch_bucket, persist_frozen, max_live)
     gathered = micro_batches * (gathers.forward + gathers.backward) + gathers.frozen_once
     return {"all_gather_into_tensor": param_bytes * gathered / world,
             "reduce_scatter_tensor": micro_batches * grad_bytes * trainable}
