@@ -59,13 +59,12 @@ from model.images import (
     decode_image,
     encode_image,
     generation_image,
-    pixel_values,
     understanding_image,
 )
 from model.manifest import Manifest, read_shard, write_shard
 from model.sample import samples_from_table, samples_to_table
 from model.tokenizer import build_tokenizer
-from model.vq import vq_encode
+from model.vq import vq_encode_rows
 from preprocess.records import ConvertConfig, cached_tokenizer, open_image, record_caption, understanding_turns
 from preprocess.sources import list_shards, read_shard_records
 
@@ -166,12 +165,7 @@ def generation_stage_seconds(tars: list[Path], cfg: ConvertConfig, vq: JanusVQVA
     samples = []
     for first in range(0, rows, batch_size):
         start = time.perf_counter()
-        chunk = pixels[first:first + batch_size]
-        batch = pixel_values([Image.frombytes("RGB", (IMAGE_SIZE, IMAGE_SIZE), p) for p in chunk])
-        padded = torch.zeros((batch_size, *batch.shape[1:]), dtype=batch.dtype)
-        padded[:len(chunk)] = batch
-        with torch.no_grad():
-            ids = vq_encode(vq, padded)[:len(chunk)]
+        ids = vq_encode_rows(vq, pixels[first:first + batch_size], batch_size, IMAGE_SIZE)
         clock["vq"] += time.perf_counter() - start
         start = time.perf_counter()
         for i, row_ids in enumerate(ids):

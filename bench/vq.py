@@ -32,7 +32,7 @@ from transformers.models.janus.modeling_janus import JanusVQVAE
 from model.chat_format import generation_sample
 from model.config import preset_config
 from model.tokenizer import build_tokenizer
-from model.vq import load_vq, vq_encode_uint8
+from model.vq import load_vq, padded_pixels, vq_encode_uint8
 from pipeline.metrics import peak_flops
 
 ENCODER_FLOPS = 312.5e9  # per 384x384 image, VQ-16 encoder + quant_conv
@@ -42,13 +42,18 @@ BUSY = 0.95  # the share of time the actors of one GPU should keep it computing
 
 
 def settings(device: str) -> list[dict]:
+    """Each setting with the preprocess flags that run it; None where the job has none (measured for reference,
+    never chosen)."""
+    fp32 = {"name": "fp32", "dtype": torch.float32, "tf32": False, "flags": "--vq-dtype float32"}
     if device != "cuda":
-        return [{"name": "fp32", "dtype": torch.float32}]
-    return [{"name": "fp32", "dtype": torch.float32, "tf32": False},
-            {"name": "tf32", "dtype": torch.float32, "tf32": True},
-            {"name": "bf16", "dtype": torch.bfloat16},
-            {"name": "bf16+channels-last", "dtype": torch.bfloat16, "channels_last": True},
-            {"name": "bf16+channels-last+compile", "dtype": torch.bfloat16, "channels_last": True, "compile": True}]
+        return [fp32]
+    return [fp32,
+            {"name": "tf32", "dtype": torch.float32, "tf32": True, "flags": None},
+            {"name": "bf16", "dtype": torch.bfloat16, "flags": "--vq-dtype bf16"},
+            {"name": "bf16+channels-last", "dtype": torch.bfloat16, "channels_last": True,
+             "flags": "--vq-dtype bf16 --vq-channels-last"},
+            {"name": "bf16+channels-last+compile", "dtype": torch.bfloat16, "channels_last": True, "compile": True,
+             "flags": None}]
 
 
 def encoder(preset: str, vq_path: str | None, device: str, setting: dict) -> JanusVQVAE:
@@ -62,34 +67,34 @@ def encoder(preset: str, vq_path: str | None, device: str, setting: dict) -> Jan
     return vq
 
 
-def host_batch(rows: list[bytes]) -> torch.Tensor:
-    """The actor's host work before a forward: the rows' uint8 bytes as one [B, H, W, 3] tensor (no float copy)."""
-    return torch.from_numpy(np.stack([np.frombuffer(r, np.uint8).reshape(SIZE, SIZE, 3) for r in rows]))
-
-
 def device_seconds(vq: JanusVQVAE, rows: list[bytes], iters: int, device: str) -> tuple[float, torch.Tensor]:
-    """Seconds per batch from host uint8 to ids back on the host, and the ids."""
-    ids = vq_encode_uint8(vq, host_batch(rows)).cpu()  # warm-up (and compilation)
+    """Seconds per batch from the stacked uint8 batch to ids back on the host, and the ids (stacking is host work:
+    host_seconds_per_image)."""
+    pixels = padded_pixels(rows, len(rows), SIZE)
+    ids = vq_encode_uint8(vq, pixels).cpu()  # warm-up (and compilation)
     start = time.perf_counter()
     for _ in range(iters):
-        ids = vq_encode_uint8(vq, host_batch(rows)).cpu()  # .cpu() waits for the device, as the actor does
+        ids = vq_encode_uint8(vq, pixels).cpu()  # .cpu() waits for the device, as the actor does
     return (time.perf_counter() - start) / iters, ids
 
 
-def host_seconds_per_image(ids: torch.Tensor, iters: int) -> float:
-    """The actor's host work after a forward, per image: each row's generation sample (a caption tokenised)."""
+def host_seconds_per_image(rows: list[bytes], ids: torch.Tensor, iters: int) -> float:
+    """The actor's host work per image: stacking its batch, and each row's generation sample (a caption tokenised)."""
     tokenizer = build_tokenizer(tempfile.mkdtemp(prefix="vq-bench-tokenizer-"))
     captions = [f"a photograph of item {i}, in soft light, on a plain grey background" for i in range(len(ids))]
     start = time.perf_counter()
     for _ in range(iters):
+        padded_pixels(rows, len(rows), SIZE)
         for caption, row in zip(captions, ids.tolist(), strict=True):
             generation_sample(tokenizer, caption, row)
     return (time.perf_counter() - start) / (iters * len(ids))
 
 
 def chosen(results: list[dict], host_per_image: float) -> dict:
-    """The fastest setting and batch whose ids agree with fp32 enough, and the actors per GPU that keep it busy."""
-    best = max((r for r in results if r["ids_agree_with_fp32"] >= AGREEMENT), key=lambda r: r["images_per_s"])
+    """The fastest setting the job can run and batch whose ids agree with fp32 enough, and the actors per GPU that
+    keep it busy."""
+    best = max((r for r in results if r["flags"] and r["ids_agree_with_fp32"] >= AGREEMENT),
+               key=lambda r: r["images_per_s"])
     device_per_image = 1.0 / best["images_per_s"]
     return {**best, "host_ms_per_image": 1e3 * host_per_image,
             "actors_per_gpu": math.ceil(BUSY * (host_per_image + device_per_image) / device_per_image)}
@@ -118,14 +123,15 @@ def main() -> None:
             agree = (ids == reference[batch]).float().mean().item()
             rate = batch / seconds
             share = rate * ENCODER_FLOPS / peak if peak else None
-            results.append({"setting": setting["name"], "batch": batch, "images_per_s": rate, "peak_share": share,
-                            "ids_agree_with_fp32": agree})
+            results.append({"setting": setting["name"], "flags": setting["flags"], "batch": batch,
+                            "images_per_s": rate, "peak_share": share, "ids_agree_with_fp32": agree})
             print(f"{setting['name']:<28}{batch:>6}{rate:>10.1f}{'-' if share is None else f'{share:.1%}':>14}"
                   f"{agree:>12.2%}", flush=True)
-    pick = chosen(results, host_seconds_per_image(reference[args.batches[-1]], max(1, args.iters)))
+    pick = chosen(results, host_seconds_per_image(rows, reference[args.batches[-1]], max(1, args.iters)))  # last batch
     print(f"chosen: {pick['setting']} at batch {pick['batch']} ({pick['images_per_s']:.1f} images/s, ids "
           f"{pick['ids_agree_with_fp32']:.2%} = fp32); host work {pick['host_ms_per_image']:.2f} ms per image -> "
-          f"{pick['actors_per_gpu']} actor(s) per GPU (--vq-dtype, --vq-batch-size, --vq-actors-per-gpu)")
+          f"{pick['actors_per_gpu']} actor(s) per GPU\n  python -m preprocess generation ... {pick['flags']} "
+          f"--vq-batch-size {pick['batch']} --vq-actors-per-gpu {pick['actors_per_gpu']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "chosen": pick}, f, indent=2)

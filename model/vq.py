@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import JanusVQVAEConfig
@@ -69,8 +70,19 @@ def vq_encode(vq: JanusVQVAE, pixel_values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def vq_encode_uint8(vq: JanusVQVAE, pixels: torch.Tensor) -> torch.Tensor:
     """[B, H, W, 3] uint8 -> [B, (H/16)*(W/16)] VQ ids. The images cross to the VQ's device as uint8 (a quarter of
-    float32's bytes; pinned, without blocking, on a GPU) and are normalised there."""
-    param = next(vq.parameters())
-    if param.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    return vq_encode(vq, normalised(pixels.to(param.device, non_blocking=True)))
+    float32's bytes) and are normalised there."""
+    return vq_encode(vq, normalised(pixels.to(next(vq.parameters()).device)))
+
+
+def padded_pixels(rows: list[bytes], batch_size: int, size: int = 384) -> torch.Tensor:
+    """[batch_size, size, size, 3] uint8 from raw RGB rows, zero past them: every VQ forward then has the same
+    shape, so an image gets the same ids whatever it is batched with."""
+    padded = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        padded[i] = np.frombuffer(row, np.uint8).reshape(size, size, 3)
+    return torch.from_numpy(padded)
+
+
+def vq_encode_rows(vq: JanusVQVAE, rows: list[bytes], batch_size: int, size: int = 384) -> torch.Tensor:
+    """VQ ids of raw RGB rows, in one forward of `batch_size` images (padded_pixels), back on the host."""
+    return vq_encode_uint8(vq, padded_pixels(rows, batch_size, size))[:len(rows)].cpu()

@@ -20,6 +20,7 @@ from preprocess.job import (
     DEFAULT_MAX_SKIP_FRACTION,
     EXIT_REJECTED,
     EXIT_USAGE,
+    VQ_BATCH_SIZE,
     JobConfig,
     JobRejected,
     UsageError,
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", default="auto", choices=("auto", *FORMATS))
     p.add_argument("--vq", default="", help="generation: a JanusVQVAE directory or a Janus checkpoint")
     p.add_argument("--vq-dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--vq-batch-size", type=int, default=16)
+    p.add_argument("--vq-batch-size", type=int, default=VQ_BATCH_SIZE)
     p.add_argument("--vq-actors", type=int, default=0,
                    help="VQ actors in all; 0: --vq-actors-per-gpu on each GPU, else a quarter of the CPUs")
     p.add_argument("--vq-actors-per-gpu", type=int, default=1, help="VQ actors sharing one GPU (bench/vq.py)")
@@ -91,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     for flag in ("shard_size", "vq_batch_size", "vq_actors_per_gpu"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.vq_actors < 0:
+        raise UsageError("--vq-actors must be >= 0 (0: --vq-actors-per-gpu on each GPU)")
     if not 0 <= args.max_skip_fraction <= 1:
         raise UsageError(f"--max-skip-fraction {args.max_skip_fraction:g}: give a fraction from 0 to 1")
     convert = ConvertConfig(task=args.task, tokenizer=args.tokenizer, context=args.context,

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray._private.ray_constants as ray_constants
@@ -87,6 +86,9 @@ class JobRejected(RuntimeError):
     """The job ran, but its output is not fit to train on (no row, or too many skipped): exit code 3."""
 
 
+VQ_BATCH_SIZE = 16  # images per VQ forward unless --vq-batch-size says otherwise
+
+
 @dataclass
 class JobConfig:
     inputs: list[str]
@@ -98,7 +100,7 @@ class JobConfig:
     class_names: str = ""
     vq: str = ""
     vq_dtype: str = "float32"
-    vq_batch_size: int = 16
+    vq_batch_size: int = VQ_BATCH_SIZE
     vq_actors: int = 0  # 0: --vq-actors-per-gpu on each GPU, or a quarter of the CPUs
     vq_actors_per_gpu: int = 1
     vq_channels_last: bool = False
@@ -143,6 +145,13 @@ def job_settings(cfg: JobConfig, shards: list[InputShard], tok_fp: str, vq_fp: s
     """What decides the bytes of the shards (not CPUs, address or output): hashed to guard resumes."""
     convert = asdict(cfg.convert)
     convert["instructions"] = list(convert["instructions"])
+    # Other convolution kernels may flip a near-tie between two codes: a channels-last VQ, or another batch shape
+    # (every forward is padded to it). Recorded only when not the default, so outputs written before keep their hash.
+    vq_kernels = {}
+    if cfg.convert.task == GENERATION and cfg.vq_channels_last:
+        vq_kernels["vq_channels_last"] = True
+    if cfg.convert.task == GENERATION and cfg.vq_batch_size != VQ_BATCH_SIZE:
+        vq_kernels["vq_batch_size"] = cfg.vq_batch_size
     return {
         "input_format": cfg.input_format,
         "inputs": [redact(i) for i in cfg.inputs],
@@ -154,9 +163,7 @@ def job_settings(cfg: JobConfig, shards: list[InputShard], tok_fp: str, vq_fp: s
         "tokenizer_fingerprint": tok_fp,
         "vq_fingerprint": vq_fp,
         "vq_dtype": cfg.vq_dtype if cfg.convert.task == GENERATION else None,
-        # other convolution kernels may flip a near-tie between two codes; recorded only when on, so the settings
-        # of outputs written before it existed keep their hash
-        **({"vq_channels_last": True} if cfg.vq_channels_last and cfg.convert.task == GENERATION else {}),
+        **vq_kernels,
     }
 
 
@@ -258,18 +265,14 @@ class VQStage:
         self.tokenizer = tokenizer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from model.vq import vq_encode_uint8
+        from model.vq import vq_encode_rows
 
         rows = batch.to_pylist()
         todo = [r for r in rows if r["gen_pixels"] is not None]
         tokenizer = cached_tokenizer(self.tokenizer)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            # uint8 to the VQ's device and normalised there: a quarter of float32's bytes cross
-            padded = np.zeros((self.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-            for i, r in enumerate(chunk):
-                padded[i] = np.frombuffer(r["gen_pixels"], np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
-            ids = vq_encode_uint8(self.vq, torch.from_numpy(padded))[:len(chunk)].cpu()
+            ids = vq_encode_rows(self.vq, [r["gen_pixels"] for r in chunk], self.batch_size, IMAGE_SIZE)
             for row, row_ids in zip(chunk, ids, strict=True):
                 row.update(generation_sample(tokenizer, row["caption"], row_ids.tolist(), key=row["key"]).to_row())
                 row["gen_pixels"] = None

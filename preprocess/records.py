@@ -1,6 +1,6 @@
 """Raw records -> output rows: decoding, the Janus transforms and tokenisation, with every failure a named skip.
 
-Pure functions, no Ray: the job runs them inside `map_batches`. A raw record is a dict in RAW_SCHEMA
+Pure functions, no Ray: the job runs them inside `map_batches`. A raw record is a `RawRecord` dict
 (what a reader pulled out of an input shard); an output row is a dict in OUT_SCHEMA (a sample in
 SAMPLE_SCHEMA's columns plus the bookkeeping that lets the driver reassemble shards). A record that
 cannot become a sample becomes one row with `skip` set to a reason, so that every input row is counted.
@@ -12,8 +12,11 @@ import hashlib
 import json
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -98,17 +101,18 @@ DEFAULT_INSTRUCTIONS = (
     "What does this picture show?",
 )
 
-RAW_SCHEMA = pa.schema([
-    pa.field("shard", pa.int64()),
-    pa.field("index", pa.int64()),  # position of the record in its input shard
-    pa.field("total", pa.int64()),  # records in the input shard
-    pa.field("key", pa.string()),
-    pa.field("images", pa.list_(pa.binary())),
-    pa.field("text", pa.binary()),  # raw caption / JSONL line bytes: UTF-8 is checked when converting
-    pa.field("meta", pa.string()),  # JSON: conversations, class name, img2dataset json, ...
-    pa.field("error", pa.string()),  # a skip reason found while reading (e.g. a missing image file)
-    pa.field("detail", pa.string()),  # what exactly, e.g. which field was wrong
-])
+class RawRecord(TypedDict, total=False):
+    """What a reader (preprocess/sources.py) pulls out of an input shard, handed straight to the converter."""
+
+    shard: int
+    index: int  # position of the record in its input shard
+    total: int  # records in the input shard
+    key: str
+    images: list[bytes | None]
+    text: bytes | None  # raw caption / JSONL line bytes: UTF-8 is checked when converting
+    meta: str | None  # JSON: conversations, class name, img2dataset json, ...
+    error: str | None  # a skip reason found while reading (e.g. a missing image file)
+    detail: str | None  # what exactly, e.g. which field was wrong
 
 OUT_SCHEMA = pa.schema(
     [f.with_nullable(True) for f in SAMPLE_SCHEMA.remove_metadata()]
@@ -159,8 +163,15 @@ TOKENIZER_LOCK = threading.Lock()
 
 @lru_cache(maxsize=4)
 def cached_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """One tokenizer per worker process (Ray reuses workers across tasks); use it under TOKENIZER_LOCK."""
+    """One tokenizer per worker process (Ray reuses workers across tasks); converters take it by locked_tokenizer."""
     return load_tokenizer(path)
+
+
+@contextmanager
+def locked_tokenizer(path: str) -> Iterator[PreTrainedTokenizerBase]:
+    """The worker's tokenizer, held by this thread alone until the block ends (TOKENIZER_LOCK)."""
+    with TOKENIZER_LOCK:
+        yield cached_tokenizer(path)
 
 
 def open_image(data: bytes | None, cfg: ConvertConfig) -> Image.Image:
@@ -297,9 +308,8 @@ def understanding_turns(record: dict, n_images: int, cfg: ConvertConfig) -> tupl
 def convert_understanding(record: dict, cfg: ConvertConfig) -> list[dict]:
     images = [encode_image(understanding_image(open_image(b, cfg)), cfg.image_format) for b in record["images"]]
     system, turns = understanding_turns(record, len(images), cfg)
-    tokenizer = cached_tokenizer(cfg.tokenizer)
     try:
-        with TOKENIZER_LOCK:
+        with locked_tokenizer(cfg.tokenizer) as tokenizer:
             sample = understanding_sample(tokenizer, turns, images, system=system,
                                           num_image_tokens=cfg.num_image_tokens, key=record["key"],
                                           image_marker=IMAGE_MARKER)
@@ -317,8 +327,8 @@ def convert_generation(record: dict, cfg: ConvertConfig) -> list[dict]:
     caption = record_caption(record)
     image = generation_image(open_image(record["images"][0], cfg))
     try:
-        with TOKENIZER_LOCK:
-            prompt = generation_prompt_ids(cached_tokenizer(cfg.tokenizer), caption)
+        with locked_tokenizer(cfg.tokenizer) as tokenizer:
+            prompt = generation_prompt_ids(tokenizer, caption)
     except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
         raise Skip(BAD_RECORD, f"caption: {exc}") from exc
     if len(prompt) + cfg.num_image_tokens + 1 > cfg.context:  # + <end_of_image>
@@ -362,8 +372,8 @@ def convert_text(record: dict, cfg: ConvertConfig) -> list[dict]:
     if not text.strip():
         raise Skip(TEXT_EMPTY)
     try:
-        with TOKENIZER_LOCK:
-            pieces = split_document(cached_tokenizer(cfg.tokenizer), text, cfg.context, record["key"])
+        with locked_tokenizer(cfg.tokenizer) as tokenizer:
+            pieces = split_document(tokenizer, text, cfg.context, record["key"])
     except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
         raise Skip(BAD_RECORD, f"{cfg.text_field}: {exc}") from exc
     return [s.to_row() for s in pieces]

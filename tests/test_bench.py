@@ -69,8 +69,11 @@ def test_preprocess_job_bench_checks_the_real_job(tmp_path):
     alone the same bytes) inside the bench, which exits non-zero otherwise; and the storage table."""
     out = tmp_path / "preprocess_job.json"
     run_bench("-m", "bench.preprocess_job", "--corpus", "web", "--tars", "2", "--web-per-tar", "3", "--repeat", "1",
-              "--json", str(out))
+              "--gen-rows", "2", "--vq-batch", "2", "--vq-preset", "tiny", "--json", str(out))
     results = json.loads(out.read_text())
+    generation = results["jobs"][0]["generation_stage_ms_per_row"]  # the VQ path's split, through the job's code
+    assert set(generation) == {"read", "decode+transform", "vq", "tokenise", "write"}
+    assert all(ms > 0 for ms in generation.values())
     (job,) = results["jobs"]
     assert job["rows"] == job["images_checked"] == 6 and job["floor_rows_per_s_per_core"] > 0
     assert all(rate > 0 for rate in (job["job_rows_per_s_per_core"]["execution"], job["one_tar_rows_per_s_per_core"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 
 import pyarrow as pa
 
@@ -47,6 +48,8 @@ def test_ordered_map_keeps_order_and_a_bounded_window():
 
     def slow_for_early(i: int) -> int:
         started.append(i)
+        if i < 3:  # the first items finish last: results handed out as they complete would come out of order
+            time.sleep(0.05)
         return i * i
 
     results = ordered_map(slow_for_early, range(100), threads=3)

@@ -537,10 +537,30 @@ def test_a_killed_ray_worker_changes_nothing(ray_client, photos, tokenizer_dir, 
     assert len(set(keys)) == len(keys) == 24
 
 
-@pytest.mark.parametrize("flag", ["--vq-batch-size", "--vq-actors-per-gpu", "--shard-size"])
-def test_counts_below_one_are_refused_at_once(flag):
+@pytest.mark.parametrize(("flag", "value", "least"), [("--vq-batch-size", "0", 1), ("--vq-actors-per-gpu", "0", 1),
+                                                     ("--shard-size", "0", 1), ("--vq-actors", "-2", 0)])
+def test_counts_below_their_least_are_refused_at_once(flag, value, least):
     from preprocess.cli import config_from_args, parser
 
-    args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok", flag, "0"])
-    with pytest.raises(UsageError, match=f"{flag} must be >= 1"):
+    args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok", flag,
+                                value])
+    with pytest.raises(UsageError, match=f"{flag} must be >= {least}"):
         config_from_args(args)
+
+
+def test_vq_kernel_choices_are_in_the_settings_only_when_not_the_default():
+    """A resume with another VQ batch shape or memory format could mix ids at near-ties: the settings hash guards
+    it, while outputs written before these flags existed keep their hash."""
+    from preprocess.cli import config_from_args, parser
+    from preprocess.job import job_settings
+
+    def settings(*flags: str) -> dict:
+        args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok",
+                                    *flags])
+        return job_settings(config_from_args(args), [], "tok", "vq")
+
+    default = settings()
+    assert "vq_batch_size" not in default and "vq_channels_last" not in default
+    assert settings("--vq-batch-size", "16") == default
+    assert settings("--vq-batch-size", "8")["vq_batch_size"] == 8
+    assert settings("--vq-channels-last")["vq_channels_last"] is True
