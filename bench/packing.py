@@ -116,12 +116,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2, help="--rows-per-micro-batch: the budget is rows x seq-len")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if args.corpus:
-        sources = write_corpus(Path(args.corpus), args.seq_len)
-    elif args.und and args.text and args.gen:
+    given = [args.und, args.text, args.gen]
+    if any(given) and not all(given):
+        parser.error("give all three of --und, --text and --gen, or none (--corpus)")
+    if all(given):
         sources = {"und": args.und, "text": args.text, "gen": args.gen}
     else:
-        sources = write_corpus(Path(tempfile.mkdtemp(prefix="packing-corpus-")), args.seq_len)
+        sources = write_corpus(Path(args.corpus or tempfile.mkdtemp(prefix="packing-corpus-")), args.seq_len)
     results = {}
     print(f"real tokens / computed tokens, micro-batches of {args.rows} x {args.seq_len} tokens")
     print(f"{'stage':<7}{'ratio':<8}{'flat':>9}{'padded rows':>13}{'pad-to-longest':>16}"

@@ -39,7 +39,6 @@ class PackedBatch:
     gen_at: torch.Tensor          # [M] flat positions taking gen_aligner(gen_embed(id)), ascending
     text_at: torch.Tensor         # [Nt] flat positions with a text target, ascending
     image_at: torch.Tensor        # [Ni] flat positions with an image target, ascending
-    target_at: torch.Tensor       # [Nt + Ni] flat positions with either, ascending
     target_count: torch.Tensor    # [len(TASKS)] loss targets per task (the forward's `target_count`)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
@@ -166,8 +165,7 @@ def pack_rows(rows: list[list[Sample]], seq_len: int | None, special: SpecialTok
 
 def target_positions(text_targets: torch.Tensor, image_targets: torch.Tensor, task: torch.Tensor
                      ) -> dict[str, torch.Tensor]:
-    """A batch's `text_at`, `image_at`, `target_at` and `target_count`, from its [B, T] CPU tensors."""
+    """A batch's `text_at`, `image_at` and `target_count`, from its [B, T] CPU tensors."""
     text, image = text_targets.flatten() != IGNORE, image_targets.flatten() != IGNORE
-    target_at = (text | image).nonzero().flatten()
-    return {"text_at": text.nonzero().flatten(), "image_at": image.nonzero().flatten(), "target_at": target_at,
-            "target_count": torch.bincount(task.flatten()[target_at], minlength=len(TASKS))}
+    return {"text_at": text.nonzero().flatten(), "image_at": image.nonzero().flatten(),
+            "target_count": torch.bincount(task.flatten()[text | image], minlength=len(TASKS))}

@@ -81,17 +81,17 @@ class JanusProForTraining(JanusForConditionalGeneration):
         # Each head runs only where it has targets: full-vocabulary logits for a whole row are GBs. Where those
         # are comes with the batch (model/batch.py): finding them here would make the host wait for the GPU.
         token_loss = hidden.new_zeros(batch.input_ids.numel(), dtype=torch.float32)
+        loss_sum, task = token_loss.new_zeros(len(TASKS)), batch.task.flatten()
         for at, targets, head in ((batch.text_at, batch.text_targets, self.lm_head),
                                   (batch.image_at, batch.image_targets, self.model.generation_head)):
             if at.numel() > 0:
                 logits = head(hidden.index_select(0, at)).float()
                 loss = F.cross_entropy(logits, targets.flatten().index_select(0, at), reduction="none")
                 token_loss = token_loss.index_put((at,), loss)
+                loss_sum = loss_sum.index_add(0, task.index_select(0, at), loss)
             elif self.run_every_module:
                 zero = zero + 0.0 * head(hidden[:1]).sum()
 
-        task = batch.task.flatten().index_select(0, batch.target_at)
-        loss_sum = token_loss.new_zeros(len(TASKS)).index_add(0, task, token_loss.index_select(0, batch.target_at))
         return PackedLoss(loss_sum=loss_sum + zero, target_count=batch.target_count,
                           token_loss=token_loss.view(batch.input_ids.shape))
 

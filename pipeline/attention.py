@@ -1,7 +1,7 @@
 """Attention backends for packed rows, chosen by one option (`attention`).
 
-- `sdpa`: PyTorch SDPA with a block-diagonal causal mask that transformers derives from the
-  restarting `position_ids` (CPU, tests, and a reference).
+- `sdpa`: PyTorch SDPA with a block-diagonal causal mask built from the restarting `position_ids`
+  (model/janus.py's `packed_causal_mask`; CPU, tests, and a reference).
 - `flash_attention_2`: the flash-attn package through transformers (packed rows are found from
   `position_ids`); needs `pip install -e '.[gpu]'`.
 - `varlen`: PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`), registered

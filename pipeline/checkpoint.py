@@ -264,8 +264,8 @@ def loading_config(ds: dict, path: Path | None) -> dict:
         # Seen with deepspeed 0.19.8: a 2-rank ZeRO-2 checkpoint, converted with inject_missing_state (its files lack
         # universal_checkpoint_info), loads on 1 rank without an error, but the next step's loss is off by 0.04
         # (ZeRO-3's is bit-identical): refused rather than trained on wrong.
-        raise ConfigError(f"{path} was written by {saved} ranks under ZeRO-{stage}: resume it on {saved} ranks "
-                          "(only ZeRO-3 checkpoints resume on another number)")
+        raise ConfigError(f"{path} was written by {saved} ranks and this run uses ZeRO-{stage}: resume it on {saved} "
+                          "ranks (only under ZeRO-3 does a checkpoint resume on another number)")
     return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
 
 

@@ -112,9 +112,19 @@ def gather_bytes(params: list[torch.nn.Parameter]) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
 
 
+def free_bytes() -> int:
+    """Memory this rank can still allocate. On a GPU, the device's free memory plus what PyTorch's cache holds unused
+    (after training steps the cache is most of it; NVML's free figure, which deepspeed's `available_memory` reads
+    when pynvml is installed, leaves it out)."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return get_accelerator().available_memory()
+
+
 def fits_every_rank(needed: int) -> bool:
     """Whether `needed` bytes fit GATHER_MEMORY_SHARE of every rank's free memory (a collective: all agree)."""
-    free = torch.tensor(float(get_accelerator().available_memory()), device=get_accelerator().current_device_name())
+    free = torch.tensor(float(free_bytes()), device=get_accelerator().current_device_name())
     dist.all_reduce(free, op=dist.ReduceOp.MIN)
     return needed <= GATHER_MEMORY_SHARE * free.item()
 
@@ -143,10 +153,11 @@ def sample_images(model, tokenizer, prompts: list[str], cfg: float, seed: int
                   ) -> tuple[torch.Tensor, list[Image.Image]]:
     """A grid's ids [len(prompts), 576] and images, on every rank alike (collective under ZeRO-3).
 
-    Without the one gather, every token of the 576 re-gathers every layer: ~5-8 minutes a grid for 7B. With
-    it, each rank holds the generation modules whole for the grid: 6.7B parameters for 7B (its LLM without the
-    LM head, the generation path, the VQ), 13.3 GB in bf16; 1.6B and 3.1 GB for 1B. That fits an A100-40GB
-    beside a ZeRO-3 shard; where it does not fit every rank, each module call gathers its own weights again.
+    Without the one gather, every token of the 576 re-gathers every layer (an estimate, not measured: ~5-8 minutes
+    a grid for 7B). With it, each rank holds the generation modules whole for the grid: 6.7B parameters for 7B (its
+    LLM without the LM head, the generation path, the VQ), 13.3 GB in bf16 by parameter count; 1.6B and 3.1 GB for
+    1B. That fits an A100-40GB beside a ZeRO-3 shard; where it does not fit every rank, each module call gathers its
+    own weights again.
     """
     with gathered_once(generation_modules(model)) as gathered:
         if not gathered and any(hasattr(p, "ds_id") for p in model.model.vqmodel.parameters()):

@@ -179,12 +179,15 @@ def step_record(step: int, task_loss: list[float], lr: float, engine, micro_batc
     dropped = torch.tensor([too_long[t] for t in TASKS], dtype=torch.float64, device=engine.device)
     dist.all_reduce(dropped)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    figures = step_figures(BatchCounts.from_tensor(summed), seconds, dist.get_world_size(), engine.module.config,
+    total = BatchCounts.from_tensor(summed)
+    figures = step_figures(total, seconds, dist.get_world_size(), engine.module.config,
                            config.optim.trainable, config.model.gradient_checkpointing, peak_flops(device_name))
     grad_norm = engine.get_global_grad_norm()
+    # packing: real / computed tokens (1 for flat micro-batches, by construction); fill: real / the token budget
+    budget = dist.get_world_size() * len(micro_batches) * config.data.rows_per_micro_batch * config.data.seq_len
     return {"step": step, "loss": dict(zip(TASKS, task_loss, strict=True)), "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not applied,
-            "step_seconds": seconds, **figures.as_dict(),
+            "step_seconds": seconds, **figures.as_dict(), "budget_fill": total.real_tokens / budget,
             "too_long": {t: int(n) for t, n in zip(TASKS, dropped.tolist(), strict=True)},
             "eta_hours": (config.optim.train_steps - step) * seconds / 3600}
 
@@ -195,6 +198,7 @@ def format_record(r: dict) -> str:
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     return (f"step {r['step']:7d}  {losses}  lr {r['lr']:.3e}  grad-norm {norm}  {r['tokens_per_s']:,.0f} tok/s  "
             f"{r['samples_per_s']:.1f} samples/s  MFU {mfu}  packing {r['packing_efficiency']:.1%}  "
+            f"fill {r['budget_fill']:.1%}  "
             f"ETA {r['eta_hours']:.1f} h" + ("  SKIPPED (non-finite)" if r["skipped"] else "")
             + ("  too long: " + ", ".join(f"{t} {n}" for t, n in r["too_long"].items() if n)
                if any(r["too_long"].values()) else ""))

@@ -533,7 +533,8 @@ def format_plan(rows: list[PlanRow], cluster: Cluster, stage_name: str) -> str:
                    f"checkpointing {'on' if best.checkpointing else 'off'}, gradients reduced in "
                    f"{'fp32' if best.grad_bytes == FP32 else 'bf16'}, buckets of {best.bucket:,} elements: "
                    f"MFU {best.mfu:.1%}, {best.days:.1f} days")
-        flags = f"--rows-per-micro-batch {best.micro_batch_rows}" + (
+        # varlen: the plan's attention FLOPs are each sample's own (sdpa would compute the micro-batch's square)
+        flags = f"--rows-per-micro-batch {best.micro_batch_rows} --attention varlen" + (
             " --gradient-checkpointing" if best.checkpointing else "") + (
             " --frozen-weights persisted" if best.frozen_weights == "persisted" else "")
         out.append(f"  run it: {flags} --ds-config FILE, FILE holding "

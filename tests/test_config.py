@@ -262,3 +262,17 @@ def test_without_a_launcher_a_script_runs_as_one_rank(shard_corpus, tokenizer_di
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Stage 1, 1 ranks" in done.stdout and (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+
+
+def test_sdpa_over_a_flat_multi_row_micro_batch_is_refused_on_a_gpu():
+    """sdpa would compute a flat micro-batch's whole attention square; the check runs with CUDA said present."""
+    from pipeline.preflight import check_flat_sdpa
+
+    def config(*flags: str) -> TrainConfig:
+        return resolve(2, ["--model", "tiny", *flags])[0]
+
+    with pytest.raises(ConfigError, match="--attention sdpa with --rows-per-micro-batch 2: .* use --attention varlen"):
+        check_flat_sdpa(config("--rows-per-micro-batch", "2"), cuda=True)
+    check_flat_sdpa(config("--rows-per-micro-batch", "2", "--pad-rows", "true"), cuda=True)  # fixed rows: fine
+    check_flat_sdpa(config("--rows-per-micro-batch", "2"), cuda=False)  # the CPU: tests and small runs
+    check_flat_sdpa(config("--rows-per-micro-batch", "1"), cuda=True)
