@@ -337,7 +337,8 @@ def expected_counts(stage: Stage, rows: int) -> BatchCounts:
 class PlanRow:
     sharding: str
     micro_batch_rows: int
-    bucket: int                 # reduce (and prefetch) bucket, elements
+    bucket: int                 # reduce bucket, elements
+    prefetch: int               # stage3_prefetch_bucket_size, elements
     accumulation: int
     checkpointing: bool
     model_flops: float          # one step, whole job
@@ -451,7 +452,8 @@ def plan_rows(model: str | JanusConfig, stage: Stage, cluster: Cluster, micro_ba
                 collectives = [(c, n) for c, n in [(c, 1) for c in first] + [(c, accumulation - 1) for c in later]
                                + [(c, 1) for c in boundary] if n and c.full_bytes]
                 rows.append(PlanRow(
-                    sharding=sharding, micro_batch_rows=mb, bucket=bucket, accumulation=accumulation,
+                    sharding=sharding, micro_batch_rows=mb, bucket=bucket, prefetch=prefetch,
+                    accumulation=accumulation,
                     checkpointing=ckpt,
                     model_flops=model_flops, hardware_flops=cluster.world * accumulation * flops.hardware,
                     flops_by_part={k: cluster.world * accumulation * v for k, v in flops.parts.items()},
@@ -474,7 +476,7 @@ def recommended_template(row: PlanRow, gpus_per_node: int) -> dict:
     """zero3_bf16.json with the row's sharding and buckets: save it and pass it as --ds-config."""
     config = json.loads(template_path("zero3_bf16").read_text())
     zero = config["zero_optimization"]
-    zero["reduce_bucket_size"] = zero["stage3_prefetch_bucket_size"] = row.bucket  # one decoder layer prefetched
+    zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"] = row.bucket, row.prefetch  # as costed
     if row.sharding == "zero3-hpz":
         zero["zero_hpz_partition_size"] = gpus_per_node
     if row.grad_bytes == FP32:
