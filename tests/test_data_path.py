@@ -11,9 +11,9 @@ from model.batch import pack_rows, sample_length
 from model.manifest import Manifest
 from model.sample import GENERATION, TASK_INDEX, TASKS
 from pipeline.config import DataConfig
-from pipeline.data import DataPipeline, TooLong, drops_prompt, with_prompt_dropped
-from pipeline.packer import best_subset
-from pipeline.reader import FingerprintMismatch, Source, SourceSpec
+from pipeline.data.loader import DataPipeline, TooLong, drops_prompt, with_prompt_dropped
+from pipeline.data.packer import best_subset
+from pipeline.data.reader import FingerprintMismatch, Source, SourceSpec
 
 
 def make_config(corpus, ratio=(2, 3, 5), **overrides) -> DataConfig:
@@ -203,7 +203,7 @@ def test_shards_are_hashed_once_across_ranks_and_damage_is_found_at_start(shard_
     import shutil
 
     from model import manifest
-    from pipeline import reader
+    from pipeline.data import reader
 
     copy = tmp_path / "text"
     shutil.copytree(shard_corpus["text"], copy)

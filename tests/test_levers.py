@@ -181,7 +181,7 @@ def test_fp32_gradient_reduction_sends_fp32_bytes_and_steps_like_bf16(init_check
     the same parameter gathers, and the same first step's loss."""
     from model.config import preset_config
     from pipeline.config import resolve
-    from pipeline.plan import module_units, predicted_logged_bytes
+    from pipeline.planning.report import module_units, predicted_logged_bytes
 
     bf16 = {**json.loads((DS_CONFIGS / "zero3_cpu.json").read_text()), "bf16": {"enabled": True}}
     flags = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), "--init", str(init_checkpoint), "--seq-len", "700",

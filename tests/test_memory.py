@@ -9,7 +9,7 @@ from model.config import preset_config
 from model.janus import JanusProForTraining
 from model.stages import STAGES
 from model.summary import meta_model, parameter_counts
-from pipeline.memory import (
+from pipeline.planning.memory import (
     GIB,
     estimate_memory,
     format_dry_run,

@@ -11,9 +11,9 @@ from model.config import model_config, preset_config
 from model.stages import STAGES, stage_for
 from pipeline.config import ConfigError, resolve
 from pipeline.ds_config import DS_CONFIGS, MIN_BUCKET
-from pipeline.memory import dry_run, estimate_memory
+from pipeline.planning.memory import dry_run, estimate_memory
 from pipeline.metrics import training_flops
-from pipeline.plan import (
+from pipeline.planning.report import (
     GPUS,
     Cluster,
     Collective,
@@ -89,7 +89,7 @@ def test_persisted_frozen_modules_are_gathered_once_per_step_and_never_released(
 def test_the_plan_costs_and_recommends_persisted_frozen_weights():
     """7b Stage I on 4 x 8 H100: four micro-batches a step, each gathering the frozen 7B LLM forward (and part of
     it backward) when partitioned; persisted gathers it once a step and holds 13.4 GiB more per GPU."""
-    from pipeline.plan import sharded_memory
+    from pipeline.planning.report import sharded_memory
 
     cluster = cluster_for("h100", 4, 8, 2400.0, 200.0)
     stage = stage_for(1, "7b")

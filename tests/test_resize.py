@@ -13,7 +13,7 @@ from model.sample import TASKS
 from pipeline.checkpoint import COMPLETE, UNIVERSAL, latest_checkpoint
 from pipeline.config import DataConfig
 from pipeline.data import DataPipeline
-from pipeline.reader import Source, SourceSpec
+from pipeline.data.reader import Source, SourceSpec
 from tests.distributed import run_ranks
 from tests.test_training import consolidated, losses, stage_args
 

@@ -81,7 +81,7 @@ def test_lr_decay_warms_up_then_falls_to_zero_at_decay_steps(style):
 def test_stage1_gradients_flow_through_the_frozen_llm_with_checkpointing(tiny_model, special, shard_corpus):
     from model.batch import pack_rows
     from model.stages import set_trainable
-    from pipeline.reader import Source, SourceSpec
+    from pipeline.data.reader import Source, SourceSpec
 
     rows = [[Source(SourceSpec(str(shard_corpus[t])), 0, 1, seed=0).sample(0)] for t in ("understanding",
                                                                                          "generation")]

@@ -1,7 +1,7 @@
 """Sequence packing: fill rows of `capacity` tokens with whole samples from a look-ahead buffer.
 
 A row is a padded row of --seq-len tokens, or (the default) a whole micro-batch's flat stream of up to
-rows x seq-len tokens (pipeline/data.py).
+rows x seq-len tokens (pipeline/data/loader.py).
 
 Each row takes the oldest buffered sample (so none waits more than `buffer_size` rows), every sample
 older than `max_age` rows that still fits, then the subset of the rest that fills the row most

@@ -51,7 +51,7 @@ from model.sample import TASKS
 from model.stages import NEVER_TRAINED, Stage, part_of
 from model.summary import meta_model
 from pipeline.ds_config import MIN_BUCKET, template_path
-from pipeline.memory import (
+from pipeline.planning.memory import (
     BF16,
     CUDA_CONTEXT,
     FP32,

@@ -25,9 +25,9 @@ from model.batch import PackedBatch, pack_rows, sample_length
 from model.sample import GENERATION, TASKS, Sample
 from model.tokenizer import SpecialTokens
 from pipeline.config import DataConfig
-from pipeline.mixer import Mixer
-from pipeline.packer import Entry, Packer
-from pipeline.reader import Source, SourceSpec
+from pipeline.data.mixer import Mixer
+from pipeline.data.packer import Entry, Packer
+from pipeline.data.reader import Source, SourceSpec
 
 
 class TooLong(ValueError):

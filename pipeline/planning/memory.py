@@ -352,7 +352,7 @@ def planned_world_size(config: TrainConfig, world_size: int | None) -> int:
 def dry_run(config: TrainConfig, world_size: int | None) -> str:
     """`--dry-run`: the batch plan (refused if impossible), the per-GPU memory estimate and the performance plan for
     every sharding choice, building nothing."""
-    from pipeline.plan import cluster_for, stage_plan  # the plan builds on this module
+    from pipeline.planning.report import cluster_for, stage_plan  # the plan builds on this module
 
     world_size = planned_world_size(config, world_size)
     plan = checked_plan(config, world_size)
