@@ -31,8 +31,8 @@ from model.sample import GENERATION, TEXT, UNDERSTANDING, Sample
 from model.stages import STAGES, set_trainable
 from model.tokenizer import SpecialTokens, build_tokenizer
 from pipeline.attention import use_attention
-from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
 from pipeline.data.packer import Entry, Packer
+from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
 
 
 def synthetic_sample(task: str, special: SpecialTokens, rng: random.Random, vocab: int, image: bytes) -> Sample:

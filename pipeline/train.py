@@ -32,14 +32,14 @@ from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
 from pipeline.config import ConfigError, TrainConfig, resolve, run_directory
 from pipeline.data import DataPipeline, TooLong
+from pipeline.data.reader import shard_problems
 from pipeline.ds_config import BatchPlan
 from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
 from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
-from pipeline.planning.memory import dry_run
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
+from pipeline.planning.memory import dry_run
 from pipeline.preflight import FINGERPRINTS, manifest_digests, preflight
-from pipeline.data.reader import shard_problems
 
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,

@@ -11,8 +11,8 @@ from model.config import model_config, preset_config
 from model.stages import STAGES, stage_for
 from pipeline.config import ConfigError, resolve
 from pipeline.ds_config import DS_CONFIGS, MIN_BUCKET
-from pipeline.planning.memory import dry_run, estimate_memory
 from pipeline.metrics import training_flops
+from pipeline.planning.memory import dry_run, estimate_memory
 from pipeline.planning.report import (
     GPUS,
     Cluster,

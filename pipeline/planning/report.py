@@ -51,6 +51,7 @@ from model.sample import TASKS
 from model.stages import NEVER_TRAINED, Stage, part_of
 from model.summary import meta_model
 from pipeline.ds_config import MIN_BUCKET, template_path
+from pipeline.metrics import BatchCounts, llm_gets_gradient, training_flops
 from pipeline.planning.memory import (
     BF16,
     CUDA_CONTEXT,
@@ -62,7 +63,6 @@ from pipeline.planning.memory import (
     MemoryEstimate,
     estimate_memory,
 )
-from pipeline.metrics import BatchCounts, llm_gets_gradient, training_flops
 
 MATMUL_EFFICIENCY = 0.7      # share of bf16 peak large bf16 matmuls reach on these GPUs
 HOP_LATENCY_INTER = 5e-6     # seconds per ring hop across nodes
