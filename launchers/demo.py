@@ -175,8 +175,9 @@ def main() -> None:
     reply = (logs / "chat.log").read_text().strip().splitlines()[-1]
     curve = out / "loss.png"
     from pipeline.plot import loss_curve_png
+    from pipeline.run_dir import metrics_file
 
-    loss_curve_png([out / "runs" / f"stage{s}" / "metrics.jsonl" for s in (1, 2, 3)], curve)
+    loss_curve_png([metrics_file(out / "runs" / f"stage{s}") for s in (1, 2, 3)], curve)
 
     print(f"\n{name}: Q: {question}\n  model: {reply}\n  training answer: {answer}")
     print(f"\ndemo finished in {time.time() - started:.0f}s (DEMO_STEPS={steps})")

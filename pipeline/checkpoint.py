@@ -32,15 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.run_dir import checkpoints_dir, consolidated_dir
+
 COMPLETE = "COMPLETE"
 WRITER = "janus-pipeline"  # in every COMPLETE this code writes
 ABANDONED = "abandoned"
 UNIVERSAL = "universal"  # inside a step directory: its DeepSpeed files converted for another number of ranks
 CONVERSION_TIMEOUT = timedelta(hours=3)  # ~84 GB read and written at 7B by one rank
-
-
-def checkpoints_dir(output: str | Path) -> Path:
-    return Path(output) / "checkpoints"
 
 
 def step_tag(step: int) -> str:
@@ -353,7 +351,7 @@ def consolidate(run_dir: str | Path) -> Path:
     source = latest_checkpoint(run_dir)
     if source is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to start from")
-    out = Path(run_dir) / "consolidated" / source.name
+    out = consolidated_dir(run_dir, source.name)
     if dist.get_rank() == 0 and not (out / COMPLETE).exists():
         state = consolidated_state(source)
         out.mkdir(parents=True, exist_ok=True)

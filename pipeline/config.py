@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 from model.config import PRESETS, model_config, model_size
 from model.stages import TRAINABLE_PARTS, Stage, stage_for
 from pipeline.attention import Backend
+from pipeline.run_dir import config_file, is_run_directory
 
 
 class ConfigError(ValueError):
@@ -313,19 +314,14 @@ def table2(stage: Stage) -> dict[str, Any]:
 
 # ---- where defaults come from: the model --init holds, Table 2 for its size ----
 
-def run_directory(path: str | Path) -> bool:
-    """A training run's OUTPUT: its config.yaml and checkpoints/."""
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
-
-
 def init_defaults(init: str | None) -> dict[str, str]:
     """What --init holds: the model and tokenizer of a previous stage's run, or released weights (their own
     config.json and tokenizer)."""
     if not init:
         return {}
     path = Path(init)
-    if run_directory(path):
-        previous = yaml.safe_load((path / "config.yaml").read_text()).get("model")
+    if is_run_directory(path):
+        previous = yaml.safe_load(config_file(path).read_text()).get("model")
         if not isinstance(previous, dict) or not previous.get("model"):
             raise ConfigError(f"--init {init}: its config.yaml was not written by this version's training")
         return {"model": previous["model"], "tokenizer": previous["tokenizer"]}

@@ -17,8 +17,9 @@ from model.stages import set_trainable
 from model.weights import load_checkpoint
 from pipeline import checkpoint
 from pipeline.attention import use_attention
-from pipeline.config import TrainConfig, run_directory
+from pipeline.config import TrainConfig
 from pipeline.ds_config import BatchPlan, deepspeed_config
+from pipeline.run_dir import is_run_directory
 from pipeline.schedule import lr_scheduler
 
 
@@ -39,7 +40,7 @@ def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProF
     if config.model.init:
         init = Path(config.model.init)
         # A previous stage's run directory is consolidated with DeepSpeed's utilities first.
-        load_checkpoint(model, checkpoint.consolidate(init) if run_directory(init) else init)
+        load_checkpoint(model, checkpoint.consolidate(init) if is_run_directory(init) else init)
     set_trainable(model, config.optim.trainable)
     use_attention(model, config.model.attention)
     if config.model.gradient_checkpointing:

@@ -26,6 +26,7 @@ from model.tokenizer import SpecialTokens
 from pipeline.config import TrainConfig
 from pipeline.data import DataPipeline
 from pipeline.monitor import log
+from pipeline.run_dir import samples_dir
 
 
 class Validator:
@@ -71,7 +72,7 @@ class Sampler:
     def __init__(self, config: TrainConfig, tokenizer):
         logging = config.logging
         self.every, self.prompts, self.cfg = logging.sample_every, logging.sample_prompts, logging.sample_cfg
-        self.tokenizer, self.folder = tokenizer, Path(config.checkpoint.output) / "samples"
+        self.tokenizer, self.folder = tokenizer, samples_dir(config.checkpoint.output)
 
     def maybe_run(self, engine, step: int) -> Path | None:
         if not (self.every and step % self.every == 0):

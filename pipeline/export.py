@@ -46,7 +46,8 @@ from model.weights import (
     save_checkpoint,
 )
 from pipeline import checkpoint
-from pipeline.config import TrainConfig, run_directory
+from pipeline.config import TrainConfig
+from pipeline.run_dir import CONFIG, config_file, is_run_directory
 
 CHECKSUMS = "SHA256SUMS"
 MODEL_CARD = "README.md"
@@ -99,9 +100,9 @@ class Exported:
 
 def run_config(run_dir: Path) -> TrainConfig:
     """The resolved configuration a run saved beside its checkpoints."""
-    path = run_dir / "config.yaml"
+    path = config_file(run_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a training run directory (launchers/stageN.py)?")
+        raise FileNotFoundError(f"{run_dir}: no {CONFIG}; is it a training run directory (launchers/stageN.py)?")
     return TrainConfig.load(path)
 
 
@@ -190,7 +191,7 @@ def _lineage(run_dir: Path, source: Path) -> tuple[list[dict], str | None]:
     from: released weights, or None for random weights."""
     runs: list[dict] = []
     path: Path | None = run_dir
-    while path is not None and run_directory(path) and len(runs) < 16:
+    while path is not None and is_run_directory(path) and len(runs) < 16:
         facts = _run_facts(run_config(path))
         latest = source if not runs else checkpoint.latest_checkpoint(path)
         runs.append({**facts, "run": str(path), "step": _checkpoint_step(latest) if latest else None})

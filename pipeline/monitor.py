@@ -20,6 +20,7 @@ from model.batch import PackedBatch
 from model.sample import TASKS
 from pipeline.config import TrainConfig
 from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
+from pipeline.run_dir import metrics_file, tensorboard_dir
 
 
 def log(*parts: object) -> None:
@@ -124,8 +125,8 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         output = Path(config.checkpoint.output)
-        self.jsonl = open(output / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(output / "tensorboard"))
+        self.jsonl = open(metrics_file(output), "a")
+        self.tensorboard = SummaryWriter(str(tensorboard_dir(output)))
         self.wandb = None
         if config.logging.wandb_project:
             import wandb  # pip install '.[wandb]'

@@ -26,11 +26,9 @@ from pipeline.config import (
     DataConfig,
     TrainConfig,
     flag,
-    run_directory,
 )
 from pipeline.ds_config import BatchPlan, batch_plan, template_path
-
-FINGERPRINTS = "fingerprints.json"  # a run's tokenizer and VQ fingerprints and its manifests' sha256s
+from pipeline.run_dir import config_file, fingerprints_file, is_run_directory, run_of_checkpoint
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,8 @@ def init_vq_fingerprint(init: str | None) -> str | None:
     when unknown (random weights, bare weights without a config, a run from before fingerprints were kept)."""
     if not init:
         return None
-    if run_directory(init):
-        recorded = Path(init) / FINGERPRINTS
+    if is_run_directory(init):
+        recorded = fingerprints_file(init)
         return json.loads(recorded.read_text()).get("vq_fingerprint") if recorded.is_file() else None
     if not (Path(init) / "config.json").is_file():
         return None
@@ -124,7 +122,7 @@ def check_manifests(name: str, data: DataConfig, fingerprints: dict[str, str | N
 
 
 def check_init(init: str | None, trust: bool) -> None:
-    if init and run_directory(init):
+    if init and is_run_directory(init):
         latest = checkpoint.latest_checkpoint(init)
         if latest is None:
             raise ConfigError(f"--init {init}: a run directory without a complete checkpoint to start from")
@@ -153,22 +151,22 @@ def resumed_run(config: CheckpointConfig) -> Path | None:
         return Path(config.output) if checkpoint.complete_checkpoints(config.output) else None
     if config.resume == "none":
         return None
-    run = Path(config.resume).resolve().parents[1]  # RUN/checkpoints/step-N
-    return run if (run / "config.yaml").is_file() else None
+    run = run_of_checkpoint(config.resume)
+    return run if config_file(run).is_file() else None
 
 
 def check_resume_matches(config: TrainConfig) -> None:
     """A resumed run trains what it trained before: settings that change that differ only by --allow-config-change."""
     run = resumed_run(config.checkpoint)
-    if run is None or not (run / "config.yaml").is_file():
+    if run is None or not config_file(run).is_file():
         return
     try:
-        before = TrainConfig.load(run / "config.yaml").as_dict()
+        before = TrainConfig.load(config_file(run)).as_dict()
     except (OSError, TypeError, KeyError, ValueError) as error:
-        raise ConfigError(f"--resume {config.checkpoint.resume}: cannot read {run / 'config.yaml'} ({error}); resume "
+        raise ConfigError(f"--resume {config.checkpoint.resume}: cannot read {config_file(run)} ({error}); resume "
                           "with the version that wrote it, or start a new --output") from None
     now = config.as_dict()
-    recorded = run / FINGERPRINTS
+    recorded = fingerprints_file(run)
     changed = []
     for name, where in RESUME_GUARDED.items():
         if name in config.checkpoint.allow_config_change:

@@ -30,7 +30,7 @@ from model.manifest import tokenizer_fingerprint
 from model.sample import TASKS
 from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
-from pipeline.config import ConfigError, TrainConfig, resolve, run_directory
+from pipeline.config import ConfigError, TrainConfig, resolve
 from pipeline.data import DataPipeline, TooLong
 from pipeline.data.reader import shard_problems
 from pipeline.ds_config import BatchPlan
@@ -39,7 +39,8 @@ from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
 from pipeline.planning.memory import dry_run
-from pipeline.preflight import FINGERPRINTS, manifest_digests, preflight
+from pipeline.preflight import manifest_digests, preflight
+from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, fingerprints_file, is_run_directory
 
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,
@@ -128,8 +129,8 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     output = Path(config.checkpoint.output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        config.save(output / "config.yaml")
-        (output / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        config.save(config_file(output))
+        ds_config_file(output).write_text(json.dumps(ds, indent=2))
         print(f"Stage {stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
     check_shards_once(config.data.data + config.data.val_data)
@@ -144,7 +145,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
                     "vq_fingerprint": vq_fingerprint(engine.module)}
     pipeline_options = {**fingerprints, "verified": True}  # every data pipeline's: shards checked at start
     if rank == 0:
-        (output / FINGERPRINTS).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
+        fingerprints_file(output).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
             config.data.data)}, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **pipeline_options)
     start_step = resume(config, engine, data, resume_from)
@@ -155,7 +156,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     except NEEDS_A_PERSON as error:  # a requeue would fail the same way: exit 2, which Slurm does not requeue
         print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
         exit_needing_a_person()
-    log(f"done at step {step}; checkpoints in {checkpoint.checkpoints_dir(output)}")
+    log(f"done at step {step}; checkpoints in {checkpoints_dir(output)}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -177,7 +178,7 @@ def intact_checkpoints(config: TrainConfig) -> Path | None:
     the one named, verified. Each rank hashes its share of the files."""
     ckpt = config.checkpoint
     init = config.model.init
-    if init and run_directory(init):
+    if init and is_run_directory(init):
         source = checkpoint.latest_checkpoint(init)
         damaged = checkpoint.problems(source, ckpt.trust_checkpoint)
         if damaged:
