@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, JanusConfig
 
 from model.config import PRESETS, model_config, model_size
-from model.stages import TRAINABLE_PARTS, Stage, stage_for
+from model.stages import STAGES, TRAINABLE_PARTS, Stage, stage_for
 from pipeline.attention import Backend
 from pipeline.run_dir import config_file, is_run_directory
 
@@ -291,6 +291,9 @@ class TrainConfig:
     logging: LoggingConfig
     system: SystemConfig
 
+    def __post_init__(self) -> None:
+        need(self.stage in STAGES, "stage", f"{self.stage!r}: Janus-Pro has stages {', '.join(map(str, STAGES))}")
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -333,26 +336,46 @@ def init_defaults(init: str | None) -> dict[str, str]:
                       "weights (config.json, *.safetensors)" + ("" if path.exists() else "; it does not exist"))
 
 
-def resolved_model(model: str | None, init: str | None) -> str:
-    """--model, else the model --init holds; a preset name or a checkpoint directory."""
-    held = init_defaults(init).get("model")
-    if model is None and held is None:
-        raise ConfigError(f"--model: give a preset ({', '.join(PRESETS)}) or a checkpoint directory, or --init "
-                          "weights whose config.json names the model")
-    if model is not None and held is not None and model != held and shape(model) != shape(held):
-        raise ConfigError(f"--model {model}: --init {init} holds another model ({held}); drop --model")
-    return model if model is not None else held
-
-
-def shape(spec: str) -> tuple:
-    """What makes two model configs the same network."""
+def read_model_config(spec: str) -> JanusConfig:
+    """--model's config (a preset, or a checkpoint directory's config.json), as a ConfigError naming the flag."""
     try:
-        config = model_config(spec)
+        return model_config(spec)
     except (ValueError, OSError) as error:
         raise ConfigError(f"--model {spec}: {error}") from None
+
+
+def shape(config: JanusConfig) -> tuple:
+    """What makes two model configs the same network."""
     t, v, q = config.text_config, config.vision_config, config.vq_config
     return (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
             t.num_key_value_heads, v.hidden_size, v.num_hidden_layers, q.num_embeddings, q.embed_dim)
+
+
+def chosen_model(model: str | None, held: str | None, init: str | None) -> tuple[str, JanusConfig] | None:
+    """--model, else the model --init holds, with its config (read once); None when neither names one."""
+    spec = model if model is not None else held
+    if spec is None:
+        return None
+    config = read_model_config(spec)
+    if model is not None and held is not None and model != held and shape(config) != shape(read_model_config(held)):
+        raise ConfigError(f"--model {model}: --init {init} holds another model ({held}); drop --model")
+    return spec, config
+
+
+def chosen_stage(launcher: int | None, flag_value: int | None, from_file: Any, config_path: str | None) -> int:
+    """The stage: the launcher's (stage1.py .. stage3.py), else --stage, else the --config file's `stage:`; where
+    two are given they must agree (a YAML file written for Stage III must not silently train Stage II)."""
+    given = {"the launcher": launcher, "--stage": flag_value, f"--config {config_path}": from_file}
+    named = {who: value for who, value in given.items() if value is not None}
+    if not named:
+        raise ConfigError("--stage: give the stage to train, 1, 2 or 3 (janus-train --stage 2 --help lists its "
+                          "flags)")
+    if len(set(named.values())) > 1:
+        raise ConfigError("--stage: " + ", ".join(f"{who} says {value!r}" for who, value in named.items())
+                          + "; give one stage")
+    stage = next(iter(named.values()))
+    need(stage in STAGES, "stage", f"{stage!r}: Janus-Pro has stages {', '.join(map(str, STAGES))}")
+    return stage
 
 
 # ---- the command line ----
@@ -361,14 +384,18 @@ class Parser(HfArgumentParser):
     """HfArgumentParser (flags from the dataclasses, --x_y and --x-y both, help with defaults and choices),
     without prefix abbreviations, with "did you mean" and one-line errors."""
 
-    def __init__(self, stage: int):
-        super().__init__(list(SECTIONS.values()), prog=f"janus-train --stage {stage}", allow_abbrev=False,
+    def __init__(self, stage: int | None):
+        prog = "janus-train" if stage is None else f"janus-train --stage {stage}"
+        super().__init__(list(SECTIONS.values()), prog=prog, allow_abbrev=False,
                          usage="%(prog)s [--flag VALUE ...]   (flags by section below)",
-                         description=f"Janus-Pro Stage {stage} training on DeepSpeed ZeRO-3. Defaults: Table 2 "
-                                     f"(model/stages.py) for the stage and --model's size, then --config.")
+                         description="Janus-Pro training on DeepSpeed ZeRO-3, one stage per run. Defaults: Table 2 "
+                                     "(model/stages.py) for the stage and --model's size, then --config, then flags.")
         for action in self._actions:
             action.required = False  # Table 2 fields get their defaults from set_defaults
             action.option_strings.sort(key=lambda option: "_" in option)  # --learning-rate shown first
+        self.add_argument("--stage", type=int, choices=sorted(STAGES),
+                          help="the stage to train (set by launchers/stageN.py; janus-train needs it, or the "
+                               "--config file's `stage:`)")
         self.add_argument("--config", help="YAML file of settings (sections as in OUTPUT/config.yaml, or flat); "
                                            "flags override it")
         self.add_argument("--dry-run", action="store_true",
@@ -416,10 +443,10 @@ def yaml_values(path: str) -> dict[str, Any]:
     for key, value in loaded.items():
         if key in SECTIONS and isinstance(value, dict):
             values.update(value)
-        elif key != "stage":
+        else:
             values[key] = value
     hints = {name: hint for kind in SECTIONS.values() for name, hint in typing.get_type_hints(kind).items()
-             if name != "title"}
+             if name != "title"} | {"stage": int}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         close = {u: difflib.get_close_matches(u, hints, 1) for u in unknown}
@@ -431,25 +458,32 @@ def yaml_values(path: str) -> dict[str, Any]:
     return values
 
 
-def resolve(stage: int, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Table 2 for the stage and the model's real size, then the YAML file, then the flags."""
+# What the command line asks beyond the run's settings: not saved in config.yaml.
+INVOCATION = ("stage", "config", "dry_run", "world_size", "local_rank")
+
+
+def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Table 2 for the stage and the model's real size, then the YAML file, then the flags.
+
+    `stage` is the launcher's; janus-train passes None and the stage comes from --stage or the YAML file. The
+    returned namespace holds the invocation (--config, --dry-run, --world-size) and `model_config`, the model's
+    JanusConfig: --init and the model config are read here once, and passed down from here."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        stage_for(stage)
-    except ValueError as error:
-        raise ConfigError(f"--stage: {error}") from None
-    first = Parser(stage)  # a first pass finds --config, --model and --init, which decide the defaults
-    known, _ = first.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    from_file = yaml_values(known.config) if known.config else {}
-    model = flag_or(known, from_file, "model")
-    init = flag_or(known, from_file, "init")
-    defaults = {**table2(stage_for(stage, table2_size(model, init))), "output": f"runs/stage{stage}", **from_file}
     parser = Parser(stage)
-    parser.set_defaults(**defaults)
+    known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # what decides the defaults
+    from_file = yaml_values(known.config) if known.config else {}
+    stage = chosen_stage(stage, known.stage, from_file.pop("stage", None), known.config)
+    init = flag_or(known, from_file, "init")
+    held = init_defaults(init)
+    model = chosen_model(flag_or(known, from_file, "model"), held.get("model"), init)
+    size = model_size(model[1]) if model else "1b"  # Table 2's column; --help needs no model
+    parser.set_defaults(**table2(stage_for(stage, size)), output=f"runs/stage{stage}", **from_file)
     values = vars(parser.parse_args(argv))
-    args = argparse.Namespace(**{k: values.pop(k) for k in ("config", "dry_run", "world_size", "local_rank")})
-    held = init_defaults(values["init"])
-    values["model"] = resolved_model(values["model"], values["init"])
+    args = argparse.Namespace(**{k: values.pop(k) for k in INVOCATION})
+    if model is None:
+        raise ConfigError(f"--model: give a preset ({', '.join(PRESETS)}) or a checkpoint directory, or --init "
+                          "weights whose config.json names the model")
+    values["model"], args.model_config = model
     values["tokenizer"] = values["tokenizer"] or held.get("tokenizer")
     sections = {name: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind)})
                 for name, kind in SECTIONS.items()}
@@ -459,15 +493,3 @@ def resolve(stage: int, argv: list[str] | None = None) -> tuple[TrainConfig, arg
 def flag_or(args: Any, from_file: dict, name: str) -> Any:
     value = getattr(args, name)
     return value if value is not None else from_file.get(name)
-
-
-def table2_size(model: str | None, init: str | None) -> str:
-    """The model's real size (its config's width), not the flag's spelling; 1b until a model is named."""
-    try:
-        spec = resolved_model(model, init)
-    except ConfigError:
-        return "1b"
-    try:
-        return model_size(model_config(spec))
-    except (ValueError, OSError) as error:
-        raise ConfigError(f"--model {spec}: {error}") from None

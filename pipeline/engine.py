@@ -5,12 +5,13 @@ Each stage is its own engine: which parameters train cannot change inside one.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import deepspeed
 import torch
+from transformers import JanusConfig
 
-from model.config import model_config
 from model.janus import JanusProForTraining
 from model.manifest import weights_fingerprint
 from model.stages import set_trainable
@@ -23,20 +24,22 @@ from pipeline.run_dir import is_run_directory
 from pipeline.schedule import lr_scheduler
 
 
-def run_deepspeed_config(config: TrainConfig, plan: BatchPlan) -> dict:
+def run_deepspeed_config(config: TrainConfig, plan: BatchPlan, hidden_size: int) -> dict:
     """--ds-config's template with this run's batch plan, bucket sizes for its model's width and its optimiser."""
     template = config.system.ds_config or ("zero3_bf16" if torch.cuda.is_available() else "zero3_cpu")
-    optim, width = config.optim, model_config(config.model.model).text_config.hidden_size
-    return deepspeed_config(template, plan, hidden_size=width, learning_rate=optim.learning_rate,
+    optim = config.optim
+    return deepspeed_config(template, plan, hidden_size=hidden_size, learning_rate=optim.learning_rate,
                             betas=optim.adam_betas, weight_decay=optim.weight_decay, eps=optim.adam_eps,
                             grad_clip=optim.grad_clip)
 
 
-def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProForTraining:
+def build_model(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_id: int) -> JanusProForTraining:
     """Built sharded under ZeRO-3 (each rank holds only its part), whole under ZeRO-1/2; then filled from --init."""
+    janus = copy.deepcopy(janus)  # the resolved config stays as read
+    janus.image_token_id = image_token_id
     # zero.Init shards parameters whatever the config's stage: ZeRO-2 would get ZeRO-3-partitioned weights.
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=ds["zero_optimization"].get("stage", 0) == 3):
-        model = JanusProForTraining(model_config(config.model.model, image_token_id))
+        model = JanusProForTraining(janus)
     if config.model.init:
         init = Path(config.model.init)
         # A previous stage's run directory is consolidated with DeepSpeed's utilities first.
@@ -48,10 +51,10 @@ def build_model(config: TrainConfig, ds: dict, image_token_id: int) -> JanusProF
     return model
 
 
-def build_engine(config: TrainConfig, ds: dict, image_token_id: int):
+def build_engine(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_id: int):
     """The stage's own DeepSpeed engine: only trainable parameters reach the optimizer; under ZeRO-3 with
     `--frozen-weights persisted`, frozen parameters are marked persistent (see `persist_frozen`)."""
-    model = build_model(config, ds, image_token_id)
+    model = build_model(config, ds, janus, image_token_id)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     persist = config.system.frozen_weights == "persisted" and ds["zero_optimization"].get("stage", 0) == 3
     if persist:

@@ -23,7 +23,7 @@ from model.generate import decode_images, generate_image_ids, image_grid
 from model.manifest import Manifest
 from model.sample import TASKS
 from model.tokenizer import SpecialTokens
-from pipeline.config import TrainConfig
+from pipeline.config import DataConfig, LoggingConfig
 from pipeline.data import DataPipeline
 from pipeline.monitor import log
 from pipeline.run_dir import samples_dir
@@ -32,12 +32,13 @@ from pipeline.run_dir import samples_dir
 class Validator:
     """Loss per task on --val-data every --val-every steps; every rank runs the same number of batches."""
 
-    def __init__(self, config: TrainConfig, special: SpecialTokens, device: torch.device, **pipeline_options):
-        self.every, self.batches, self.device = config.logging.val_every, config.logging.val_batches, device
+    def __init__(self, data: DataConfig, logging: LoggingConfig, special: SpecialTokens, device: torch.device,
+                 **pipeline_options):
+        self.every, self.batches, self.device = logging.val_every, logging.val_batches, device
         self.special, self.pipeline_options = special, pipeline_options  # fingerprints, shards verified
-        tasks = [Manifest.read(m).task for m in config.data.val_data]
+        tasks = [Manifest.read(m).task for m in data.val_data]
         # Held-out data as it is: every task it holds, no guidance dropout, a fixed order.
-        self.data = dataclasses.replace(config.data, data=config.data.val_data, data_weights=[],
+        self.data = dataclasses.replace(data, data=data.val_data, data_weights=[],
                                         ratio=[float(t in tasks) for t in TASKS], guidance_dropout=0.0,
                                         seed=12345) if tasks else None
 
@@ -69,10 +70,9 @@ class Validator:
 class Sampler:
     """A PNG grid from --sample-prompts every --sample-every steps, with guidance."""
 
-    def __init__(self, config: TrainConfig, tokenizer):
-        logging = config.logging
+    def __init__(self, logging: LoggingConfig, output: str | Path, tokenizer):
         self.every, self.prompts, self.cfg = logging.sample_every, logging.sample_prompts, logging.sample_cfg
-        self.tokenizer, self.folder = tokenizer, samples_dir(config.checkpoint.output)
+        self.tokenizer, self.folder = tokenizer, samples_dir(output)
 
     def maybe_run(self, engine, step: int) -> Path | None:
         if not (self.every and step % self.every == 0):

@@ -107,7 +107,8 @@ def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tens
 NEEDS_A_PERSON = (checkpoint.CheckpointNotWritten, TooLong, FloatingPointError)
 
 
-def main(stage: int, argv: list[str] | None = None) -> None:
+def main(stage: int | None, argv: list[str] | None = None) -> None:
+    """`stage`: the launcher's (launchers/stageN.py), or None to take --stage."""
     stop = StopFlag()  # first: a pre-emption signal during start-up must not kill the rank
     try:
         config, args = resolve(stage, argv)
@@ -125,13 +126,13 @@ def main(stage: int, argv: list[str] | None = None) -> None:
 
     tokenizer, plan = checked.tokenizer, checked.plan
     special = SpecialTokens.from_tokenizer(tokenizer)
-    ds = run_deepspeed_config(config, plan)
+    ds = run_deepspeed_config(config, plan, args.model_config.text_config.hidden_size)
     output = Path(config.checkpoint.output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         config.save(config_file(output))
         ds_config_file(output).write_text(json.dumps(ds, indent=2))
-        print(f"Stage {stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
+        print(f"Stage {config.stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
     check_shards_once(config.data.data + config.data.val_data)
     resume_from = intact_checkpoints(config)
@@ -139,7 +140,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         loading = checkpoint.loading_config(ds, resume_from)
     except ConfigError as error:
         refuse(str(error))
-    engine = build_engine(config, loading, special.image_placeholder)
+    engine = build_engine(config, loading, args.model_config, special.image_placeholder)
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}
@@ -149,10 +150,11 @@ def main(stage: int, argv: list[str] | None = None) -> None:
             config.data.data)}, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **pipeline_options)
     start_step = resume(config, engine, data, resume_from)
+    validator = Validator(config.data, config.logging, special, device, **pipeline_options)
+    sampler = Sampler(config.logging, config.checkpoint.output, tokenizer)
     try:
         step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
-                     device=device, stop=stop, validator=Validator(config, special, device, **pipeline_options),
-                     sampler=Sampler(config, tokenizer))
+                     device=device, stop=stop, validator=validator, sampler=sampler)
     except NEEDS_A_PERSON as error:  # a requeue would fail the same way: exit 2, which Slurm does not requeue
         print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
         exit_needing_a_person()
@@ -245,13 +247,6 @@ def launcher_world_size() -> int:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`janus-train --stage N [flags]`: the stage launchers as one installed command."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--stage" and i + 1 < len(argv) and argv[i + 1] in ("1", "2", "3"):
-            return main(int(argv[i + 1]), argv[:i] + argv[i + 2:])
-        if arg.startswith("--stage=") and arg[len("--stage="):] in ("1", "2", "3"):
-            return main(int(arg[len("--stage="):]), argv[:i] + argv[i + 1:])
-    print("error: --stage: give the stage to train, 1, 2 or 3 (janus-train --stage 2 --help lists its flags)",
-          file=sys.stderr)
-    raise SystemExit(2)
+    """`janus-train --stage N [flags]`: the stage launchers as one installed command (the stage may also come from
+    the --config file's `stage:`)."""
+    main(None, argv)

@@ -298,7 +298,7 @@ def ray_cluster():
     # A client needs the switch too (`env`, and ray_client): a driver without it timed out connecting.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0", SINGLE_NODE_ENV: "0"}
-    from tests.distributed import free_ports
+    from tests.support import free_ports
 
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",

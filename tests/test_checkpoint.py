@@ -2,20 +2,9 @@
 newer checkpoints aside instead of deleting them (single process here; 2-rank runs in tests/test_training.py)."""
 
 import json
-from pathlib import Path
 
-from pipeline.checkpoint import COMPLETE, WRITER, file_records, latest_intact, problems, set_aside_after
-
-
-def fake_checkpoint(root: Path, step: int, files: dict[str, bytes], ours: bool = True) -> Path:
-    path = root / "checkpoints" / f"step-{step:08d}"
-    for name, data in files.items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_bytes(data)
-    marker = {"writer": WRITER, "step": step, "world_size": 1, "files": file_records(path)} if ours else \
-        {"step": step, "world_size": 1}
-    (path / COMPLETE).write_text(json.dumps(marker))
-    return path
+from pipeline.checkpoint import COMPLETE, latest_intact, problems, set_aside_after
+from tests.support import fake_checkpoint
 
 
 def test_every_file_is_listed_and_damage_is_named(tmp_path):

@@ -16,7 +16,7 @@ import yaml
 from model.config import preset_config
 from pipeline.config import ConfigError, TrainConfig, resolve
 from pipeline.monitor import wandb_run_id
-from tests.distributed import REPO
+from tests.support import REPO
 
 LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
 
@@ -92,7 +92,7 @@ def corpus_flags(corpus: dict[str, Path]) -> list[str]:
 
 def run_to_resume(path: Path, stage: int, flags: list[str]) -> Path:
     """A run directory as training leaves it: its config.yaml and a complete checkpoint this code wrote."""
-    from tests.test_checkpoint import fake_checkpoint
+    from tests.support import fake_checkpoint
 
     config, _ = resolve(stage, [*flags, "--output", str(path)])
     fake_checkpoint(path, 2, {"rank-0.pt": b"state"})
@@ -254,7 +254,7 @@ def test_without_a_launcher_a_script_runs_as_one_rank(shard_corpus, tokenizer_di
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, LAUNCHER.format(1), "--model", "tiny", "--tokenizer", str(tokenizer_dir),
                            "--data", str(shard_corpus["understanding"]), str(shard_corpus["generation"]),
                            "--train-steps", "1", "--rows-per-step", "1", "--seq-len", "1400", "--sample-every", "0",

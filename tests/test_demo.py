@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.distributed import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,7 @@ def test_the_whole_chain_learns(demo, tmp_path):
     from model.manifest import read_shard
     from model.sample import samples_from_table
     from pipeline.export import export
-    from tests.distributed import run_ranks
+    from tests.support import run_ranks
 
     out = demo["out"]
     data = subset(out / "data", tmp_path / "data", MEMORISE)

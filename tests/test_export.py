@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import REPO, run_ranks
+from tests.support import REPO, run_ranks
 
 pytestmark = pytest.mark.integration  # every test uses the checkpoints the ranks write
 

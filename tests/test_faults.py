@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import COMPLETE, latest_checkpoint
-from tests.distributed import Ranks, run_ranks
-from tests.test_training import losses, stage_args
+from tests.support import Ranks, losses, run_ranks, stage_args
 
 STEPS = 6
 

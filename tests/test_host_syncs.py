@@ -6,7 +6,7 @@ catches up, and the next kernels wait for the host. The CPU has no such wait, so
 would make one: the aten ops below, seen by a TorchDispatchMode (forward and backward both dispatch there),
 and `tolist`/`item`/`cpu`, seen by a TorchFunctionMode (they read the data without dispatching an op).
 
-    python tests/test_host_syncs.py ARGS_JSON   (one rank of the training-step test, under tests.distributed)
+    python tests/test_host_syncs.py ARGS_JSON   (one rank of the training-step test, under tests.support)
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from model.batch import pack_rows, sample_length
 from model.chat_format import text_sample
 from model.sample import TASKS
 from pipeline.loss import step_loss
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
 # Ops whose result (or its size) the host must read: item/bool/int/float, data-dependent output sizes,
 # bincount, whose GPU kernel sizes its output from the input's max even when given minlength, and
@@ -203,7 +203,7 @@ def test_training_steps_make_no_host_syncs_of_ours_outside_log_steps(shard_corpu
     """train() itself, 2 ranks x 2 micro-batches per step: on the steps that neither log nor checkpoint, every
     host sync is DeepSpeed's own: its ZeRO-3 step reads whether the gradient norm is finite (and torch's AdamW
     reads its step count, a host tensor). Without the stop flag's one-step-late read, every step had one of ours."""
-    from tests.distributed import run_ranks
+    from tests.support import run_ranks
 
     flags = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), "--init", str(init_checkpoint),
              "--data", *[str(shard_corpus[t]) for t in ("understanding", "text", "generation")],

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from model.images import (
     to_rgb,
     understanding_image,
 )
+from tests.support import MINIMAL_EPS, REPO
 
 
 def test_understanding_matches_transformers(photos):
@@ -150,7 +150,7 @@ def test_absurd_aspect_ratio_memory_is_bounded_by_the_output():
     """A 50000x32 strip is 4.8 MB decoded; resizing its short side to 384 before cropping made it 600000x384 (~1 GB).
     The transforms' own peak must stay near the 384x384 output, however long the strip; rescaling 16 bits to 8 happens
     at the source's size, so there the bound is per pixel (float64 temporaries took 25 bytes a pixel, now ~8)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     done = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD], cwd=repo, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
@@ -158,12 +158,6 @@ def test_absurd_aspect_ratio_memory_is_bounded_by_the_output():
     assert len(growth) == 5
     for name, megabytes in growth.items():
         assert megabytes < (12 if "per megapixel" in name else 50), f"{name}: peak RSS grew {megabytes:.0f} MB"
-
-
-# A real Encapsulated PostScript file: Pillow identifies it by content, whatever the member is called, and loading it
-# runs Ghostscript on the data.
-MINIMAL_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
-               b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.ds_config import DS_CONFIGS
-from tests.distributed import REPO, rank_script, run_ranks
+from tests.support import REPO, rank_script, run_ranks
 
 
 def zero2(template: dict) -> dict:
@@ -76,7 +76,7 @@ def test_zero2_checkpoint_resumes_and_exports(init_checkpoint, shard_corpus, tok
     holds the consolidated weights."""
     from pipeline.checkpoint import COMPLETE, UNIVERSAL, complete_checkpoints, consolidated_state, latest_checkpoint
     from pipeline.export import export
-    from tests.test_training import losses, tensors
+    from tests.support import losses, tensors
 
     run = tmp_path / "run"
     args = [str(Path(REPO) / "launchers" / "stage2.py"), "--model", "tiny", "--tokenizer", str(tokenizer_dir),
@@ -124,7 +124,7 @@ def test_persisted_frozen_weights_train_like_partitioned_resume_and_export(init_
     the frozen ones exactly as --init had them (checkpoints save each rank's partition, not the whole copy)."""
     from pipeline.checkpoint import complete_checkpoints, consolidated_state
     from pipeline.export import export
-    from tests.test_training import losses, tensors
+    from tests.support import losses, tensors
 
     def args(run: Path, frozen: str) -> list[str]:
         return [str(Path(REPO) / "launchers" / "stage1.py"), "--model", "tiny", "--tokenizer", str(tokenizer_dir),

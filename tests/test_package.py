@@ -16,9 +16,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.distributed import free_port
+from tests.support import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "pipeline", "preprocess", "launchers", "ds_configs")  # what the wheel ships
 
 

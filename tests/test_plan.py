@@ -29,7 +29,7 @@ from pipeline.planning.report import (
     recommended_template,
     trace,
 )
-from tests.distributed import rank_script, run_ranks
+from tests.support import rank_script, run_ranks
 
 A100_256 = cluster_for("a100-80g", 32, 8, 2400.0, 200.0)
 

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 from pathlib import Path
 
@@ -35,81 +34,7 @@ from model.manifest import Manifest, ShardEntry, file_sha256, read_shard, weight
 from model.sample import samples_from_table
 from preprocess.cli import main
 from preprocess.job import EXIT_REJECTED, EXIT_USAGE, KILL_ENV, PROGRESS_DIR, UsageError, check_output_path, rejection
-
-REPO = Path(__file__).resolve().parents[1]
-CAPTIONS = {
-    "astronaut.png": "An astronaut in a white suit smiles in front of a flag.",
-    "chelsea.png": "A brown tabby cat with green eyes looks to the side.",
-    "coffee.png": "A cup of coffee on a saucer with a spoon.",
-    "rocket.jpg": "A rocket lifts off from its launch pad.",
-    "motorcycle_left.png": "A red motorcycle parked in a room.",
-    "hubble_deep_field.jpg": "Hundreds of distant galaxies in deep space.",
-}
-
-
-def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kw)
-    return buffer.getvalue()
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    """A webdataset tar as img2dataset writes it: members in key order, key.ext names."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def bad_corpus(photos: dict[str, Image.Image]) -> tuple[dict[str, bytes], dict[str, str | None]]:
-    """Members of a tar of hard cases, and what each key must become (a skip reason, or None: written)."""
-    astro, cat = photos["astronaut.png"].convert("RGB"), photos["chelsea.png"]
-    jpeg = encoded(astro, "JPEG", quality=90)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 on display, so the 451x300 cat becomes portrait
-    rgba = cat.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(cat.size))
-    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    palette.info["transparency"] = 0
-    sixteen = Image.fromarray(np.asarray(photos["camera.png"], dtype=np.uint16) * 257)  # mode I;16
-    cases = {
-        "b00_zero": ("jpg", b"", "A photo.", "image_empty"),
-        "b01_truncated": ("jpg", jpeg[: len(jpeg) // 2], "A photo.", "image_corrupt"),
-        "b02_random": ("jpg", np.random.default_rng(0).bytes(5000), "A photo.", "image_unreadable"),
-        "b03_huge": ("png", encoded(Image.new("1", (9500, 9500)), "PNG"), "A photo.", "image_too_large"),
-        "b04_tiny": ("png", encoded(Image.new("RGB", (1, 1), (200, 0, 0)), "PNG"), "A photo.", "image_too_small"),
-        "b05_16bit": ("png", encoded(sixteen, "PNG"), "A camera man.", None),
-        "b06_cmyk": ("jpg", encoded(astro.convert("CMYK"), "JPEG", quality=95), "An astronaut.", None),
-        "b07_exif": ("jpg", encoded(cat.convert("RGB"), "JPEG", quality=95, exif=exif), "A cat.", None),
-        "b08_rgba": ("png", encoded(rgba, "PNG"), "A fading cat.", None),
-        "b09_palette": ("png", encoded(palette, "PNG"), "A cat in 16 colours.", None),
-        "b10_latin1": ("jpg", jpeg, "Caf\xe9 cr\xe8me".encode("latin-1"), "text_not_utf8"),
-        "b11_empty_caption": ("jpg", jpeg, "   ", "text_empty"),
-        "b12_long_caption": ("jpg", jpeg, "the quick brown fox " * 2000, "too_long"),
-        "b13_no_image": (None, b"", "A caption without its image.", "image_missing"),
-    }
-    members, expected = {}, {}
-    for key, (ext, data, caption, reason) in cases.items():
-        if ext:
-            members[f"{key}.{ext}"] = data
-        members[f"{key}.txt"] = caption if isinstance(caption, bytes) else caption.encode()
-        expected[key] = reason
-    return members, expected
-
-
-def photo_members(photos: dict[str, Image.Image]) -> dict[str, bytes]:
-    """The captioned photographs as img2dataset writes them: key.jpg|png, key.txt and key.json."""
-    good = {}
-    for name, caption in CAPTIONS.items():
-        key = Path(name).stem
-        ext = "jpg" if name.endswith(".jpg") else "png"
-        good[f"{key}.{ext}"] = encoded(photos[name], "JPEG" if ext == "jpg" else "PNG", **(
-            {"quality": 95} if ext == "jpg" else {}))
-        good[f"{key}.txt"] = caption.encode()
-        good[f"{key}.json"] = json.dumps({"url": f"http://example.com/{name}", "caption": caption}).encode()
-    return good
+from tests.support import CAPTIONS, REPO, bad_corpus, encoded, photo_members, shard_bytes, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -315,10 +240,6 @@ def test_either_spelling_of_a_vq_dtype_is_recorded_as_one_name():
         args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok",
                                     "--vq-dtype", spelling])
         assert config_from_args(args).vq_dtype == "bfloat16"  # what the manifest and the resume guard hold
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.arrow"))}
 
 
 @pytest.mark.integration

@@ -47,7 +47,7 @@ from preprocess.records import (
     convert_record,
 )
 from preprocess.sources import list_shards, read_shard_records, redact
-from tests.test_preprocess import encoded, write_tar
+from tests.support import encoded, write_tar
 
 CAPTION = "A brown tabby cat with green eyes looks to the side."
 
@@ -556,8 +556,7 @@ def by_key(members: dict[str, bytes]) -> dict[str, list[tuple[str, bytes]]]:
 def tar_kinds(photos: dict, jpeg: bytes, quoted: str) -> list[tuple[str, list, str | None]]:
     """(key, tar members, skip reason or None: written) of every kind a sample in a tar can be: the photographs and
     the bad-input corpus of tests/test_preprocess.py, then this module's kinds, shuffled together."""
-    from tests.test_images import MINIMAL_EPS
-    from tests.test_preprocess import bad_corpus, photo_members
+    from tests.support import MINIMAL_EPS, bad_corpus, photo_members
 
     members, expected = bad_corpus(photos)
     bad = by_key(members)
@@ -767,8 +766,7 @@ def test_every_kind_through_ray_job_submit_and_embedded_ray(ray_client, photos, 
     manifests are equal (counts per reason, failed files, every shard's rows and sha256) and account for every row,
     each skip reason has its expected count, and the decoded rows of all shards, by key, equal those of a run on
     the good records alone (in files of their own). No credential of the URL reaches an output or a log."""
-    from tests.test_preprocess import REPO, shard_bytes
-    from tests.test_sample_format import hostile_strings, skeleton
+    from tests.support import REPO, hostile_strings, shard_bytes, skeleton
 
     user, password, signature = "AKIAUSERSECRET", "PASSWORDSECRET", "SIGNATURESECRET"
     quoted = " ".join(hostile_strings(tokenizer))  # every special token's string, in captions, questions, answers

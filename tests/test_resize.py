@@ -14,8 +14,7 @@ from pipeline.checkpoint import COMPLETE, UNIVERSAL, latest_checkpoint
 from pipeline.config import DataConfig
 from pipeline.data import DataPipeline
 from pipeline.data.reader import Source, SourceSpec
-from tests.distributed import run_ranks
-from tests.test_training import consolidated, losses, stage_args
+from tests.support import consolidated, losses, run_ranks, stage_args
 
 Ref = tuple[int, int, int]  # (source, epoch, row id): a sample's identity in the data path
 

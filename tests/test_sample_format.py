@@ -18,6 +18,7 @@ from model.chat_format import (
 )
 from model.sample import SAMPLE_SCHEMA, samples_from_table, samples_to_table
 from model.tokenizer import BEGIN_OF_IMAGE, BOS, EOS, FORMAT_TOKENS, PAD, SpecialTokens
+from tests.support import hostile_strings, skeleton
 
 
 def test_understanding_layout(tokenizer, special):
@@ -94,22 +95,6 @@ def test_missing_special_token_is_named(tmp_path):
                                     unk_token="<unk>", bos_token="<unk>")
     with pytest.raises(ValueError, match="<｜▁pad▁｜>.*<image_placeholder>"):
         SpecialTokens.from_tokenizer(plain)
-
-
-def hostile_strings(tokenizer) -> list[str]:
-    """The string of every special and added token the tokenizer has, and of every token the format writes."""
-    return sorted({t.content for t in tokenizer.added_tokens_decoder.values()} | set(FORMAT_TOKENS))
-
-
-def skeleton(ids: list[int], controls: frozenset[int]) -> list:
-    """The control tokens in order, each run of text tokens between them collapsed to one "text"."""
-    out: list = []
-    for tid in ids:
-        if tid in controls:
-            out.append(tid)
-        elif not out or out[-1] != "text":
-            out.append("text")
-    return out
 
 
 def test_special_strings_in_data_are_plain_text(tokenizer, special):

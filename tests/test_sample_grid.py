@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.distributed import rank_script, run_ranks
+from tests.support import rank_script, run_ranks
 
 pytestmark = pytest.mark.integration
 

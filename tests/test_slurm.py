@@ -25,9 +25,8 @@ import torch
 from model.manifest import Manifest
 from pipeline.checkpoint import latest_checkpoint
 from tests.slurm_harness import LocalSlurm, SlurmUnavailable, ensure_installed, start_local_slurm
-from tests.test_preprocess import encoded, write_tar
+from tests.support import REPO, encoded, write_tar
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launchers" / "slurm"
 # Knobs a developer's shell may hold: every job here sets its own.
 KNOBS = ("DATA", "INIT", "MODEL", "TOKENIZER", "OUTPUT", "SAVE_EVERY", "CONFIG", "EXTRA_ARGS", "TASK", "INPUT",

@@ -14,38 +14,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from model.stages import STAGES, part_of
 from pipeline.checkpoint import COMPLETE, latest_checkpoint
 from pipeline.schedule import lr_factor
-from tests.distributed import REPO, Ranks, rank_script, run_ranks
+from tests.support import REPO, Ranks, consolidated, losses, rank_script, run_ranks, stage_args, tensors
 
 LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
-
-
-def stage_args(stage: int, corpus, tokenizer_dir, output, init, *extra: str, tasks=None) -> list[str]:
-    tasks = tasks or ["understanding", "generation"] + (["text"] if stage > 1 else [])
-    return [LAUNCHER.format(stage), "--model", "tiny", "--tokenizer", str(tokenizer_dir), "--output", str(output),
-            "--data", *[str(corpus[t]) for t in tasks], "--init", str(init), "--seq-len", "1400",
-            "--rows-per-step", "2", "--log-every", "1", "--num-workers", "1", *extra]
-
-
-def losses(output: Path) -> dict[int, float]:
-    """Total loss per step from metrics.jsonl (the last record of a step wins, as after a resume)."""
-    out = {}
-    for line in (output / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = sum(v for v in r["loss"].values())
-    return out
-
-
-def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from model.weights import read_entries
-
-    return {k: e.read() for k, e in read_entries(checkpoint).items()}
-
-
-def consolidated(run: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    latest = latest_checkpoint(run)
-    return get_fp32_state_dict_from_zero_checkpoint(str(latest.parent), tag=latest.name)
 
 
 def test_lr_schedule_is_linear_warmup_then_constant():

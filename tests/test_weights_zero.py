@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import save_file
 
 from model.weights import load_model
-from tests.distributed import rank_script, run_ranks
+from tests.support import rank_script, run_ranks
 
 pytestmark = pytest.mark.integration
 

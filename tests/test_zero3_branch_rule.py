@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.distributed import Ranks, rank_script, run_ranks
+from tests.support import Ranks, rank_script, run_ranks
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 collective logged per step, counted over every step after the first (which records ZeRO-3's module trace), and
 every step's loss.
 
-    python tests/ranks/comms_bytes.py ARGS_JSON   (under tests.distributed.run_ranks)
+    python tests/ranks/comms_bytes.py ARGS_JSON   (under tests.support.run_ranks)
 
 ARGS_JSON: {"stage": N, "flags": [...], "steps": N}; the flags name a --ds-config whose JSON enables comms_logger.
 """

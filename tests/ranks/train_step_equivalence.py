@@ -2,7 +2,7 @@
 as micro-batches of `rows_per_micro_batch` rows. Rank 0 writes every trainable parameter after the step.
 With "poison_first", a step whose images are all NaN comes first: it must be skipped and change nothing.
 
-    python tests/ranks/train_step_equivalence.py ARGS_JSON   (under tests.distributed.run_ranks)
+    python tests/ranks/train_step_equivalence.py ARGS_JSON   (under tests.support.run_ranks)
 """
 
 import json

@@ -2,7 +2,7 @@
 understanding rows. Without the branch rule (every module runs on every rank) this hangs on NCCL and aborts on
 gloo with a collective mismatch.
 
-    python tests/ranks/zero3_branch_step.py ARGS_JSON   (under tests.distributed.run_ranks)
+    python tests/ranks/zero3_branch_step.py ARGS_JSON   (under tests.support.run_ranks)
 """
 
 import json

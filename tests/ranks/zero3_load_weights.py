@@ -1,7 +1,7 @@
 """An original-layout checkpoint loaded under deepspeed.zero.Init gives the same gathered weights as the
 unsharded load (the reference file), each rank holding only its shard; a ZeRO-3 save is lossless.
 
-    python tests/ranks/zero3_load_weights.py ARGS_JSON   (under tests.distributed.run_ranks)
+    python tests/ranks/zero3_load_weights.py ARGS_JSON   (under tests.support.run_ranks)
 
 ARGS_JSON: {"checkpoint": DIR, "reference": FILE, "out": DIR, "aside_prefix": STR}.
 """

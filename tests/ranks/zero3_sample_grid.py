@@ -1,7 +1,7 @@
 """A ZeRO-3 sample grid on 2 CPU ranks: the parameter all-gathers it makes, counted, and its ids, generated
 today's way (every module call gathers its weights) and with one gather per grid (pipeline.evaluation).
 
-    python tests/ranks/zero3_sample_grid.py ARGS_JSON   (under tests.distributed.run_ranks)
+    python tests/ranks/zero3_sample_grid.py ARGS_JSON   (under tests.support.run_ranks)
 
 ARGS_JSON: {"tokenizer": DIR, "prompts": [STR, ...]}. Three ways, each printed as one JSON line {"way",
 "gathers", "params", "ids"}: `today`, `once`, and `fallback` (one gather per grid with GATHER_MEMORY_SHARE 0,
