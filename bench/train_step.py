@@ -31,7 +31,7 @@ from model.sample import GENERATION, TEXT, UNDERSTANDING, Sample
 from model.stages import STAGES, set_trainable
 from model.tokenizer import SpecialTokens, build_tokenizer
 from pipeline.attention import use_attention
-from pipeline.data.packer import Entry, Packer
+from pipeline.data.packer import BufferedSample, Packer
 from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
 
 
@@ -60,7 +60,7 @@ def packed_batches(n: int, rows: int, seq_len: int, special: SpecialTokens, voca
         while packer.needs():
             s = synthetic_sample(rng.choice(tasks), special, rng, vocab, image)
             if sample_length(s) <= seq_len:
-                packer.add(Entry(0, 0, 0, s, sample_length(s)))
+                packer.add(BufferedSample(0, 0, 0, s, sample_length(s)))
         batches.append(pack_rows([[e.sample for e in packer.next_row()]], None, special))
     return batches
 

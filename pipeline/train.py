@@ -30,7 +30,7 @@ from model.manifest import tokenizer_fingerprint
 from model.sample import TASKS
 from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
-from pipeline.config import ConfigError, TrainConfig, resolve
+from pipeline.config import CheckpointConfig, ConfigError, TrainConfig, resolve
 from pipeline.data import DataPipeline, TooLong
 from pipeline.data.reader import shard_problems
 from pipeline.ds_config import BatchPlan
@@ -135,7 +135,7 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
         print(f"Stage {config.stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
               f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
     check_shards_once(config.data.data + config.data.val_data)
-    resume_from = intact_checkpoints(config)
+    resume_from = intact_checkpoints(config.model.init, config.checkpoint)
     try:
         loading = checkpoint.loading_config(ds, resume_from)
     except ConfigError as error:
@@ -174,25 +174,23 @@ def check_shards_once(manifests: list[str]) -> None:
              "preprocessing into their directories to rewrite them")
 
 
-def intact_checkpoints(config: TrainConfig) -> Path | None:
+def intact_checkpoints(init: str | None, saving: CheckpointConfig) -> Path | None:
     """Collective, before the model is built: --init's checkpoint (a previous stage's run) verifies, and the
     checkpoint to resume from is the newest intact one (`--resume auto`, damaged ones reported and skipped) or
     the one named, verified. Each rank hashes its share of the files."""
-    ckpt = config.checkpoint
-    init = config.model.init
     if init and is_run_directory(init):
         source = checkpoint.latest_checkpoint(init)
-        damaged = checkpoint.problems(source, ckpt.trust_checkpoint)
+        damaged = checkpoint.problems(source, saving.trust_checkpoint)
         if damaged:
             refuse(f"--init {init}: its checkpoint {source.name} is damaged: {'; '.join(damaged[:3])}")
-    if ckpt.resume == "auto":
-        return checkpoint.latest_intact(ckpt.output, ckpt.trust_checkpoint, report=log)
-    if ckpt.resume == "none":
+    if saving.resume == "auto":
+        return checkpoint.latest_intact(saving.output, saving.trust_checkpoint, report=log)
+    if saving.resume == "none":
         return None
-    damaged = checkpoint.problems(Path(ckpt.resume), ckpt.trust_checkpoint)
+    damaged = checkpoint.problems(Path(saving.resume), saving.trust_checkpoint)
     if damaged:
-        refuse(f"--resume {ckpt.resume}: the checkpoint is damaged: {'; '.join(damaged[:3])}")
-    return Path(ckpt.resume)
+        refuse(f"--resume {saving.resume}: the checkpoint is damaged: {'; '.join(damaged[:3])}")
+    return Path(saving.resume)
 
 
 def refuse(message: str) -> NoReturn:

@@ -26,7 +26,7 @@ from model.sample import GENERATION, TASKS, Sample
 from model.tokenizer import SpecialTokens
 from pipeline.config import DataConfig
 from pipeline.data.mixer import Mixer
-from pipeline.data.packer import Entry, Packer
+from pipeline.data.packer import BufferedSample, Packer
 from pipeline.data.reader import Source, SourceSpec
 
 
@@ -80,12 +80,12 @@ class DataPipeline:
         self._consumed_state = self._plan_state()
 
     # ---- planning (main thread) ----
-    def _entry(self, source: int, epoch: int, row_id: int, age: int = 0) -> Entry:
+    def _entry(self, source: int, epoch: int, row_id: int, age: int = 0) -> BufferedSample:
         sample = self.sources[source].sample(row_id)
         if sample.task == GENERATION and drops_prompt(self.config.seed, source, epoch, row_id,
                                                       self.config.guidance_dropout):
             sample = with_prompt_dropped(sample, self.special.pad)
-        return Entry(source, epoch, row_id, sample, sample_length(sample, self.config.eoi_is_target), age)
+        return BufferedSample(source, epoch, row_id, sample, sample_length(sample, self.config.eoi_is_target), age)
 
     def _fill_buffer(self) -> None:
         while self.packer.needs() > 0:
@@ -113,7 +113,7 @@ class DataPipeline:
                           f"--seq-len {self.config.seq_len} (lengths {min(seen)}-{max(seen)} tokens); raise "
                           f"--seq-len, or give that task's part of --ratio 0")
 
-    def plan_rows(self) -> list[list[Entry]]:
+    def plan_rows(self) -> list[list[BufferedSample]]:
         """The next micro-batch's rows as packer entries: each sample with where it came from (source, epoch, row).
         Without --pad-rows, one row: the micro-batch's flat stream."""
         rows = []

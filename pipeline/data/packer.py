@@ -17,7 +17,7 @@ from model.sample import Sample
 
 
 @dataclass
-class Entry:
+class BufferedSample:
     """A buffered sample and where it came from (enough to re-read it after a restart)."""
 
     source: int
@@ -51,18 +51,18 @@ def best_subset(lengths: list[int], capacity: int) -> list[int]:
 class Packer:
     def __init__(self, capacity: int, buffer_size: int = 64, max_age: int = 16):
         self.capacity, self.buffer_size, self.max_age = capacity, buffer_size, max_age
-        self.buffer: list[Entry] = []
+        self.buffer: list[BufferedSample] = []
 
     def needs(self) -> int:
         """How many samples the buffer wants before the next row."""
         return self.buffer_size - len(self.buffer)
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: BufferedSample) -> None:
         if entry.length > self.capacity:
             raise ValueError(f"sample of {entry.length} tokens cannot fit a row of {self.capacity}")
         self.buffer.append(entry)
 
-    def next_row(self) -> list[Entry]:
+    def next_row(self) -> list[BufferedSample]:
         """The samples of the next row, in buffer order; they leave the buffer and everyone else ages."""
         if not self.buffer:
             return []
