@@ -5,7 +5,7 @@
 #   there: OUT=/some/dir bash bench/gpu_check.sh   (carry gpu-wheels/)
 #
 # Each part has its own time cap so one slow part cannot eat the lease. Results land in $OUT as JSON
-# plus the printed tables; copy the figures into the README's benchmark table with the card's name.
+# plus the printed tables; copy the figures into docs/benchmarks.md's table with the card's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}

@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
                    help="rows per output shard for LLaVA/ImageNet/JSONL (a tar is always one shard)")
     p.add_argument("--image-format", default="webp", choices=("webp", "png", "jpeg"),
                    help="stored understanding images: webp/png are lossless (exact); jpeg (q98 4:4:4) is an opt-in "
-                        "~30%% smaller but lossy: 44-48 dB on real photos, below 45 dB on some")
+                        "smaller (docs/benchmarks.md) but lossy: 44-48 dB on real photos, below 45 dB on some")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--max-pixels", type=int, default=89_478_485)
     p.add_argument("--min-image-size", type=int, default=32, help="smaller sides are skipped")
