@@ -477,7 +477,7 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     held = init_defaults(init)
     model = chosen_model(flag_or(known, from_file, "model"), held.get("model"), init)
     size = model_size(model[1]) if model else "1b"  # Table 2's column; --help needs no model
-    parser.set_defaults(**table2(stage_for(stage, size)), output=f"runs/stage{stage}", **from_file)
+    parser.set_defaults(**{**table2(stage_for(stage, size)), "output": f"runs/stage{stage}", **from_file})
     values = vars(parser.parse_args(argv))
     args = argparse.Namespace(**{k: values.pop(k) for k in INVOCATION})
     if model is None:

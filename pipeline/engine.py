@@ -24,11 +24,12 @@ from pipeline.run_dir import is_run_directory
 from pipeline.schedule import lr_scheduler
 
 
-def run_deepspeed_config(config: TrainConfig, plan: BatchPlan, hidden_size: int) -> dict:
+def run_deepspeed_config(config: TrainConfig, plan: BatchPlan, janus: JanusConfig) -> dict:
     """--ds-config's template with this run's batch plan, bucket sizes for its model's width and its optimiser."""
     template = config.system.ds_config or ("zero3_bf16" if torch.cuda.is_available() else "zero3_cpu")
     optim = config.optim
-    return deepspeed_config(template, plan, hidden_size=hidden_size, learning_rate=optim.learning_rate,
+    return deepspeed_config(template, plan, hidden_size=janus.text_config.hidden_size,
+                            learning_rate=optim.learning_rate,
                             betas=optim.adam_betas, weight_decay=optim.weight_decay, eps=optim.adam_eps,
                             grad_clip=optim.grad_clip)
 

@@ -1,8 +1,16 @@
-"""Shared fixtures: one small tokenizer, one tiny model, the real photographs scikit-image ships."""
+"""Shared fixtures: one small tokenizer, one tiny model, the real photographs scikit-image ships.
+
+Session-scoped and shared by tests/unit/ and tests/integration/ (one corpus, one tokenizer, one tiny checkpoint,
+one Ray cluster). The layout rules of tests/ are in tests/support.py's docstring; in short: a fast test goes under
+tests/unit/, a test that starts processes or takes over ~10 s under tests/integration/ (every test there is marked
+`integration` by the hook below), and helpers shared between test modules live in tests/support.py.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +21,20 @@ from PIL import Image
 from model.config import preset_config
 from model.janus import JanusProForTraining
 from model.tokenizer import SpecialTokens, build_tokenizer
+
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test under tests/integration/ is an integration test (`make test-fast` leaves it out by the mark); a
+    test marked integration under tests/unit/ is misplaced: stop, naming it, rather than run it with the unit tests."""
+    for item in items:
+        where = Path(str(item.path)).resolve()
+        if where.is_relative_to(TESTS / "integration"):
+            item.add_marker(pytest.mark.integration)
+        elif where.is_relative_to(TESTS / "unit") and item.get_closest_marker("integration"):
+            raise pytest.UsageError(f"{item.nodeid} is marked integration: move it to tests/integration/")
+
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "camera.png", "logo.png")
@@ -373,3 +395,43 @@ def ray_client(ray_cluster):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory, shard_corpus, tiny_model) -> dict[str, Path]:
+    """Inputs that are wrong in one way each, and tiny weights with a VQ to check manifests against (the config
+    checks' user mistakes: tests.support.mistakes)."""
+    from model.weights import save_checkpoint
+    from tests.support import corpus_flags, run_to_resume
+
+    root = tmp_path_factory.mktemp("mistakes")
+    out = {"init": root / "init", "torn": root / "torn", "other-tok": root / "other-tok", "foreign": root / "foreign"}
+    step = out["foreign"] / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)  # a run directory whose checkpoint this code did not write (nothing says its files)
+    (step / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 1}))
+    out["stage1-run"] = run_to_resume(root / "stage1-run", 1, [*corpus_flags(shard_corpus), "--model", "tiny"])
+    save_checkpoint(tiny_model, out["init"], "transformers")
+    out["torn"].mkdir()  # a manifest whose shards are not there
+    shutil.copy(shard_corpus["text"] / "manifest.json", out["torn"])
+    out["truncated"] = root / "truncated"  # a shard cut short after its manifest was written
+    shutil.copytree(shard_corpus["text"], out["truncated"])
+    first = json.loads((out["truncated"] / "manifest.json").read_text())["shards"][0]["file"]
+    with open(out["truncated"] / first, "r+b") as shard:
+        shard.truncate(shard.seek(0, 2) - 100)
+    out["other-tok"].mkdir()  # a tokenizer directory that does not hold a Janus tokenizer
+    (out["other-tok"] / "tokenizer_config.json").write_text("{}")
+    for name, field, value in (("retokenized", "tokenizer_fingerprint", "ab" * 32), ("other-vq", "vq_fingerprint",
+                                                                                      "cd" * 32)):
+        out[name] = root / name  # generation shards as made with another tokenizer or VQ
+        shutil.copytree(shard_corpus["generation"], out[name])
+        manifest = json.loads((out[name] / "manifest.json").read_text())
+        (out[name] / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def jpeg(photos) -> bytes:
+    """A JPEG photograph (the preprocess input tests' good sample)."""
+    from tests.support import encoded
+
+    return encoded(photos["chelsea.png"].convert("RGB"), "JPEG", quality=90)

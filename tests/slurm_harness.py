@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import free_ports
+from tests.support import REPO, free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
@@ -211,3 +211,13 @@ def start_local_slurm(root: Path | None = None) -> LocalSlurm:
         slurm.stop()
         raise
     return slurm
+
+
+# The sbatch scripts under test.
+SCRIPTS = REPO / "launchers" / "slurm"
+
+
+# Knobs a developer's shell may hold: every job here sets its own.
+KNOBS = ("DATA", "INIT", "MODEL", "TOKENIZER", "OUTPUT", "SAVE_EVERY", "CONFIG", "EXTRA_ARGS", "TASK", "INPUT",
+         "MAX_RESTARTS", "JANUS_REFUSED_DIR", "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT",
+         "EXTRA_SRUN_ARGS", "PYTHON", "CHECKPOINT", "EXPORT_OUT", "LAYOUT", "STEP")

@@ -1,13 +1,16 @@
 """Helpers shared by the tests; the layout of tests/ in brief.
 
-- tests/unit/: fast, in-process tests; `make test-fast` runs them (`-m "not integration"`).
+- tests/unit/: fast, in-process tests; `make test-fast` runs them.
 - tests/integration/: tests that start processes (ranks, Ray, Slurm, launchers, the demo) or take over ~10 s.
-  Everything under tests/integration/ is marked `integration` (tests/conftest.py adds the mark by path; the
-  files also carry `pytestmark`), so `-m "not integration"` and `tests/unit` select the same tests.
+  Everything under tests/integration/ is marked `integration` (tests/conftest.py adds the mark by path, and
+  refuses a test marked `integration` under tests/unit/), so `-m "not integration"` and `tests/unit` select the
+  same tests. A module whose tests are of both kinds is two files of one name, tests/unit/test_X.py and
+  tests/integration/test_X.py (both folders are packages, so the names do not clash).
 - tests/conftest.py: session-scoped fixtures shared by both folders (one corpus, one tokenizer, one tiny
   checkpoint, one Ray cluster).
 - tests/support.py (this module): REPO and every helper more than one test module uses (the rank launcher,
-  tar and checkpoint builders, ...). A test module imports helpers from here, never from another test module.
+  tar and checkpoint builders, ...). A test module imports helpers from here, never from another test module;
+  a fixture more than one module uses goes in tests/conftest.py.
 - tests/slurm_harness.py: a local one-node Slurm cluster for tests/integration/test_slurm.py.
 - tests/ranks/: per-rank scripts that tests start as subprocesses (`run_ranks(rank_script(name, args))`).
 
@@ -15,6 +18,7 @@ The rank launcher runs a script on N local CPU ranks (gloo), the way the deepspe
 Per-rank scripts live in tests/ranks/: each takes one JSON argument, prints what the test checks, and exits 0
 on success. Start one with `run_ranks(rank_script(name, args))`, or `Ranks(...)` to watch it while it runs.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,11 +30,19 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root: the one definition
 RANK_SCRIPTS = REPO / "tests" / "ranks"
@@ -275,3 +287,195 @@ def skeleton(ids: list[int], controls: frozenset[int]) -> list:
         elif not out or out[-1] != "text":
             out.append("text")
     return out
+
+
+# The packages of ours, as the wheel ships them (package tests).
+PACKAGES = ("model", "pipeline", "preprocess", "launchers", "ds_configs")  # what the wheel ships
+
+
+# The data pipeline's settings over a corpus of shards (data path tests).
+def make_config(corpus, ratio=(2, 3, 5), **overrides) -> DataConfig:
+    from model.sample import TASKS
+    from pipeline.config import DataConfig
+
+    manifests = [str(corpus[t]) for t, r in zip(TASKS, ratio, strict=True) if r > 0]
+    defaults = dict(data=manifests, ratio=list(ratio), seq_len=2048, rows_per_micro_batch=2, buffer_size=16,
+                    max_age=8, seed=3, num_workers=2, prefetch=2)
+    return DataConfig(**{**defaults, **overrides})
+
+
+# Run directories and user mistakes for the config checks (config tests).
+def corpus_flags(corpus: dict[str, Path]) -> list[str]:
+    return ["--data", *(str(corpus[t]) for t in ("understanding", "text", "generation"))]
+
+
+def run_to_resume(path: Path, stage: int, flags: list[str]) -> Path:
+    """A run directory as training leaves it: its config.yaml and a complete checkpoint this code wrote."""
+    from pipeline.config import resolve
+
+    config, _ = resolve(stage, [*flags, "--output", str(path)])
+    fake_checkpoint(path, 2, {"rank-0.pt": b"state"})
+    config.save(path / "config.yaml")
+    return path
+
+
+def mistakes(corpus: dict[str, Path], tokenizer_dir: Path, made: dict[str, Path], tmp: Path
+             ) -> dict[str, tuple[list[str], str]]:
+    """name -> (stage 2 flags, text the error line must hold)."""
+    data = corpus_flags(corpus)
+    ok = ["--model", "tiny", "--tokenizer", str(tokenizer_dir), *data, "--output", str(tmp / "run")]
+    other_tokenizer, torn = made["other-tok"], made["torn"]
+    return {
+        "abbreviation": ([*ok, "--learn", "1e-3"], "--learn: did you mean --learning-rate?"),
+        "typo": ([*ok, "--warmup-step", "5"], "did you mean --warmup-steps"),
+        "bad choice": ([*ok, "--lr-decay-style", "cosin"], "--lr-decay-style"),
+        "attention": ([*ok, "--attention", "flash"], "--attention"),
+        "flash on cpu": ([*ok, "--attention", "varlen"], "--attention varlen: needs a CUDA GPU"),
+        "no model": (["--tokenizer", str(tokenizer_dir), *data], "--model: give a preset"),
+        "no tokenizer": (["--model", "tiny", *data], "--tokenizer: needed"),
+        "wrong tokenizer": ([*ok, "--tokenizer", str(other_tokenizer)], f"--tokenizer {other_tokenizer}: cannot"),
+        "missing tokenizer": ([*ok, "--tokenizer", str(tmp / "nope")], "no such directory"),
+        "no data": (ok[:4], "--data: at least one manifest"),
+        "mistyped data": ([*ok, "--data", str(tmp / "shards" / "und")], "--data " + str(tmp / "shards" / "und")),
+        "missing shards": ([*ok, "--data", str(corpus["understanding"]), str(corpus["generation"]), str(torn),
+                            "--ratio", "1", "1", "1"], "shard(s) missing or not of their recorded size, e.g. "),
+        "truncated shard": ([*ok, "--data", str(corpus["understanding"]), str(corpus["generation"]),
+                             str(made["truncated"])], "bytes, not "),
+        "ratio without data": ([*ok, "--data", str(corpus["understanding"])], "asks for text, generation data"),
+        "missing init": ([*ok, "--init", str(tmp / "runs" / "stage1")], "--init"),
+        "missing resume": ([*ok, "--resume", str(tmp / "step-7")], "--resume"),
+        "impossible batch": ([*ok, "--rows-per-step", "3", "--rows-per-micro-batch", "2"], "--rows-per-step 3"),
+        "decay before warm-up": ([*ok, "--warmup-steps", "10", "--lr-decay-steps", "5"], "--lr-decay-steps"),
+        "bad ds config": ([*ok, "--ds-config", "zero3_gpu"], "--ds-config zero3_gpu: neither a JSON file"),
+        "not trainable": ([*ok, "--trainable", "llm", "gen_encoder"], "--trainable: cannot train ['gen_encoder']"),
+        "other tokenizer's shards": ([*ok, "--data", str(corpus["understanding"]), str(corpus["text"]),
+                                      str(made["retokenized"])], "made with another tokenizer"),
+        "resume another stage": ([*ok, "--output", str(made["stage1-run"])], "was trained with other settings: "
+                                 "stage 1 -> 2"),
+        "collective timeout after the watchdog": ([*ok, "--collective-timeout-seconds", "3600"],
+                                                  "--collective-timeout-seconds: must be positive and below"),
+        "foreign checkpoint": ([*ok, "--output", str(made["foreign"])], "--resume auto: " + str(made["foreign"])),
+        "other VQ's shards": ([*ok, "--init", str(made["init"]), "--data", str(corpus["understanding"]),
+                               str(corpus["text"]), str(made["other-vq"])], "made with another VQ"),
+    }
+
+
+# Tar members and tars built in memory (preprocess input tests).
+CAPTION = "A brown tabby cat with green eyes looks to the side."
+
+
+def samples(keys: list[str], jpeg: bytes) -> dict[str, bytes]:
+    """Tar members of good caption samples, img2dataset style."""
+    members = {}
+    for key in keys:
+        members[f"{key}.jpg"] = jpeg
+        members[f"{key}.txt"] = f"{CAPTION} ({key})".encode()
+    return members
+
+
+def member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    """(header offset, data offset) of each member of a tar."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+
+
+def tar_bytes(members: dict[str, bytes] | list, mode: str = "w") -> bytes:
+    """A tar (`mode` w:gz for gzip) of these members in order: (name, bytes) files, or TarInfo entries (folders,
+    links, from `folder` and `symlink`); a list may name a member twice."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for member in (members.items() if isinstance(members, dict) else members):
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+                continue
+            name, data = member
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def folder(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mtime = tarfile.DIRTYPE, 0
+    return info
+
+
+def symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mtime = tarfile.SYMTYPE, target, 0
+    return info
+
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat animal is this?"}, {"from": "gpt", "value": "A cat."}]
+
+
+# Host-sync recorders (host sync tests, unit and on ranks): tests/unit/ and tests/integration/test_host_syncs.py.
+aten = torch.ops.aten
+
+
+# Ops whose result (or its size) the host must read: item/bool/int/float, data-dependent output sizes,
+# bincount, whose GPU kernel sizes its output from the input's max even when given minlength, and
+# masked_scatter's backward, a masked_select inside one op.
+SYNCING = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default, aten.argwhere.default,
+           aten.masked_select.default, aten.bincount.default, aten.unique_consecutive.default,
+           aten._unique2.default, aten.unique_dim.default, aten.repeat_interleave.Tensor,
+           aten.masked_scatter_backward.default}
+
+
+# Indexing ops that sync only when an index is a boolean mask (it becomes indices by a nonzero).
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+# Reads of a tensor's data that dispatch no op of their own (`cpu` of a CPU tensor returns it; on a GPU it copies).
+READS = (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.cpu)
+
+
+def _has_mask_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else []
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or [])
+
+
+def whose(stack: traceback.StackSummary) -> tuple[str, str]:
+    """("deepspeed" or "ours", file:line function): the innermost frame of DeepSpeed's or of ours (model/,
+    pipeline/) that asked for the sync. A sync in the autograd graph's backward shows DeepSpeed's
+    `engine.backward`, which runs it: the model's own backward is checked without DeepSpeed below."""
+    for frame in reversed(stack):
+        path = Path(frame.filename)
+        if "deepspeed" in path.parts:
+            inside = "/".join(path.parts[path.parts.index("deepspeed") + 1:])
+            return "deepspeed", f"{inside}:{frame.lineno} {frame.name}"
+        if path.is_relative_to(REPO) and path.relative_to(REPO).parts[0] in ("model", "pipeline"):
+            return "ours", f"{path.relative_to(REPO)}:{frame.lineno} {frame.name}"
+    return "ours", "?"
+
+
+class HostSyncs(TorchDispatchMode):
+    """The syncing aten ops run while active, by name; with a `clock` (the step now), also by step and whose."""
+
+    def __init__(self, clock: Callable[[], int] | None = None):
+        super().__init__()
+        self.seen: list[str] = []
+        self.clock, self.sites = clock, []
+
+    def record(self, name: str) -> None:
+        self.seen.append(name)
+        if self.clock is not None:
+            who, site = whose(traceback.extract_stack())
+            self.sites.append({"step": self.clock(), "who": who, "op": name, "site": site})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING or (func in INDEXING and _has_mask_index(args)):
+            self.record(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self, record: Callable[[str], None]):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in READS:
+            self.record(func.__name__)
+        return func(*args, **(kwargs or {}))

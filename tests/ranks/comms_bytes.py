@@ -27,12 +27,12 @@ from pipeline.train import optimizer_step
 args = json.loads(sys.argv[1])
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-config, _ = resolve(args["stage"], args["flags"])
+config, invocation = resolve(args["stage"], args["flags"])
 special = SpecialTokens.from_tokenizer(load_tokenizer(config.model.tokenizer))
 plan = batch_plan(config.optim.rows_per_step, world, config.data.rows_per_micro_batch)
-ds = run_deepspeed_config(config, plan)
+ds = run_deepspeed_config(config, plan, invocation.model_config)
 assert ds.get("comms_logger", {}).get("enabled"), "the --ds-config template must enable comms_logger"
-engine = build_engine(config, ds, special.image_placeholder)
+engine = build_engine(config, ds, invocation.model_config, special.image_placeholder)
 weights = torch.tensor(config.optim.task_loss_weights)
 per_rank = config.optim.rows_per_step // world
 planner = DataPipeline(replace(config.data, rows_per_micro_batch=config.optim.rows_per_step, pad_rows=True), special)

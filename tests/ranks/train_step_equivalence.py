@@ -25,10 +25,11 @@ from pipeline.train import optimizer_step
 args = json.loads(sys.argv[1])
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-config, _ = resolve(2, args["flags"])
+config, invocation = resolve(2, args["flags"])
 special = SpecialTokens.from_tokenizer(load_tokenizer(config.model.tokenizer))
 plan = batch_plan(config.optim.rows_per_step, world, config.data.rows_per_micro_batch)
-engine = build_engine(config, run_deepspeed_config(config, plan), special.image_placeholder)
+janus = invocation.model_config
+engine = build_engine(config, run_deepspeed_config(config, plan, janus), janus, special.image_placeholder)
 
 # The same 4 rows on every run, planned once on one "rank"; this rank's share, in micro-batches.
 planner = DataPipeline(replace(config.data, rows_per_micro_batch=4, pad_rows=True, guidance_dropout=0.0), special)

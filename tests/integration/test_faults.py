@@ -1,6 +1,7 @@
 """Faults during a save, on 2 CPU ranks with real DeepSpeed: kill -9 while a checkpoint is being written, and a full
 disk (bytes, and inodes) under a save. Each time `--resume auto` continues from the newest intact checkpoint and the
-losses equal an uninterrupted run's (a flipped byte and a truncated optimizer file: tests/test_training.py)."""
+losses equal an uninterrupted run's (a flipped byte and a truncated optimizer file:
+tests/integration/test_training.py)."""
 
 import os
 import re

@@ -5,6 +5,8 @@ Kept short for 2 cores: a 3-step run then a resume to 5 steps; export.sbatch exp
 checkpoint; a run pre-empted with USR1 that requeues itself and finishes; the preprocess job on a Ray cluster
 started by the sbatch script, compared with an embedded run; and the 32-node launch rendered for a made-up node
 list (no daemons needed).
+
+Tests that start processes or take long here; the in-process ones are in tests/unit/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -24,14 +26,9 @@ import torch
 
 from model.manifest import Manifest
 from pipeline.checkpoint import latest_checkpoint
-from tests.slurm_harness import LocalSlurm, SlurmUnavailable, ensure_installed, start_local_slurm
+from tests.slurm_harness import KNOBS, SCRIPTS, LocalSlurm, SlurmUnavailable, start_local_slurm
 from tests.support import REPO, encoded, write_tar
 
-SCRIPTS = REPO / "launchers" / "slurm"
-# Knobs a developer's shell may hold: every job here sets its own.
-KNOBS = ("DATA", "INIT", "MODEL", "TOKENIZER", "OUTPUT", "SAVE_EVERY", "CONFIG", "EXTRA_ARGS", "TASK", "INPUT",
-         "MAX_RESTARTS", "JANUS_REFUSED_DIR", "RANKS_PER_NODE", "CPUS_PER_TASK", "MASTER_ADDR", "MASTER_PORT",
-         "EXTRA_SRUN_ARGS", "PYTHON", "CHECKPOINT", "EXPORT_OUT", "LAYOUT", "STEP")
 # One node, two CPU ranks, no GPU: the override a user would type for a laptop-sized test.
 SMALL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]
 TRAIN_FLAGS = "--seq-len 1400 --rows-per-step 2 --log-every 1 --num-workers 1"
@@ -361,48 +358,3 @@ def test_preprocess_sbatch_equals_the_embedded_run(slurm, photos, tokenizer_dir,
            {p.name: p.read_bytes() for p in embedded.glob("*.arrow")}
     leftover = subprocess.run(["pgrep", "-f", "--", f"--temp-dir=/tmp/ray-{job}( |$)"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", f"Ray processes left behind: {leftover.stdout}"
-
-
-def sbatch_defaults(script: Path) -> dict[str, str]:
-    return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script.read_text(), flags=re.M))
-
-
-@pytest.mark.parametrize("stage, nodes", [(1, 32), (2, 32), (3, 16)])
-def test_render_the_default_launch_for_a_made_up_node_list(stage, nodes, tmp_path):
-    """Each script's own #SBATCH defaults, rendered through its real rank derivation (common.sh) with real
-    `scontrol show hostnames` expanding a made-up node list; no daemon, no srun."""
-    try:
-        ensure_installed()
-    except SlurmUnavailable as why:
-        pytest.skip(f"no scontrol: {why}")
-    script = SCRIPTS / f"stage{stage}.sbatch"
-    defaults = sbatch_defaults(script)
-    assert int(defaults["nodes"]) == nodes and defaults["ntasks-per-node"] == defaults["gpus-per-node"] == "8"
-    per_node = int(defaults["ntasks-per-node"])
-    conf = tmp_path / "slurm.conf"  # scontrol only needs to parse a configuration to expand host lists
-    conf.write_text("ClusterName=render\nSlurmctldHost=localhost\nNodeName=localhost\n"
-                    "PartitionName=p Nodes=localhost\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM") and k not in KNOBS}
-    env.update({"SLURM_CONF": str(conf), "JANUS_RENDER": "1", "JANUS_REPO": str(REPO), "SLURM_JOB_ID": "4242",
-                "SLURM_JOB_NODELIST": f"gpu[001-{nodes:03d}]", "SLURM_JOB_NUM_NODES": str(nodes),
-                "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_CPUS_ON_NODE": "128", "DATA": "shards/und shards/gen"})
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    ranks = [dict(kv.split("=", 1) for kv in line.split(" CMD=")[0].split()) for line in done.stdout.splitlines()]
-    world = nodes * per_node
-    assert len(ranks) == world
-    assert sorted(int(r["RANK"]) for r in ranks) == list(range(world))
-    assert {r["WORLD_SIZE"] for r in ranks} == {str(world)}
-    hosts = [f"gpu{i:03d}" for i in range(1, nodes + 1)]
-    for n, host in enumerate(hosts):
-        mine = [r for r in ranks if r["host"] == host]
-        assert sorted(int(r["LOCAL_RANK"]) for r in mine) == list(range(per_node))
-        assert {r["NODE_RANK"] for r in mine} == {str(n)}
-        assert {int(r["RANK"]) // per_node for r in mine} == {n}
-    assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks} == {("gpu001", str(10000 + 4242))}
-    command = done.stdout.splitlines()[0].split(" CMD=")[1]
-    assert f"launchers/stage{stage}.py " in command and "--resume auto" in command
-    assert "--model" not in command  # MODEL unset: the model --init holds
-    assert "--data shards/und shards/gen" in command and "--gpus-per-node 8" in command
-    if stage > 1:
-        assert f"--init runs/stage{stage - 1}" in command

@@ -3,8 +3,10 @@
 Ray job runs (kept few, the machine has 2 cores): understanding on two tars (photos + a bad-input corpus),
 generation on an ImageNet-style folder, text on JSONL, understanding on LLaVA JSON, a killed run and its
 resume, two runs whose output is rejected, a run that loses a Ray worker (and its undisturbed twin) and one
-embedded Ray started and probed. `ray job submit` runs in tests/test_preprocess_inputs.py, on every kind of
+embedded Ray started and probed. `ray job submit` runs in tests/integration/test_preprocess_inputs.py, on every kind of
 bad input at once.
+
+Tests that start processes or take long here; the in-process ones are in tests/unit/test_preprocess.py.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.config import preset_config
 from model.images import generation_image, pixel_values, psnr
-from model.manifest import Manifest, ShardEntry, file_sha256, read_shard, weights_fingerprint
+from model.manifest import Manifest, file_sha256, read_shard, weights_fingerprint
 from model.sample import samples_from_table
 from preprocess.cli import main
-from preprocess.job import EXIT_REJECTED, EXIT_USAGE, KILL_ENV, PROGRESS_DIR, UsageError, check_output_path, rejection
+from preprocess.job import EXIT_REJECTED, KILL_ENV, PROGRESS_DIR
 from tests.support import CAPTIONS, REPO, bad_corpus, encoded, photo_members, shard_bytes, write_tar
 
 
@@ -214,34 +216,6 @@ def test_llava_multi_turn_multi_image(ray_client, photos, tokenizer, tokenizer_d
     assert samples["nomarker"].input_ids.count(special.image_placeholder) == 576
 
 
-def test_a_worker_imports_no_vq_code_until_it_runs_the_vq():
-    """Every Ray worker of a job imports preprocess.job (its task functions live there) before its first row: the
-    VQ's modules (transformers' modelling code, ~40% of that import) only where a VQ actor needs them."""
-    code = ("import sys, preprocess.job\n"
-            "print([m for m in ('model.vq', 'model.config', 'transformers.models.janus.modeling_janus')"
-            " if m in sys.modules])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[]"
-
-
-def test_relative_output_is_refused_inside_a_ray_job(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    assert check_output_path("out") == tmp_path / "out"  # outside a job: resolved against the cwd
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
-    with pytest.raises(ValueError, match="relative"):
-        check_output_path("out")
-    assert check_output_path(str(tmp_path / "abs")) == tmp_path / "abs"
-
-
-def test_either_spelling_of_a_vq_dtype_is_recorded_as_one_name():
-    from preprocess.cli import config_from_args, parser
-
-    for spelling in ("bf16", "bfloat16"):  # the one precision table of every command line (model/config.py)
-        args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok",
-                                    "--vq-dtype", spelling])
-        assert config_from_args(args).vq_dtype == "bfloat16"  # what the manifest and the resume guard hold
-
-
 @pytest.mark.integration
 def test_killed_run_resumes_to_identical_output(und_run, und_inputs, tokenizer_dir, ray_cluster, tmp_path):
     """SIGKILL the driver while a shard is half written under its temporary name; rerun the same command
@@ -268,48 +242,6 @@ def test_killed_run_resumes_to_identical_output(und_run, und_inputs, tokenizer_d
     assert not list(out.glob(".*.tmp-*"))
     manifest = Manifest.read(out)
     assert manifest.shards == ref_manifest.shards and manifest.skipped == ref_manifest.skipped
-
-
-def test_rejection_rule():
-    def manifest(rows_in: int, written: int) -> Manifest:
-        return Manifest(task="understanding", tokenizer_fingerprint="t", rows_in=rows_in, rows_written=written,
-                        skipped={"image_corrupt": rows_in - written} if rows_in > written else {})
-
-    assert rejection(manifest(10, 5), 0.5) is None  # exactly the fraction passes
-    assert "6 of 10 rows skipped (60%)" in rejection(manifest(10, 4), 0.5)
-    assert rejection(manifest(10, 4), 1.0) is None
-    assert rejection(manifest(10, 10), 0.0) is None
-    for rows_in in (0, 3):  # nothing written fails whatever the fraction allows
-        assert "no row was written" in rejection(manifest(rows_in, 0), 1.0)
-    unreadable = manifest(10, 10)  # 3 of 4 input tars could not be opened: their rows are not even counted
-    unreadable.shards = [ShardEntry(file=f"{i}.arrow", rows=10 if i == 0 else 0, sha256="") for i in range(4)]
-    unreadable.files_failed = [{"source": f"{i}.tar", "reason": "ReadError: empty file"} for i in range(1, 4)]
-    assert "3 of 4 input shards could not be read" in rejection(unreadable, 0.5)
-    assert rejection(unreadable, 0.75) is None
-
-
-def test_readme_lists_every_skip_reason():
-    from preprocess.records import SKIP_REASONS
-
-    section = (REPO / "README.md").read_text().split("## Preprocessing")[1].split("\n## ")[0]
-    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
-    assert listed == set(SKIP_REASONS)
-
-
-def test_usage_mistakes_exit_2_in_one_line(tokenizer_dir, tmp_path, capsys):
-    """Found before any work (no Ray is started): one `error: --flag` line and exit 2."""
-    tok = ["--tokenizer", str(tokenizer_dir)]
-    cases = {
-        "--max-skip-fraction": ["--max-skip-fraction", "1.5", "--input", "in.tar", *tok],
-        "--instructions": ["--input", "in.tar", "--instructions", str(tmp_path / "missing.txt"), *tok],
-        "--tokenizer": ["--input", "in.tar", "--tokenizer", str(tmp_path / "no-tokenizer")],
-        "--input": ["--input", str(tmp_path / "nothing-*.tar"), *tok],
-    }
-    for flag, args in cases.items():
-        with pytest.raises(SystemExit) as exited:
-            main(["understanding", *args, "--output", str(tmp_path / "out")])
-        err = capsys.readouterr().err
-        assert exited.value.code == EXIT_USAGE and err.startswith(f"error: {flag}") and err.count("\n") == 1, err
 
 
 @pytest.mark.integration
@@ -456,32 +388,3 @@ def test_a_killed_ray_worker_changes_nothing(ray_client, photos, tokenizer_dir, 
     assert manifest.rows_in == manifest.rows_written == 24
     keys = [s.key for e in manifest.shards for s in samples_from_table(read_shard(out / e.file))]
     assert len(set(keys)) == len(keys) == 24
-
-
-@pytest.mark.parametrize(("flag", "value", "least"), [("--vq-batch-size", "0", 1), ("--vq-actors-per-gpu", "0", 1),
-                                                     ("--shard-size", "0", 1), ("--vq-actors", "-2", 0)])
-def test_counts_below_their_least_are_refused_at_once(flag, value, least):
-    from preprocess.cli import config_from_args, parser
-
-    args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok", flag,
-                                value])
-    with pytest.raises(UsageError, match=f"{flag} must be >= {least}"):
-        config_from_args(args)
-
-
-def test_vq_kernel_choices_are_in_the_settings_only_when_not_the_default():
-    """A resume with another VQ batch shape or memory format could mix ids at near-ties: the settings hash guards
-    it, while outputs written before these flags existed keep their hash."""
-    from preprocess.cli import config_from_args, parser
-    from preprocess.job import job_settings
-
-    def settings(*flags: str) -> dict:
-        args = parser().parse_args(["generation", "--input", "in.tar", "--output", "out", "--tokenizer", "tok",
-                                    *flags])
-        return job_settings(config_from_args(args), [], "tok", "vq")
-
-    default = settings()
-    assert "vq_batch_size" not in default and "vq_channels_last" not in default
-    assert settings("--vq-batch-size", "16") == default
-    assert settings("--vq-batch-size", "8")["vq_batch_size"] == 8
-    assert settings("--vq-channels-last")["vq_channels_last"] is True

@@ -1,6 +1,5 @@
-import json
-import subprocess
-import sys
+"""In-process tests here; the ones that start processes or take long are in tests/integration/test_data_path.py."""
+
 import threading
 from pathlib import Path
 
@@ -9,18 +8,11 @@ import torch
 
 from model.batch import pack_rows, sample_length
 from model.manifest import Manifest
-from model.sample import GENERATION, TASK_INDEX, TASKS
-from pipeline.config import DataConfig
+from model.sample import GENERATION, TASK_INDEX
 from pipeline.data.loader import DataPipeline, TooLong, drops_prompt, with_prompt_dropped
 from pipeline.data.packer import best_subset
 from pipeline.data.reader import FingerprintMismatch, Source, SourceSpec
-
-
-def make_config(corpus, ratio=(2, 3, 5), **overrides) -> DataConfig:
-    manifests = [str(corpus[t]) for t, r in zip(TASKS, ratio, strict=True) if r > 0]
-    defaults = dict(data=manifests, ratio=list(ratio), seq_len=2048, rows_per_micro_batch=2, buffer_size=16,
-                    max_age=8, seed=3, num_workers=2, prefetch=2)
-    return DataConfig(**{**defaults, **overrides})
+from tests.support import make_config
 
 
 def test_best_subset_is_exact():
@@ -129,44 +121,6 @@ def test_micro_batches_equal_samples_one_by_one(shard_corpus, special, tiny_mode
             torch.testing.assert_close(out.token_loss[b, at], alone.token_loss[0], atol=1e-5, rtol=0)
             k += 1
     assert k >= 4
-
-
-RESUME_SCRIPT = r"""
-import json, sys, torch
-from model.tokenizer import SpecialTokens, load_tokenizer
-from pipeline.config import DataConfig
-from pipeline.data import DataPipeline
-args = json.loads(sys.argv[1])
-cfg = DataConfig(**args["config"])
-pipe = DataPipeline(cfg, SpecialTokens.from_tokenizer(load_tokenizer(args["tokenizer"])))
-if args["state"]:
-    pipe.load_state_dict(json.load(open(args["state"])))
-digests = []
-for i, batch in zip(range(args["take"]), pipe):
-    digests.append([batch.input_ids.tolist(), batch.gen_input_ids.tolist(), batch.pixel_values.sum().item()])
-    if i + 1 == args["save_after"]:
-        json.dump(pipe.state_dict(), open(args["save_to"], "w"))
-json.dump(digests, open(args["out"], "w"))
-"""
-
-
-@pytest.mark.integration
-def test_resume_in_a_new_process_continues_exactly(shard_corpus, tokenizer_dir, tmp_path):
-    from dataclasses import asdict
-
-    config = asdict(make_config(shard_corpus, guidance_dropout=0.3, buffer_size=8))
-
-    def run(take, state=None, save_after=-1):
-        out = tmp_path / f"out-{take}-{save_after}.json"
-        args = dict(config=config, tokenizer=str(tokenizer_dir), state=state, take=take, save_after=save_after,
-                    save_to=str(tmp_path / "state.json"), out=str(out))
-        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(args)], check=True, timeout=300)
-        return json.loads(out.read_text())
-
-    full = run(take=12, save_after=5)  # the pipeline has prefetched beyond batch 5 when the state is taken
-    resumed = run(take=7, state=str(tmp_path / "state.json"))
-    assert resumed == full[5:]
-    assert full[5] != full[4]
 
 
 def test_generation_samples_are_dropped_at_the_configured_rate(shard_corpus, special):

@@ -1,5 +1,6 @@
 """Checkpoints you can trust: every file listed with its size and sha256, damage found by name, rollbacks set
-newer checkpoints aside instead of deleting them (single process here; 2-rank runs in tests/test_training.py)."""
+newer checkpoints aside instead of deleting them (single process here; 2-rank runs in
+tests/integration/test_training.py)."""
 
 import json
 
