@@ -25,11 +25,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a cap, keep going on failure
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-part attention_backends 90 python -m pytest -q -p no:cacheprovider tests/test_attention_backends.py
+part attention_backends 90 python -m pytest -q -p no:cacheprovider tests/unit/test_attention_backends.py
 part vq 150 python bench/vq.py --batches 32 128 --iters 3 --json "$OUT/vq.json"
 part train_step_1b 240 python bench/train_step.py --model 1b --backends varlen sdpa --checkpointing both \
   --steps 5 --json "$OUT/train_step.json"
 # Host syncs (issue 18): a pinned batch's copy under torch.cuda.set_sync_debug_mode("error"); train() for 5
 # steps under mode "warn" ("error" would stop in DeepSpeed's own grad-norm check), each wait attributed to ours
 # or DeepSpeed's, none of ours allowed outside log steps (-rA prints the list).
-part host_syncs 120 python -m pytest -q -rA -p no:cacheprovider tests/test_host_syncs.py
+part host_syncs 120 python -m pytest -q -rA -p no:cacheprovider tests/unit/test_host_syncs.py tests/integration/test_host_syncs.py

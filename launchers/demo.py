@@ -119,7 +119,7 @@ def train_command(stage: int, data: list[Path], model: Path, init: Path, output:
 
 # Per stage: (share of DEMO_STEPS, flags). Small rows (one or two samples) keep a CPU step short; a high
 # learning rate lets the tiny model learn 6 photographs in minutes, which Table 2's rates would take hours for,
-# and Stage II decays it to 0 by its last step, which a short run needs to settle (tests/test_demo.py).
+# and Stage II decays it to 0 by its last step, which a short run needs to settle (tests/integration/test_demo.py).
 STAGE_PLAN = {
     1: (0.2, ["--learning-rate", "3e-3", "--warmup-steps", "5"]),
     2: (1.0, ["--learning-rate", "3e-3", "--warmup-steps", "10", "--lr-decay-style", "linear",

@@ -51,7 +51,7 @@ from pipeline.run_dir import CONFIG, config_file, is_run_directory
 
 CHECKSUMS = "SHA256SUMS"
 MODEL_CARD = "README.md"
-# How a model card says to load each layout; tests/test_export.py runs the transformers one.
+# How a model card says to load each layout; tests/integration/test_export.py runs the transformers one.
 USAGE = {
     "transformers": """```python
 import torch

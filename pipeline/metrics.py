@@ -40,7 +40,7 @@ backward runs (every LLM decoder layer when a gradient flows through the LLM; Si
 it trains), attention included, *less the layer's last matmul* (Llama's down_proj, SigLIP's fc2):
 PyTorch's non-reentrant checkpoint stops recomputing once the last tensor the backward needs is back
 (early stop, on by default), and nothing saves that matmul's output. Measured with FlopCounterMode
-(tests/test_metrics.py). Heads and adaptors are not checkpointed.
+(tests/unit/test_metrics.py). Heads and adaptors are not checkpointed.
 
 MFU = model FLOPs / (seconds * GPUs * peak FLOP/s); HFU = (model + recompute) / the same.
 """

@@ -38,7 +38,7 @@ from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
 from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
-from pipeline.planning.memory import dry_run
+from pipeline.planning import dry_run
 from pipeline.preflight import manifest_digests, preflight
 from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, fingerprints_file, is_run_directory
 
@@ -84,7 +84,7 @@ def optimizer_step(engine, micro_batches: list[PackedBatch], weights: torch.Tens
 
     Nothing here waits for the device (under NCCL the collectives are queued on it); `engine.step()` does, once
     per step: DeepSpeed reads whether the global gradient norm is finite (`is_invalid_grad_norm`), which that
-    skip needs. torch's AdamW reads its step count too, a tensor kept on the host. tests/test_host_syncs.py
+    skip needs. torch's AdamW reads its step count too, a tensor kept on the host. tests/*/test_host_syncs.py
     records whose each wait is (on a GPU with the driver's sync debug mode too: bench/gpu_check.sh).
     """
     device, world = weights.device, dist.get_world_size()
@@ -126,7 +126,7 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
 
     tokenizer, plan = checked.tokenizer, checked.plan
     special = SpecialTokens.from_tokenizer(tokenizer)
-    ds = run_deepspeed_config(config, plan, args.model_config.text_config.hidden_size)
+    ds = run_deepspeed_config(config, plan, args.model_config)
     output = Path(config.checkpoint.output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
