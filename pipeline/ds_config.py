@@ -8,7 +8,7 @@ sizes from the stage's rows per step and the world size, after checking the comb
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 
@@ -55,6 +55,56 @@ def batch_plan(rows_per_step: int, world_size: int, rows_per_micro_batch: int, g
 # Bucket floor, in elements (4 MiB of fp32). Without it the tiny preset (h*h = 4,096) sends ~60 reduce-scatters
 # a step and a 2-rank CPU step took ~30% longer; 1b and 7b (h*h = 4.2M, 16.8M) are above it.
 MIN_BUCKET = 1 << 20
+# DeepSpeed's own defaults (deepspeed.runtime.zero.config), which zero3_bf16.json also writes out.
+MAX_LIVE_PARAMETERS = 10 ** 9
+MAX_REUSE_DISTANCE = 10 ** 9
+
+
+@dataclass(frozen=True)
+class ZeroSizes:
+    """The ZeRO sizes a run uses, in elements; `ZERO_KEYS` names each one's key in `zero_optimization`."""
+
+    reduce_bucket: int
+    prefetch_bucket: int
+    persistence_threshold: int
+    max_live: int = MAX_LIVE_PARAMETERS
+    reuse_distance: int = MAX_REUSE_DISTANCE
+
+
+ZERO_KEYS = {"reduce_bucket": "reduce_bucket_size", "prefetch_bucket": "stage3_prefetch_bucket_size",
+             "persistence_threshold": "stage3_param_persistence_threshold",
+             "max_live": "stage3_max_live_parameters", "reuse_distance": "stage3_max_reuse_distance"}
+
+
+def zero_defaults(hidden_size: int) -> ZeroSizes:
+    """The sizes for a model width where a template leaves them open: transformers' "auto" rule (reduce bucket h*h,
+    prefetch bucket 0.9*h*h, persistence threshold 10*h), buckets floored at MIN_BUCKET."""
+    return ZeroSizes(reduce_bucket=max(hidden_size * hidden_size, MIN_BUCKET),
+                     prefetch_bucket=max(int(0.9 * hidden_size * hidden_size), MIN_BUCKET),
+                     persistence_threshold=10 * hidden_size)
+
+
+def filled_zero(zero: dict, hidden_size: int) -> dict:
+    """A template's `zero_optimization` with every size it leaves as a placeholder, or out, filled from the width.
+
+    A number in the template wins (the dry run's recommended template writes them). ZeRO-1/2 keep every weight whole:
+    nothing is gathered or persisted, so no stage3_ key is added."""
+    defaults, stage3 = zero_defaults(hidden_size), zero.get("stage") == 3
+    left_open = {key: getattr(defaults, field) for field, key in ZERO_KEYS.items()
+                 if not is_size(zero.get(key)) and (stage3 or not key.startswith("stage3_"))}
+    return {**zero, **left_open}
+
+
+def zero_sizes(zero: dict, hidden_size: int) -> ZeroSizes:
+    """The sizes a template's `zero_optimization` runs with: its numbers, the width's defaults for the rest (under
+    ZeRO-2 the stage3_ ones are never used)."""
+    return replace(zero_defaults(hidden_size),
+                   **{field: int(zero[key]) for field, key in ZERO_KEYS.items() if is_size(zero.get(key))})
+
+
+def is_size(value: object) -> bool:
+    """A number, not a placeholder string (nor a bool, which JSON's true would be)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def template_path(template: str | Path) -> Path:
@@ -73,16 +123,7 @@ def deepspeed_config(template: str | Path, plan: BatchPlan, *, hidden_size: int,
                      betas: list[float], weight_decay: float, eps: float, grad_clip: float) -> dict:
     """A template from ds_configs/ (a name or a path) with the run's numbers filled in."""
     config = json.loads(template_path(template).read_text())
-    zero = config.setdefault("zero_optimization", {})
-    # A number in the template wins (the dry run's recommended plan writes them); a placeholder is filled here.
-    derived = {"reduce_bucket_size": max(hidden_size * hidden_size, MIN_BUCKET),
-               "stage3_prefetch_bucket_size": max(int(0.9 * hidden_size * hidden_size), MIN_BUCKET),
-               "stage3_param_persistence_threshold": 10 * hidden_size}
-    for key, value in derived.items():
-        if key.startswith("stage3_") and zero.get("stage") != 3:
-            continue  # ZeRO-1/2 keep every weight whole: nothing is gathered or persisted
-        if not isinstance(zero.get(key), int | float) or isinstance(zero.get(key), bool):
-            zero[key] = value
+    config["zero_optimization"] = filled_zero(config.get("zero_optimization", {}), hidden_size)
     config["train_micro_batch_size_per_gpu"] = plan.rows_per_micro_batch
     config["gradient_accumulation_steps"] = plan.accumulation_steps
     config["train_batch_size"] = plan.rows_per_step

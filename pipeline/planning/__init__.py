@@ -1,3 +1,7 @@
-"""`--dry-run`: what a setting costs before a cluster is booked. The memory model (memory.py), the ZeRO-3 gather
-trace (gathers.py), the collective cost model (collectives.py) and the performance plan's table (report.py), joined
-by `dry_run`."""
+"""`--dry-run`: what a setting costs before a cluster is booked. Imports go one way: the memory model (memory.py) <-
+the ZeRO-3 gather trace (gathers.py) <- the collective cost model (collectives.py) <- the performance plan
+(report.py) <- `dry_run` (dry_run.py), the entry."""
+
+from pipeline.planning.dry_run import dry_run
+
+__all__ = ["dry_run"]

@@ -1,17 +1,20 @@
-"""`--dry-run`: memory per GPU under ZeRO-3 for a model, a stage and a world size, without building the model.
+"""The memory model: bytes per GPU of one setting (sharding, rows per micro-batch, checkpointing, ZeRO sizes, frozen
+weights, gradient dtype), without building the model. `estimate_memory` is the only place it is added up: the dry
+run's memory table, the performance plan's rows and so the recommended template all read it.
 
-Our estimate, per GPU, in bytes (P = all parameters, P_t = trainable ones, W = world size):
+Per GPU, in bytes (P = all parameters, P_t = trainable ones, W = the GPUs sharding them: the world, MiCS's node):
 
-    weights          2 * P / W           bf16, every parameter: ZeRO-3 partitions frozen ones too
+    weights          2 * P / W           bf16, every parameter: ZeRO-3 partitions frozen ones too; hpZ adds a second
+                                         copy over its group (2 * P / hpZ), ZeRO-2 keeps them whole (2 * P)
     gradients        2 * P_t / W         bf16, trainable only
     master weights   4 * P_t / W         fp32, trainable only
     Adam m and v     8 * P_t / W         fp32, trainable only
-    gathered params  2 * (largest module + prefetch_layers * decoder layer)
-                     ZeRO-3 gathers one module's full bf16 parameters at a time (the largest is the
-                     102,400 x D embedding or LM head), and prefetches the next few decoder layers
-    frozen, whole    2 * frozen parameters the training forward uses, only with --frozen-weights
-                     persisted: held whole on every rank (not the VQ, which runs in preprocessing, nor
-                     SigLIP's unused attention-pool head: never gathered in training)
+    gathered params  2 * the most elements the gather trace holds at once (gathers.py walks deepspeed's fetch,
+                     prefetch and release over the module trace: the prefetch bucket, reuse distance and max live
+                     parameters decide it); none under ZeRO-2
+    frozen, whole    2 * frozen parameters the training forward uses, only with --frozen-weights persisted under
+                     ZeRO-3: held whole on every rank (not the VQ, which runs in preprocessing, nor SigLIP's unused
+                     attention-pool head: never gathered in training)
     activations      tokens = micro_batch_rows * seq_len (pads occupy memory too), per LLM layer:
                        no checkpointing: (26 * D + 8 * I) bytes/token (derived below)
                        checkpointing:    2 * D bytes/token (the bf16 layer input), plus one layer's
@@ -35,12 +38,15 @@ Total 26D + 8I, i.e. 47.5 D for the 7B (I = 2.69 D), a little above Korthikanti'
                      of this and the typical logits above, since any micro-batch may be all text
     head gradients   the full bf16 gradient of the embedding or LM head (V x D each), alive whole before
                      its reduce-scatter: the larger of the two trainable ones (one at each end of the backward)
-    CUDA + NCCL      1 GiB CUDA context and workspaces, 0.5 GiB of NCCL buffers per communicator
+    reduce buckets   2 * reduce_bucket_size in the gradients' communication dtype: the contiguous bucket being
+                     filled and, under overlap_comm, the one still being reduced
+    CUDA + NCCL      1 GiB CUDA context and workspaces, 0.5 GiB of NCCL buffers per communicator (hpZ and
+                     MiCS add a second one)
     fragmentation    10% on top of everything
 
-Not counted: ZeRO's reduce buckets (pipeline/plan.py adds them per sharding choice) and the dummy SigLIP run of
-micro-batches without images. The launchers set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which keeps
-fragmentation near the margin above.
+Not counted: the dummy SigLIP run of micro-batches without images, offloading (zero3_offload.json), parameters
+below the persistence threshold held whole (norms: under 0.1% of the 7B). The launchers set
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which keeps fragmentation near the margin above.
 
 DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs_all_cold`) assumes every parameter
 trains: 18 bytes per parameter sharded, plus 4 bytes per parameter of the largest layer; it covers
@@ -51,16 +57,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from transformers import JanusConfig
 
-from model.config import model_config, model_size
+from model.config import model_config
 from model.sample import TASKS
-from model.stages import NEVER_TRAINED, Stage, part_of, stage_for
+from model.stages import NEVER_TRAINED, Stage, part_of
 from model.summary import meta_model
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.preflight import checked_plan
+from pipeline.ds_config import ZeroSizes
 
 BF16, FP32 = 2, 4
 GIB = 2 ** 30
@@ -68,6 +73,27 @@ LOGIT_BYTES = 8  # fp32 logits + fp32 log-softmax saved by cross-entropy
 CUDA_CONTEXT = 1.0 * GIB     # CUDA context, cuBLAS workspaces
 NCCL_PER_GROUP = 0.5 * GIB   # NCCL buffers per communicator
 FRAGMENTATION = 0.10         # allocator margin on top of everything else
+
+# Parameters the training forward never uses: the VQ encodes images in preprocessing; NEVER_TRAINED (SigLIP's
+# attention-pool head) has no use in Janus. Never gathered, never counted as frozen weights held whole.
+NOT_IN_FORWARD = ("model.vqmodel.", *NEVER_TRAINED)
+
+SHARDINGS = ("zero3", "zero3-hpz", "mics", "zero2")
+SHARDING_NAMES = {"zero3": "ZeRO-3", "zero3-hpz": "ZeRO-3 hpZ", "mics": "MiCS", "zero2": "ZeRO-2"}
+FROZEN_WEIGHTS = ("partitioned", "persisted")  # --frozen-weights, for the ZeRO-3 kinds
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run a stage, as the dry run costs it: DeepSpeed's sharding and sizes, and the run's flags."""
+
+    sharding: str               # one of SHARDINGS
+    micro_batch_rows: int
+    checkpointing: bool
+    zero: ZeroSizes             # buckets, persistence threshold, max live parameters, reuse distance
+    frozen_weights: str = "partitioned"  # --frozen-weights (ZeRO-3 kinds), or "whole" (ZeRO-2 keeps every weight)
+    grad_bytes: int = BF16      # gradients reduced in bf16, or in fp32 (communication_data_type)
+    hpz: int = 1                # zero_hpz_partition_size: GPUs sharing hpZ's secondary copy ("zero3-hpz")
 
 
 @dataclass(frozen=True)
@@ -115,9 +141,9 @@ def row_mix(ratio: tuple[int, ...], seq_len: int) -> RowMix:
 class ParamCounts:
     total: int
     trainable: int
-    largest_module: int   # most parameters one module owns directly: what ZeRO-3 gathers at once
+    largest_module: int   # most parameters one module owns directly (DeepSpeed's estimate takes it)
     decoder_layer: int    # one LLM decoder layer
-    frozen_used: int = 0  # frozen parameters the training forward uses (not the VQ, not NEVER_TRAINED)
+    frozen_used: int = 0  # frozen parameters the training forward uses (not NOT_IN_FORWARD)
 
 
 def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str]) -> ParamCounts:
@@ -128,12 +154,29 @@ def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str
         total += param.numel()
         if part_of(name) in trainable and not name.startswith(NEVER_TRAINED):
             trainable_count += param.numel()
-        elif not name.startswith(("model.vqmodel.", *NEVER_TRAINED)):
+        elif not name.startswith(NOT_IN_FORWARD):
             frozen_used += param.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
     layer = sum(p.numel() for p in meta.model.language_model.layers[0].parameters())
     return ParamCounts(total=total, trainable=trainable_count, largest_module=largest, decoder_layer=layer,
                        frozen_used=frozen_used)
+
+
+# Compared by identity (eq=False): JanusConfig is unhashable, and gathers.py caches its module trace per workload.
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """A model and the stage it trains (its ratio, seq_len, trainable parts, rows per step): what is costed."""
+
+    name: str             # the preset or checkpoint directory, as printed; "config" for a JanusConfig
+    config: JanusConfig
+    stage: Stage
+    params: ParamCounts
+
+
+def workload(model: str | JanusConfig, stage: Stage) -> Workload:
+    config = model if isinstance(model, JanusConfig) else model_config(model)
+    return Workload(name=model if isinstance(model, str) else "config", config=config, stage=stage,
+                    params=param_counts(config, stage.trainable))
 
 
 def llm_layer_activation_bytes(config: JanusConfig) -> int:
@@ -218,13 +261,13 @@ def deepspeed_estimate(total_params: int, largest_layer_params: int, world_size:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU. `activations` is the one for `checkpointing`; both variants are kept for the table."""
+    """Bytes per GPU of one setting, line by line. `activations` is the setting's; both variants are kept for the
+    table."""
 
     model: str
     world_size: int
-    micro_batch_rows: int
     seq_len: int
-    checkpointing: bool
+    setting: Setting
     params: ParamCounts
     mix: RowMix
     weights: float
@@ -232,23 +275,18 @@ class MemoryEstimate:
     master_weights: float
     adam_states: float
     gathered_params: float
+    persisted_frozen: float     # the forward's frozen parameters whole in bf16, when persisted
     activations_checkpointed: float
     activations_full: float
     logits: float
     worst_logits: float
     head_gradients: float
-    deepspeed_gpu: int
-    deepspeed_table: str
-    frozen_whole: float                 # the forward's frozen parameters in bf16: what persisted holds
-    frozen_weights: str = "partitioned"
-
-    @property
-    def persisted_frozen(self) -> float:
-        return self.frozen_whole if self.frozen_weights == "persisted" else 0.0
+    reduce_buckets: float
+    communicators: int          # NCCL communicators: hpZ and MiCS keep a second one
 
     @property
     def activations(self) -> float:
-        return self.activations_checkpointed if self.checkpointing else self.activations_full
+        return self.activations_checkpointed if self.setting.checkpointing else self.activations_full
 
     @property
     def optimizer(self) -> float:
@@ -261,112 +299,89 @@ class MemoryEstimate:
 
     @property
     def overhead(self) -> float:
-        """CUDA context and one NCCL communicator."""
-        return CUDA_CONTEXT + NCCL_PER_GROUP
+        """CUDA context and the NCCL communicators."""
+        return CUDA_CONTEXT + self.communicators * NCCL_PER_GROUP
 
     @property
     def total(self) -> float:
         used = (self.model_states + self.gathered_params + self.persisted_frozen + self.activations
-                + max(self.logits, self.worst_logits) + self.head_gradients + self.overhead)
+                + max(self.logits, self.worst_logits) + self.head_gradients + self.reduce_buckets + self.overhead)
         return used * (1 + FRAGMENTATION)
 
 
-def estimate_memory(model: str | JanusConfig, stage: Stage, world_size: int, micro_batch_rows: int = 1,
-                    seq_len: int | None = None, checkpointing: bool = True, gpus_per_node: int = 8,
-                    prefetch_layers: int = 2, frozen_weights: str = "partitioned") -> MemoryEstimate:
-    """Our ZeRO-3 per-GPU estimate (see the module docstring) next to DeepSpeed's all-trainable one."""
-    config = model if isinstance(model, JanusConfig) else model_config(model)
-    seq_len = seq_len or stage.seq_len
-    params = param_counts(config, stage.trainable)
-    mix = row_mix(stage.ratio, seq_len)
-    tokens = micro_batch_rows * seq_len
-    und_images = micro_batch_rows * mix.und_images
+def estimate_memory(work: Workload, setting: Setting, world_size: int, gpus_per_node: int,
+                    gathered_peak: int) -> MemoryEstimate:
+    """Bytes per GPU of `setting` (see the module docstring); `gathered_peak`: the most elements its gather trace
+    holds at once (gathers.py's `Gathers.peak_held`)."""
+    config, stage, p = work.config, work.stage, work.params
+    sharding, rows = setting.sharding, setting.micro_batch_rows
+    shards = min(gpus_per_node, world_size) if sharding == "mics" else world_size
+    weights = {"zero3": BF16 * p.total / shards, "zero3-hpz": BF16 * p.total * (1 / shards + 1 / setting.hpz),
+               "mics": BF16 * p.total / shards, "zero2": BF16 * p.total}[sharding]
+    zero3 = sharding != "zero2"  # ZeRO-2 gathers nothing and persists nothing: every weight is whole
+    mix = row_mix(stage.ratio, stage.seq_len)
+    tokens = rows * stage.seq_len
+    und_images = rows * mix.und_images
     siglip_trains = "und_encoder" in stage.trainable
-    ds_gpu, ds_table = deepspeed_estimate(params.total, params.largest_module, world_size, gpus_per_node)
     return MemoryEstimate(
-        model=model if isinstance(model, str) else "config",
-        world_size=world_size, micro_batch_rows=micro_batch_rows, seq_len=seq_len, checkpointing=checkpointing,
-        params=params, mix=mix,
-        weights=BF16 * params.total / world_size,
-        gradients=BF16 * params.trainable / world_size,
-        master_weights=FP32 * params.trainable / world_size,
-        adam_states=2 * FP32 * params.trainable / world_size,
-        gathered_params=BF16 * (params.largest_module + prefetch_layers * params.decoder_layer),
+        model=work.name, world_size=world_size, seq_len=stage.seq_len, setting=setting, params=p, mix=mix,
+        weights=weights,
+        gradients=BF16 * p.trainable / shards,
+        master_weights=FP32 * p.trainable / shards,
+        adam_states=2 * FP32 * p.trainable / shards,
+        gathered_params=BF16 * gathered_peak if zero3 else 0.0,
+        persisted_frozen=BF16 * p.frozen_used if zero3 and setting.frozen_weights == "persisted" else 0.0,
         activations_checkpointed=activation_bytes(config, tokens, und_images, siglip_trains, True),
         activations_full=activation_bytes(config, tokens, und_images, siglip_trains, False),
-        logits=micro_batch_rows * logit_bytes(config, mix.text_targets, mix.image_targets),
-        worst_logits=worst_row_logit_bytes(config, micro_batch_rows, seq_len),
+        logits=rows * logit_bytes(config, mix.text_targets, mix.image_targets),
+        worst_logits=worst_row_logit_bytes(config, rows, stage.seq_len),
         head_gradients=head_gradient_bytes(config, stage.trainable),
-        deepspeed_gpu=ds_gpu, deepspeed_table=ds_table,
-        frozen_whole=BF16 * params.frozen_used, frozen_weights=frozen_weights,
+        reduce_buckets=2 * setting.grad_bytes * setting.zero.reduce_bucket,
+        communicators=2 if sharding in ("zero3-hpz", "mics") else 1,
     )
 
 
-def format_dry_run(est: MemoryEstimate) -> str:
-    """The dry-run table: our estimate line by line, then DeepSpeed's all-trainable model-state estimate."""
-    p, m = est.params, est.mix
+def format_memory(est: MemoryEstimate, deepspeed_gpu: int, deepspeed_table: str) -> str:
+    """The dry run's memory table: our estimate line by line, then DeepSpeed's all-trainable model-state estimate."""
+    p, m, s = est.params, est.mix, est.setting
 
     def line(label: str, value: float, note: str = "") -> str:
         return f"  {label:<26} {value / GIB:>9.2f} GiB  {note}"
 
-    ckpt = "on" if est.checkpointing else "off"
+    ckpt = "on" if s.checkpointing else "off"
+    over = "node" if s.sharding == "mics" else "world"
+    weights = {"zero3": "2 B x all params / world", "mics": "2 B x all params / node",
+               "zero3-hpz": f"2 B x all params / world + 2 B x all / {s.hpz} (hpZ copy)",
+               "zero2": "2 B x all params, whole"}[s.sharding]
+    grads = "fp32" if s.grad_bytes == FP32 else "bf16"
     out = [
-        f"ZeRO-3 memory per GPU: model {est.model}, world {est.world_size}, micro-batch {est.micro_batch_rows} "
-        f"row(s) x {est.seq_len} tokens, checkpointing {ckpt}",
+        f"{SHARDING_NAMES[s.sharding]} memory per GPU: model {est.model}, world {est.world_size}, micro-batch "
+        f"{s.micro_batch_rows} row(s) x {est.seq_len} tokens, checkpointing {ckpt}",
         f"  parameters {p.total / 1e9:.3f} B, trainable {p.trainable / 1e9:.3f} B, "
         f"largest module {p.largest_module / 1e6:.0f} M, decoder layer {p.decoder_layer / 1e6:.0f} M",
         f"  per row (assumed from the ratio): {m.text_targets:.0f} text targets, {m.image_targets:.0f} image "
         f"targets, {m.und_images:.1f} und. images",
-        line("weights (bf16, all)", est.weights, "2 B x all params / world"),
-        line("gradients (bf16)", est.gradients, "2 B x trainable / world"),
-        line("master weights (fp32)", est.master_weights, "4 B x trainable / world"),
-        line("Adam m, v (fp32)", est.adam_states, "8 B x trainable / world"),
-        line("gathered params (bf16)", est.gathered_params, "largest module + prefetched layers"),
+        line("weights (bf16, all)", est.weights, weights),
+        line("gradients (bf16)", est.gradients, f"2 B x trainable / {over}"),
+        line("master weights (fp32)", est.master_weights, f"4 B x trainable / {over}"),
+        line("Adam m, v (fp32)", est.adam_states, f"8 B x trainable / {over}"),
+        line("gathered params (bf16)", est.gathered_params,
+             f"peak of the gather trace (prefetch bucket {s.zero.prefetch_bucket / 1e6:.1f} M)"
+             if s.sharding != "zero2" else "none: ZeRO-2 keeps every weight whole"),
         line("frozen weights, whole", est.persisted_frozen,
-             f"2 B x frozen params the forward uses ({est.frozen_weights})"),
+             f"2 B x frozen params the forward uses ({s.frozen_weights})"),
         line("activations, ckpt on", est.activations_checkpointed, "2*D B/token/layer + one layer recomputed"),
         line("activations, ckpt off", est.activations_full, "(26*D + 8*I) B/token/layer"),
         line("head logits, typical", est.logits, f"{LOGIT_BYTES} B x targets x head width"),
         line("head logits, worst row", est.worst_logits, f"{LOGIT_BYTES} B x seq_len x vocab per text row"),
         line("head gradients (bf16)", est.head_gradients, "full V x D gradient before its reduce-scatter"),
+        line(f"reduce buckets ({grads})", est.reduce_buckets,
+             f"2 x reduce bucket of {s.zero.reduce_bucket / 1e6:.1f} M elements"),
         line("CUDA context + NCCL", est.overhead, "1 GiB + 0.5 GiB per communicator"),
         line("total (ours)", est.total, f"checkpointing {ckpt}; + {FRAGMENTATION:.0%} fragmentation margin"),
-        line("DeepSpeed all-trainable", est.deepspeed_gpu, "model states only: 18 B x all / world + 4 B x largest"),
+        line("DeepSpeed all-trainable", deepspeed_gpu, "model states only: 18 B x all / world + 4 B x largest"),
         line("ours, same scope", est.model_states + BF16 * 2 * p.largest_module, "model states + 4 B x largest"),
         "DeepSpeed's own table:",
-        est.deepspeed_table.rstrip(),
+        deepspeed_table.rstrip(),
     ]
     return "\n".join(out)
-
-
-def planned_world_size(config: TrainConfig, world_size: int | None) -> int:
-    """--world-size, or --nodes x --gpus-per-node; both must agree when both are given."""
-    nodes, per_node = config.system.nodes, config.system.gpus_per_node
-    if world_size and nodes and world_size != nodes * per_node:
-        raise ConfigError(f"--world-size {world_size} is not --nodes {nodes} x --gpus-per-node {per_node}")
-    if not (world_size or nodes):
-        raise ConfigError("--dry-run needs --world-size or --nodes (the cluster to plan for)")
-    return world_size or nodes * per_node
-
-
-def dry_run(config: TrainConfig, world_size: int | None) -> str:
-    """`--dry-run`: the batch plan (refused if impossible), the per-GPU memory estimate and the performance plan for
-    every sharding choice, building nothing."""
-    from pipeline.planning.report import cluster_for, stage_plan  # the plan builds on this module
-
-    world_size = planned_world_size(config, world_size)
-    plan = checked_plan(config, world_size)
-    stage = replace(stage_for(config.stage, model_size(model_config(config.model.model))),
-                    ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
-                    seq_len=config.data.seq_len, rows_per_step=config.optim.rows_per_step,
-                    train_steps=config.optim.train_steps)
-    system = config.system
-    estimate = estimate_memory(config.model.model, stage, world_size, config.data.rows_per_micro_batch,
-                               config.data.seq_len, config.model.gradient_checkpointing, system.gpus_per_node,
-                               frozen_weights=system.frozen_weights)
-    nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
-    cluster = cluster_for(system.gpu, nodes, per_node, system.intra_node_gbps, system.inter_node_gbps)
-    return (f"Stage {config.stage}, model {config.model.model}: {plan.rows_per_step} rows/step over {world_size} "
-            f"ranks = {plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) x "
-            f"{config.data.seq_len} tokens per rank\n" + format_dry_run(estimate) + "\n\n"
-            + stage_plan(config.model.model, stage, cluster, f"Stage {config.stage} {config.model.model}"))

@@ -1,0 +1,89 @@
+"""`--dry-run`: the batch plan (refused if impossible), the memory per GPU of the run's own setting and the
+performance plan of every sharding choice, building nothing.
+
+The run's setting is its flags (rows per micro-batch, checkpointing, --frozen-weights) and the DeepSpeed template it
+would train with: --ds-config, or zero3_bf16 (the GPU default), with its placeholders filled as the launchers fill
+them (pipeline/ds_config.py). The memory table is that setting's, and so is the plan's row marked for --ds-config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from model.config import model_config, model_size
+from model.stages import stage_for
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.ds_config import template_path, zero_sizes
+from pipeline.planning.collectives import Cluster, cluster_for
+from pipeline.planning.memory import (
+    BF16,
+    FP32,
+    Setting,
+    Workload,
+    deepspeed_estimate,
+    format_memory,
+    nodes_and_gpus,
+    workload,
+)
+from pipeline.planning.report import format_performance_plan, performance_row, performance_rows
+from pipeline.preflight import checked_plan
+
+GPU_TEMPLATE = "zero3_bf16"  # what pipeline/engine.py's run_deepspeed_config takes on GPU without --ds-config
+COMMUNICATION_BYTES = {"fp32": FP32, "bf16": BF16, "fp16": BF16}
+
+
+def planned_world_size(config: TrainConfig, world_size: int | None) -> int:
+    """--world-size, or --nodes x --gpus-per-node; both must agree when both are given."""
+    nodes, per_node = config.system.nodes, config.system.gpus_per_node
+    if world_size and nodes and world_size != nodes * per_node:
+        raise ConfigError(f"--world-size {world_size} is not --nodes {nodes} x --gpus-per-node {per_node}")
+    if not (world_size or nodes):
+        raise ConfigError("--dry-run needs --world-size or --nodes (the cluster to plan for)")
+    return world_size or nodes * per_node
+
+
+def run_setting(config: TrainConfig, work: Workload, cluster: Cluster) -> Setting:
+    """The setting this run trains with: its template's ZeRO stage, sizes, hpZ group and gradient dtype, and its
+    flags. Parameters are costed in bf16 whatever the template (zero3_cpu.json's fp32 is for CPU tests)."""
+    name = config.system.ds_config or GPU_TEMPLATE
+    template = json.loads(template_path(name).read_text())
+    zero = template.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (2, 3):
+        raise ConfigError(f"--ds-config {name}: ZeRO stage {stage}; --dry-run costs stages 2 and 3")
+    communication = template.get("communication_data_type")
+    if communication is not None and communication not in COMMUNICATION_BYTES:
+        raise ConfigError(f"--ds-config {name}: communication_data_type {communication!r} is not one of "
+                          f"{', '.join(COMMUNICATION_BYTES)}")
+    # DeepSpeed cuts an hpZ group larger than the world to the world; hpZ is ZeRO-3's.
+    hpz = min(int(zero.get("zero_hpz_partition_size", 1)), cluster.world) if stage == 3 else 1
+    sharding = "zero2" if stage == 2 else "zero3-hpz" if hpz > 1 else "zero3"
+    return Setting(sharding=sharding, micro_batch_rows=config.data.rows_per_micro_batch,
+                   checkpointing=config.model.gradient_checkpointing,
+                   zero=zero_sizes(zero, work.config.text_config.hidden_size),
+                   frozen_weights="whole" if stage == 2 else config.system.frozen_weights,
+                   grad_bytes=COMMUNICATION_BYTES.get(communication, BF16), hpz=hpz)
+
+
+def dry_run(config: TrainConfig, world_size: int | None) -> str:
+    """The dry run's report: the batch plan, the run's memory per GPU, the performance plan."""
+    world_size = planned_world_size(config, world_size)
+    batch = checked_plan(config, world_size)
+    stage = replace(stage_for(config.stage, model_size(model_config(config.model.model))),
+                    ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
+                    seq_len=config.data.seq_len, rows_per_step=config.optim.rows_per_step,
+                    train_steps=config.optim.train_steps)
+    system = config.system
+    nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
+    cluster = cluster_for(system.gpu, nodes, per_node, system.intra_node_gbps, system.inter_node_gbps)
+    work = workload(config.model.model, stage)
+    this_run = performance_row(work, run_setting(config, work, cluster), cluster)
+    deepspeed_gpu, deepspeed_table = deepspeed_estimate(work.params.total, work.params.largest_module, world_size,
+                                                        system.gpus_per_node)
+    rows = performance_rows(work, cluster)
+    return (f"Stage {config.stage}, model {config.model.model}: {batch.rows_per_step} rows/step over {world_size} "
+            f"ranks = {batch.accumulation_steps} micro-batch(es) of {batch.rows_per_micro_batch} row(s) x "
+            f"{config.data.seq_len} tokens per rank\n" + format_memory(this_run.memory, deepspeed_gpu, deepspeed_table)
+            + "\n\n" + format_performance_plan(rows, cluster, f"Stage {config.stage} {config.model.model}",
+                                               this_run if system.ds_config else None))
