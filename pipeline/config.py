@@ -258,19 +258,13 @@ class SystemConfig(Section):
         "in every micro-batch's forward and backward) or persisted (whole on every rank from their first use in "
         "a step until the optimizer step: one gather per step, none in backward; costs their full bf16 weights "
         "per GPU); ZeRO-1/2 keep every weight whole anyway", "partitioned")
-    gpus_per_node: int = doc("GPUs per node, for the batch plan's advice", 8)
-    gpu: Literal["a100-40g", "a100-80g", "h100", "h200"] = doc("GPU --dry-run plans for", "a100-80g")
-    nodes: int | None = doc("nodes --dry-run plans for (unset: from --world-size)", None)
-    intra_node_gbps: float = doc("per-GPU bandwidth inside a node (NVLink), Gb/s, for --dry-run", 2400.0)
-    inter_node_gbps: float = doc("per-GPU network bandwidth across nodes, Gb/s, for --dry-run", 200.0)
+    gpus_per_node: int = doc("GPUs per node, for the batch plan's advice (and --dry-run's nodes)", 8)
     watchdog_seconds: float = doc("exit 3 with every stack if no step completes in this long (0: off)", 1800.0)
     collective_timeout_seconds: float = doc("a collective (all-reduce, gather) waiting this long raises on its rank: "
                                             "below --watchdog-seconds, so a dead peer is named first", 1500.0)
 
     def check(self) -> None:
         need(self.gpus_per_node >= 1, "gpus_per_node", "must be at least 1")
-        need(self.nodes is None or self.nodes >= 1, "nodes", "must be at least 1")
-        need(self.intra_node_gbps > 0 and self.inter_node_gbps > 0, "inter_node_gbps", "bandwidths must be positive")
         need(self.watchdog_seconds >= 0, "watchdog_seconds", "must be 0 (off) or more")
         need(0 < self.collective_timeout_seconds and (not self.watchdog_seconds
                                                        or self.collective_timeout_seconds < self.watchdog_seconds),
@@ -279,6 +273,28 @@ class SystemConfig(Section):
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig,
             "logging": LoggingConfig, "system": SystemConfig}
+
+
+@dataclass(kw_only=True)
+class ClusterConfig(Section):
+    """What --dry-run plans for: a question about a cluster, not a setting of the run, so never saved with it."""
+
+    title: ClassVar[str] = "the cluster --dry-run plans for (not saved with the run)"
+    world_size: int | None = doc("data-parallel size to plan for (or --nodes)", None)
+    nodes: int | None = doc("nodes to plan for, of --gpus-per-node GPUs (unset: from --world-size)", None)
+    gpu: Literal["a100-40g", "a100-80g", "h100", "h200"] = doc("the GPU to plan for", "a100-80g")
+    intra_node_gbps: float = doc("per-GPU bandwidth inside a node (NVLink), Gb/s", 2400.0)
+    inter_node_gbps: float = doc("per-GPU network bandwidth across nodes, Gb/s", 200.0)
+
+    def check(self) -> None:
+        need(self.world_size is None or self.world_size >= 1, "world_size", "must be at least 1")
+        need(self.nodes is None or self.nodes >= 1, "nodes", "must be at least 1")
+        need(self.intra_node_gbps > 0 and self.inter_node_gbps > 0, "inter_node_gbps", "bandwidths must be positive")
+
+
+PARSED = {**SECTIONS, "cluster": ClusterConfig}  # every flag: the run's sections, then --dry-run's cluster
+# Settings older runs saved that are no longer part of a run (--dry-run's cluster): dropped when such a run is read.
+RETIRED = {"system": ("gpu", "nodes", "intra_node_gbps", "inter_node_gbps")}
 
 
 @dataclass(kw_only=True)
@@ -302,7 +318,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        return cls(stage=values["stage"], **{name: kind(**values[name]) for name, kind in SECTIONS.items()})
+        def section(name: str) -> dict:
+            return {k: v for k, v in values[name].items() if k not in RETIRED.get(name, ())}
+
+        return cls(stage=values["stage"], **{name: kind(**section(name)) for name, kind in SECTIONS.items()})
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -386,7 +405,7 @@ class Parser(HfArgumentParser):
 
     def __init__(self, stage: int | None):
         prog = "janus-train" if stage is None else f"janus-train --stage {stage}"
-        super().__init__(list(SECTIONS.values()), prog=prog, allow_abbrev=False,
+        super().__init__(list(PARSED.values()), prog=prog, allow_abbrev=False,
                          usage="%(prog)s [--flag VALUE ...]   (flags by section below)",
                          description="Janus-Pro training on DeepSpeed ZeRO-3, one stage per run. Defaults: Table 2 "
                                      "(model/stages.py) for the stage and --model's size, then --config, then flags.")
@@ -401,7 +420,6 @@ class Parser(HfArgumentParser):
         self.add_argument("--dry-run", action="store_true",
                           help="print the batch plan, per-GPU memory and the performance plan for --world-size "
                                "(or --nodes x --gpus-per-node) on --gpu, build nothing")
-        self.add_argument("--world-size", type=int, help="data-parallel size for --dry-run")
         self.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
 
     def _add_dataclass_arguments(self, dtype: type) -> None:
@@ -441,11 +459,11 @@ def yaml_values(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a mapping of settings")
     values: dict[str, Any] = {}
     for key, value in loaded.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in PARSED and isinstance(value, dict):
             values.update(value)
         else:
             values[key] = value
-    hints = {name: hint for kind in SECTIONS.values() for name, hint in typing.get_type_hints(kind).items()
+    hints = {name: hint for kind in PARSED.values() for name, hint in typing.get_type_hints(kind).items()
              if name != "title"} | {"stage": int}
     unknown = sorted(set(values) - set(hints))
     if unknown:
@@ -459,15 +477,16 @@ def yaml_values(path: str) -> dict[str, Any]:
 
 
 # What the command line asks beyond the run's settings: not saved in config.yaml.
-INVOCATION = ("stage", "config", "dry_run", "world_size", "local_rank")
+INVOCATION = ("stage", "config", "dry_run", "local_rank")
 
 
 def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """Table 2 for the stage and the model's real size, then the YAML file, then the flags.
 
     `stage` is the launcher's; janus-train passes None and the stage comes from --stage or the YAML file. The
-    returned namespace holds the invocation (--config, --dry-run, --world-size) and `model_config`, the model's
-    JanusConfig: --init and the model config are read here once, and passed down from here."""
+    returned namespace holds the invocation (--config, --dry-run), `cluster` (the ClusterConfig --dry-run plans
+    for) and `model_config`, the model's JanusConfig: --init and the model config are read here once, and passed
+    down from here."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = Parser(stage)
     known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # what decides the defaults
@@ -486,7 +505,8 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     values["model"], args.model_config = model
     values["tokenizer"] = values["tokenizer"] or held.get("tokenizer")
     sections = {name: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind)})
-                for name, kind in SECTIONS.items()}
+                for name, kind in PARSED.items()}
+    args.cluster = sections.pop("cluster")
     return TrainConfig(stage=stage, **sections), args
 
 

@@ -113,7 +113,7 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
     try:
         config, args = resolve(stage, argv)
         if args.dry_run:
-            return print(dry_run(config, args.world_size))
+            return print(dry_run(config, args.cluster))
         checked = preflight(config, world_size=launcher_world_size())
     except ConfigError as error:  # a user's mistake: one line, no traceback
         print(f"error: {error}", file=sys.stderr, flush=True)

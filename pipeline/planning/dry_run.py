@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from model.config import model_config, model_size
 from model.stages import stage_for
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ClusterConfig, ConfigError, TrainConfig
 from pipeline.ds_config import template_path, zero_sizes
 from pipeline.planning.collectives import Cluster, cluster_for
 from pipeline.planning.memory import (
@@ -33,9 +33,9 @@ GPU_TEMPLATE = "zero3_bf16"  # what pipeline/engine.py's run_deepspeed_config ta
 COMMUNICATION_BYTES = {"fp32": FP32, "bf16": BF16, "fp16": BF16}
 
 
-def planned_world_size(config: TrainConfig, world_size: int | None) -> int:
+def planned_world_size(planned: ClusterConfig, per_node: int) -> int:
     """--world-size, or --nodes x --gpus-per-node; both must agree when both are given."""
-    nodes, per_node = config.system.nodes, config.system.gpus_per_node
+    world_size, nodes = planned.world_size, planned.nodes
     if world_size and nodes and world_size != nodes * per_node:
         raise ConfigError(f"--world-size {world_size} is not --nodes {nodes} x --gpus-per-node {per_node}")
     if not (world_size or nodes):
@@ -66,9 +66,10 @@ def run_setting(config: TrainConfig, work: Workload, cluster: Cluster) -> Settin
                    grad_bytes=COMMUNICATION_BYTES.get(communication, BF16), hpz=hpz)
 
 
-def dry_run(config: TrainConfig, world_size: int | None) -> str:
-    """The dry run's report: the batch plan, the run's memory per GPU, the performance plan."""
-    world_size = planned_world_size(config, world_size)
+def dry_run(config: TrainConfig, planned: ClusterConfig) -> str:
+    """The dry run's report for the cluster `planned`: the batch plan, the run's memory per GPU, the performance
+    plan."""
+    world_size = planned_world_size(planned, config.system.gpus_per_node)
     batch = checked_plan(config, world_size)
     stage = replace(stage_for(config.stage, model_size(model_config(config.model.model))),
                     ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
@@ -76,7 +77,7 @@ def dry_run(config: TrainConfig, world_size: int | None) -> str:
                     train_steps=config.optim.train_steps)
     system = config.system
     nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
-    cluster = cluster_for(system.gpu, nodes, per_node, system.intra_node_gbps, system.inter_node_gbps)
+    cluster = cluster_for(planned.gpu, nodes, per_node, planned.intra_node_gbps, planned.inter_node_gbps)
     work = workload(config.model.model, stage)
     this_run = performance_row(work, run_setting(config, work, cluster), cluster)
     deepspeed_gpu, deepspeed_table = deepspeed_estimate(work.params.total, work.params.largest_module, world_size,

@@ -70,3 +70,22 @@ def test_a_run_directory_is_found_by_its_names(tmp_path):
     # The on-disk format every earlier run was written in: renaming breaks their resume and export.
     assert (run / "config.yaml").is_file() and (run / "checkpoints").is_dir()
     assert run_dir.run_of_checkpoint(run_dir.checkpoints_dir(run) / "step-00000002") == run.resolve()
+
+
+def test_the_dry_runs_cluster_is_not_saved_with_the_run(tmp_path):
+    config, args = resolve(2, ["--model", "tiny", "--nodes", "4", "--gpu", "h100", "--inter-node-gbps", "400"])
+    assert (args.cluster.nodes, args.cluster.gpu, args.cluster.inter_node_gbps) == (4, "h100", 400.0)
+    config.save(tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    flat = {key for section in saved.values() if isinstance(section, dict) for key in section}
+    assert not flat & {"gpu", "nodes", "world_size", "intra_node_gbps", "inter_node_gbps"}, flat
+
+
+def test_a_run_saved_with_the_retired_cluster_settings_still_loads(tmp_path):
+    values = resolve(2, ["--model", "tiny"])[0].as_dict()
+    values["system"].update(gpu="a100-80g", nodes=None, intra_node_gbps=2400.0, inter_node_gbps=200.0)  # before
+    loaded = TrainConfig.from_dict(values)
+    assert loaded.as_dict() == resolve(2, ["--model", "tiny"])[0].as_dict()
+    values["system"]["not_a_setting"] = 1  # anything else is still refused
+    with pytest.raises(TypeError):
+        TrainConfig.from_dict(values)
