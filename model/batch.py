@@ -35,6 +35,7 @@ class PackedBatch:
     sample_index: torch.Tensor    # [B, T] which packed sample t belongs to (-1 on row padding)
     cu_seqlens: torch.Tensor      # [S + 1] int32 segment starts over the flattened B*T tokens
     max_seqlen: int
+    segment_lengths: tuple[int, ...]  # the S segment lengths, on the host (splitting by them reads no device)
     und_at: torch.Tensor          # [N * 576] flat positions (b * T + t) taking aligner(SigLIP(image)), ascending
     gen_at: torch.Tensor          # [M] flat positions taking gen_aligner(gen_embed(id)), ascending
     text_at: torch.Tensor         # [Nt] flat positions with a text target, ascending
@@ -158,8 +159,9 @@ def pack_rows(rows: list[list[Sample]], seq_len: int | None, special: SpecialTok
         pixel_values=pixel_values(images) if images else torch.zeros(0, 3, 1, 1),
         gen_input_ids=torch.tensor(gen_ids, dtype=torch.long),
         text_targets=text_targets, image_targets=image_targets, task=task, sample_index=sample_index,
-        cu_seqlens=cu_seqlens, max_seqlen=max(seqlens), und_at=und_mask.flatten().nonzero().flatten(),
-        gen_at=gen_mask.flatten().nonzero().flatten(), **target_positions(text_targets, image_targets, task),
+        cu_seqlens=cu_seqlens, max_seqlen=max(seqlens), segment_lengths=tuple(seqlens),
+        und_at=und_mask.flatten().nonzero().flatten(), gen_at=gen_mask.flatten().nonzero().flatten(),
+        **target_positions(text_targets, image_targets, task),
     )
 
 

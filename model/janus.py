@@ -45,14 +45,16 @@ class JanusProForTraining(JanusForConditionalGeneration):
         return like.new_zeros(1, self.config.vision_config.num_channels, size, size)
 
     def _attention_kwargs(self, batch: PackedBatch) -> dict:
-        """Varlen kernels take the packed segment boundaries; sdpa a block-diagonal mask from position_ids."""
+        """Varlen kernels take the packed segment boundaries (per-sample sdpa their host-side lengths); transformers'
+        own sdpa a block-diagonal mask from position_ids."""
         backend = self.model.language_model.config._attn_implementation
         if backend == "sdpa":
             return {"attention_mask": packed_causal_mask(batch.position_ids)}
         if backend == "eager":
             return {}
         cu, longest = batch.cu_seqlens, batch.max_seqlen
-        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+                "segment_lengths": batch.segment_lengths}
 
     def forward(self, batch: PackedBatch) -> PackedLoss:
         # [B*T, D]; image inputs go in by index_copy at positions the batch brings (masked_scatter's backward

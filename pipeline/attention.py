@@ -1,7 +1,9 @@
 """Attention backends for packed rows, chosen by one option (`attention`).
 
-- `sdpa`: PyTorch SDPA with a block-diagonal causal mask built from the restarting `position_ids`
-  (model/janus.py's `packed_causal_mask`; CPU, tests, and a reference).
+- `sdpa`: PyTorch SDPA called once per packed sample, causal, without a mask (`packed_sdpa_forward`): the work
+  of each sample's own square, not the micro-batch's (a flat 5,200-token micro-batch of 600-token samples is ~9x
+  less attention than one masked square); any device, the CPU's (tests, the demo), and a reference. Outside a
+  packed training forward (generation with a KV cache) it is transformers' own sdpa, mask and all.
 - `flash_attention_2`: the flash-attn package through transformers (packed rows are found from
   `position_ids`); needs `pip install -e '.[gpu]'`.
 - `varlen`: PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`), registered
@@ -15,7 +17,10 @@ import inspect
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 Backend = Literal["sdpa", "flash_attention_2", "varlen"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -54,12 +59,42 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return out.view(batch, seq, heads, dim), None
 
 
+PACKED_SDPA = "packed_sdpa"  # the registered name of the `sdpa` backend's attention function
+
+
+def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: q/k/v [B, H, T, D] -> [B, T, H, D], SDPA once per packed sample.
+
+    `segment_lengths` (the batch's host-side tuple: splitting needs no read from the device) comes with a packed
+    training forward; without it (generation) this is transformers' sdpa with the mask transformers built."""
+    lengths = kwargs.pop("segment_lengths", None)
+    if lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    batch, heads, seq, dim = query.shape
+    if key.shape[1] != heads:  # grouped-query attention: repeat key/value heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    # [B, H, T, D] -> [H, B*T, D]: segments are spans of the flattened tokens (cu_seqlens' convention)
+    q, k, v = (t.transpose(0, 1).reshape(heads, batch * seq, dim) for t in (query, key, value))
+    parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scaling)[0]
+             for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)]
+    return torch.cat(parts, 1).view(heads, batch, seq, dim).permute(1, 2, 0, 3), None
+
+
 def use_attention(model: torch.nn.Module, backend: str) -> None:
     """Switch the language model of a Janus model to `backend` (SigLIP keeps its own)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    implementation = backend
+    if backend == "sdpa":
+        AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+        AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # generation's masks, as for sdpa
+        implementation = PACKED_SDPA
     if backend == "varlen":
         AttentionInterface.register("varlen", varlen_attention_forward)
     if backend == "flash_attention_2":
         import flash_attn  # noqa: F401  (a clear ImportError now beats one deep inside the first step)
-    model.model.language_model.config._attn_implementation = backend
+    model.model.language_model.config._attn_implementation = implementation

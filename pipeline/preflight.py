@@ -48,7 +48,6 @@ def preflight(config: TrainConfig, world_size: int) -> Checked:
     check_resume(config.checkpoint)
     check_resume_matches(config)
     check_attention(config.model.attention)
-    check_flat_sdpa(config, torch.cuda.is_available())
     check_ds_config(config.system.ds_config)
     return Checked(tokenizer, checked_plan(config, world_size))
 
@@ -203,16 +202,6 @@ def check_attention(attention: str) -> None:
                           "(pip install flash-attn --no-build-isolation), or use --attention varlen")
     if attention in ("flash_attention_2", "varlen") and not torch.cuda.is_available():
         raise ConfigError(f"--attention {attention}: needs a CUDA GPU; use --attention sdpa on the CPU")
-
-
-def check_flat_sdpa(config: TrainConfig, cuda: bool) -> None:
-    """sdpa computes a flat micro-batch's whole (rows x seq-len)^2 attention under a mask: on a GPU with more than one
-    row per micro-batch that multiplies the attention work by the rows; the varlen kernels compute each sample's own."""
-    data = config.data
-    if cuda and config.model.attention == "sdpa" and data.rows_per_micro_batch > 1 and not data.pad_rows:
-        raise ConfigError(f"--attention sdpa with --rows-per-micro-batch {data.rows_per_micro_batch}: sdpa would "
-                          "compute the whole flat micro-batch's attention square; use --attention varlen (or "
-                          "flash_attention_2), or --pad-rows")
 
 
 def check_ds_config(name: str | None) -> None:

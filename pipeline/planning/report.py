@@ -228,7 +228,7 @@ def format_performance_plan(rows: list[PerformanceRow], cluster: Cluster, stage_
                    f"checkpointing {'on' if s.checkpointing else 'off'}, gradients reduced in "
                    f"{'fp32' if s.grad_bytes == FP32 else 'bf16'}, buckets of {s.zero.reduce_bucket:,} elements: "
                    f"MFU {best.mfu:.1%}, {best.days:.1f} days")
-        # varlen: the plan's attention FLOPs are each sample's own (sdpa would compute the micro-batch's square)
+        # varlen: the GPU kernel for packed samples (sdpa runs one small kernel per sample and layer)
         flags = f"--rows-per-micro-batch {s.micro_batch_rows} --attention varlen" + (
             " --gradient-checkpointing" if s.checkpointing else "") + (
             " --frozen-weights persisted" if s.frozen_weights == "persisted" else "")

@@ -46,3 +46,47 @@ def test_backend_matches_fp32_sdpa_reference_in_bf16(backend, shard_corpus, spec
     has = reference != 0
     assert (got[has] - reference[has]).abs().mean() < 0.02
     assert (got[has] - reference[has]).abs().max() < 0.25
+
+
+@pytest.mark.parametrize("pad_rows", [False, True])
+def test_sdpa_runs_each_packed_sample_alone_and_equals_the_masked_square(pad_rows, shard_corpus, special):
+    """The `sdpa` backend's per-sample SDPA (no mask, each sample's own square) gives the losses and gradients of
+    transformers' sdpa under the block-diagonal mask of the whole micro-batch, flat or in padded rows."""
+    from model.config import preset_config
+    from model.janus import JanusProForTraining
+
+    config = DataConfig(data=[str(shard_corpus[t]) for t in ("understanding", "text", "generation")],
+                        ratio=[2, 3, 5], seq_len=1400, rows_per_micro_batch=3, pad_rows=pad_rows)
+    batch = next(iter(DataPipeline(config, special)))
+    assert len(batch.segment_lengths) > 3 and sum(batch.segment_lengths) == batch.input_ids.numel()
+
+    def losses_and_grads(backend: str | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder))
+        if backend:
+            use_attention(model, backend)
+        out = model(batch)
+        out.loss_sum.sum().backward()
+        return out.token_loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    masked, per_sample = losses_and_grads(None), losses_and_grads("sdpa")
+    assert torch.allclose(masked[0], per_sample[0], atol=1e-5)
+    for a, b in zip(masked[1], per_sample[1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item() + 1e-9)
+
+
+def test_sdpa_outside_a_packed_forward_is_transformers_sdpa(special):
+    """Generation calls the language model without segment lengths: the same outputs as transformers' sdpa."""
+    from model.config import preset_config
+    from model.janus import JanusProForTraining
+
+    torch.manual_seed(0)
+    model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder)).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt, as a batch of generation prompts has
+    with torch.no_grad():
+        reference = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        use_attention(model, "sdpa")
+        got = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(reference[mask.bool()], got[mask.bool()], atol=1e-6)

@@ -128,17 +128,3 @@ def test_user_mistakes_stop_at_once_with_one_line(mistake, shard_corpus, tokeniz
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
-
-
-def test_sdpa_over_a_flat_multi_row_micro_batch_is_refused_on_a_gpu():
-    """sdpa would compute a flat micro-batch's whole attention square; the check runs with CUDA said present."""
-    from pipeline.preflight import check_flat_sdpa
-
-    def config(*flags: str) -> TrainConfig:
-        return resolve(2, ["--model", "tiny", *flags])[0]
-
-    with pytest.raises(ConfigError, match="--attention sdpa with --rows-per-micro-batch 2: .* use --attention varlen"):
-        check_flat_sdpa(config("--rows-per-micro-batch", "2"), cuda=True)
-    check_flat_sdpa(config("--rows-per-micro-batch", "2", "--pad-rows", "true"), cuda=True)  # fixed rows: fine
-    check_flat_sdpa(config("--rows-per-micro-batch", "2"), cuda=False)  # the CPU: tests and small runs
-    check_flat_sdpa(config("--rows-per-micro-batch", "1"), cuda=True)
