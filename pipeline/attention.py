@@ -2,8 +2,10 @@
 
 - `sdpa`: PyTorch SDPA called once per packed sample, causal, without a mask (`packed_sdpa_forward`): the work
   of each sample's own square, not the micro-batch's (a flat 5,200-token micro-batch of 600-token samples is ~9x
-  less attention than one masked square); any device, the CPU's (tests, the demo), and a reference. Outside a
-  packed training forward (generation with a KV cache) it is transformers' own sdpa, mask and all.
+  less attention than one masked square); any device, the CPU's (tests, the demo), and a reference.
+
+Generation (a sample grid: left-padded prompts, a KV cache) is not a packed forward: it runs under transformers'
+own sdpa whatever the backend (`transformers_attention`).
 - `flash_attention_2`: the flash-attn package through transformers (packed rows are found from
   `position_ids`); needs `pip install -e '.[gpu]'`.
 - `varlen`: PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`), registered
@@ -13,14 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 Backend = Literal["sdpa", "flash_attention_2", "varlen"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -65,14 +67,11 @@ PACKED_SDPA = "packed_sdpa"  # the registered name of the `sdpa` backend's atten
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function: q/k/v [B, H, T, D] -> [B, T, H, D], SDPA once per packed sample.
-
-    `segment_lengths` (the batch's host-side tuple: splitting needs no read from the device) comes with a packed
-    training forward; without it (generation) this is transformers' sdpa with the mask transformers built."""
-    lengths = kwargs.pop("segment_lengths", None)
+    """transformers attention-interface function: q/k/v [B, H, T, D] -> [B, T, H, D], SDPA once per packed sample,
+    split by the batch's `segment_lengths` (a host-side tuple: splitting reads nothing from the device)."""
+    lengths = kwargs.get("segment_lengths")
     if lengths is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        raise ValueError("the sdpa backend needs segment_lengths from the packed batch")
     batch, heads, seq, dim = query.shape
     if key.shape[1] != heads:  # grouped-query attention: repeat key/value heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
@@ -91,10 +90,21 @@ def use_attention(model: torch.nn.Module, backend: str) -> None:
     implementation = backend
     if backend == "sdpa":
         AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
-        AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # generation's masks, as for sdpa
         implementation = PACKED_SDPA
     if backend == "varlen":
         AttentionInterface.register("varlen", varlen_attention_forward)
     if backend == "flash_attention_2":
         import flash_attn  # noqa: F401  (a clear ImportError now beats one deep inside the first step)
     model.model.language_model.config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def transformers_attention(model: torch.nn.Module) -> Iterator[None]:
+    """The language model on transformers' own sdpa while inside: for generation, whose left-padded prompts and KV
+    cache need transformers' masks, not a packed batch's segments."""
+    config = model.model.language_model.config
+    backend, config._attn_implementation = config._attn_implementation, "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = backend

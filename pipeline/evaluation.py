@@ -23,6 +23,7 @@ from model.generate import decode_images, generate_image_ids, image_grid
 from model.manifest import Manifest
 from model.sample import TASKS
 from model.tokenizer import SpecialTokens
+from pipeline.attention import transformers_attention
 from pipeline.config import DataConfig, LoggingConfig
 from pipeline.data import DataPipeline
 from pipeline.monitor import log
@@ -85,7 +86,8 @@ class Sampler:
     def grid(self, engine, step: int) -> Path:
         """Every rank generates (each step is one token for every prompt, so the ranks stay in step)."""
         engine.eval()
-        _, images = sample_images(engine.module, self.tokenizer, self.prompts, self.cfg, seed=step)
+        with transformers_attention(engine.module):
+            _, images = sample_images(engine.module, self.tokenizer, self.prompts, self.cfg, seed=step)
         engine.train()
         path = self.folder / f"step-{step:08d}.png"
         if dist.get_rank() == 0:

@@ -75,10 +75,12 @@ def test_sdpa_runs_each_packed_sample_alone_and_equals_the_masked_square(pad_row
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item() + 1e-9)
 
 
-def test_sdpa_outside_a_packed_forward_is_transformers_sdpa(special):
-    """Generation calls the language model without segment lengths: the same outputs as transformers' sdpa."""
+def test_generation_runs_on_transformers_sdpa_whatever_the_backend(special):
+    """A sample grid's left-padded prompts need transformers' masks: under the packed backends the language model
+    would refuse them (no segments), so generation switches to transformers' sdpa and back."""
     from model.config import preset_config
     from model.janus import JanusProForTraining
+    from pipeline.attention import transformers_attention
 
     torch.manual_seed(0)
     model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder)).eval()
@@ -87,6 +89,11 @@ def test_sdpa_outside_a_packed_forward_is_transformers_sdpa(special):
     mask[0, :3] = 0  # a left-padded prompt, as a batch of generation prompts has
     with torch.no_grad():
         reference = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        use_attention(model, "sdpa")
-        got = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.allclose(reference[mask.bool()], got[mask.bool()], atol=1e-6)
+        for backend in ("sdpa", "varlen"):
+            use_attention(model, backend)
+            with pytest.raises(ValueError, match="needs"):
+                model.model.language_model(input_ids=ids, attention_mask=mask)
+            with transformers_attention(model):
+                got = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert model.model.language_model.config._attn_implementation != "sdpa"  # switched back
+            assert torch.allclose(reference[mask.bool()], got[mask.bool()], atol=1e-6)
