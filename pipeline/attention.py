@@ -42,6 +42,11 @@ def _causal_kwargs(fn) -> dict:
     raise RuntimeError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor is_causal")
 
 
+def with_query_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention's key or value [B, H_kv, T, D] repeated to the query's `heads`."""
+    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
@@ -52,9 +57,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if cu_seqlens is None:
         raise ValueError("the varlen backend needs cu_seq_lens_q/max_length_q from the packed batch")
     batch, heads, seq, dim = query.shape
-    if key.shape[1] != heads:  # grouped-query attention: repeat key/value heads
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    key, value = with_query_heads(key, heads), with_query_heads(value, heads)
     q, k, v = (t.transpose(1, 2).reshape(batch * seq, heads, dim) for t in (query, key, value))
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     out = varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, **_causal_kwargs(varlen_attn))
@@ -73,9 +76,7 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if lengths is None:
         raise ValueError("the sdpa backend needs segment_lengths from the packed batch")
     batch, heads, seq, dim = query.shape
-    if key.shape[1] != heads:  # grouped-query attention: repeat key/value heads
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    key, value = with_query_heads(key, heads), with_query_heads(value, heads)
     # [B, H, T, D] -> [H, B*T, D]: segments are spans of the flattened tokens (cu_seqlens' convention)
     q, k, v = (t.transpose(0, 1).reshape(heads, batch * seq, dim) for t in (query, key, value))
     parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scaling)[0]
