@@ -2,8 +2,8 @@
 
 Which samples share a row is the packer's choice (pipeline/); how a chosen row becomes tensors is
 defined here, next to the token layout it follows. Positions restart at 0 for every sample, which
-is what makes attention block-diagonal (sdpa derives the mask from `position_ids`; varlen kernels
-take `cu_seqlens`).
+is what makes attention block-diagonal (transformers' sdpa derives the mask from `position_ids`; varlen kernels
+take `cu_seqlens`, per-sample sdpa the host-side `segment_lengths`).
 
 Where the targets are and how many each task has are computed here, on the CPU, and travel with the batch:
 the forward then needs no boolean-mask indexing or counting on the device, each of which makes the host
