@@ -1,6 +1,6 @@
 """Ask a question about an image, on an exported transformers checkpoint (the understanding path).
 
-    python -m model.chat --checkpoint DIR --image photo.jpg --question "What is in this image?"
+    python -m model.chat --checkpoint DIR --image photo.jpg --question "What is in this image?" [--device cuda]
 
 The prompt is built by model/chat_format.py exactly as training built its samples (system prompt, the image as
 <boi> 576 x <image_placeholder> <eoi>, question, `<|Assistant|>:`), the image by model/images.py's
@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import JanusForConditionalGeneration, PreTrainedTokenizerBase
 
 from model.chat_format import JANUS_SYSTEM_PROMPT, understanding_prompt_ids
-from model.config import DTYPES, num_image_tokens
+from model.config import num_image_tokens
 from model.images import open_encoded, pixel_values, understanding_image
 from model.tokenizer import SpecialTokens
 
@@ -40,7 +40,7 @@ def answer(model: JanusForConditionalGeneration, tokenizer: PreTrainedTokenizerB
 
 
 def main(argv: list[str] | None = None) -> None:
-    from model.generate import load_exported
+    from model.generate import add_device_arguments, inference_device, load_exported
 
     parser = argparse.ArgumentParser(description="Janus-Pro: answer a question about an image.")
     parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
@@ -50,14 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample (with --temperature) instead of greedy")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
+    device, dtype = inference_device(parser, args)
     try:  # before loading the model: a wrong file is said at once
         image = open_encoded(Path(args.image).read_bytes())
         image.load()
     except OSError as exc:  # missing, unreadable, not an accepted format (UnidentifiedImageError), truncated
         parser.error(f"--image {args.image}: {exc}")
-    model, tokenizer = load_exported(args.checkpoint, DTYPES[args.dtype])
+    model, tokenizer = load_exported(args.checkpoint, dtype, device)
     reply = answer(model, tokenizer, image, args.question, args.system or None, args.max_new_tokens,
                    greedy=not args.sample, temperature=args.temperature)
     print(reply)

@@ -1,7 +1,7 @@
 """Text to image with classifier-free guidance, on an exported transformers checkpoint.
 
     python -m model.generate --checkpoint DIR --prompt "a cat" ["a rocket" ...] [--cfg 5 --temperature 1 -n 4
-                             --seed 0 --greedy] --out grid.png
+                             --seed 0 --greedy --device cuda --dtype bf16] --out grid.png
 
 Each prompt is `<bos><|User|>: {prompt}\\n\\n<|Assistant|>:<begin_of_image>` (model/chat_format.py, as in
 training); its unconditional twin keeps only BOS and BOI, every token between them becoming pad, which is
@@ -44,11 +44,33 @@ def check_transformers_version() -> None:
                            f" (older ones ignore the KV cache it passes): pip install 'transformers>={needed},<6'")
 
 
-def load_exported(path: str | Path, dtype: torch.dtype = torch.float32
+def load_exported(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                   ) -> tuple[JanusForConditionalGeneration, PreTrainedTokenizerBase]:
-    """An exported transformers-layout checkpoint and its tokenizer, in eval mode."""
-    model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
+    """An exported transformers-layout checkpoint and its tokenizer, in eval mode, on `device`."""
+    model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device).eval()
     return model, load_tokenizer(path)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype` of the inference commands: CUDA in bf16 where a GPU is, else the CPU in fp32."""
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:N or cpu; default: cuda where a GPU is, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+
+
+def inference_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype `--device`/`--dtype` ask for (their defaults filled in); a wrong device is a usage
+    error said before the model loads."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: not one of cuda, cuda:N, cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
 
 
 def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     parser.add_argument("--backend", choices=("auto", "transformers", "loop"), default="auto")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_device_arguments(parser)
     parser.add_argument("--out", default="grid.png")
     args = parser.parse_args(argv)
-    model, tokenizer = load_exported(args.checkpoint, DTYPES[args.dtype])
+    device, dtype = inference_device(parser, args)
+    model, tokenizer = load_exported(args.checkpoint, dtype, device)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     ids = generate_image_ids(model, tokenizer, prompts, args.cfg, args.temperature, args.seed, args.greedy,
                              args.backend)

@@ -28,6 +28,21 @@ Backend = Literal["sdpa", "flash_attention_2", "varlen"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
+def default_attention() -> str:
+    """The training default: on CUDA the varlen flash kernel (flash-attn's where it imports), `sdpa` on the CPU.
+
+    `sdpa` runs one SDPA per packed sample (or transformers' sdpa under a block-diagonal mask): on a GPU that is one
+    small kernel per sample and layer, or the whole micro-batch's square, so it is the CPU's and the reference path.
+    """
+    if not torch.cuda.is_available():
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # not installed, or built for another torch/CUDA
+        return "varlen"
+    return "flash_attention_2"
+
+
 def _causal_kwargs(fn) -> dict:
     """Causality made explicit for whichever `varlen_attn` this torch has.
 
@@ -47,6 +62,24 @@ def with_query_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
     return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def kernel_dtype(query: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The one dtype a flash kernel gets q, k and v in (it takes only one, of fp16/bf16): autocast's when autocast
+    is on (an fp32 model under bf16 autocast hands over fp32 q and k, RoPE's fp32 cos promoting them, with bf16 v),
+    else the half dtype the values (the module's weights) are in. fp32 without autocast is refused."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = value.dtype
+    if dtype not in HALF_DTYPES:
+        raise TypeError(f"the varlen backend's flash kernel takes only fp16 or bf16, not {dtype}: run the model in "
+                        "bf16, or under torch.autocast(dtype=torch.bfloat16), or use --attention sdpa")
+    return dtype
+
+
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
@@ -57,9 +90,10 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if cu_seqlens is None:
         raise ValueError("the varlen backend needs cu_seq_lens_q/max_length_q from the packed batch")
     batch, heads, seq, dim = query.shape
+    dtype = kernel_dtype(query, value)
     key, value = with_query_heads(key, heads), with_query_heads(value, heads)
-    q, k, v = (t.transpose(1, 2).reshape(batch * seq, heads, dim) for t in (query, key, value))
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    q, k, v = (t.transpose(1, 2).reshape(batch * seq, heads, dim).to(dtype) for t in (query, key, value))
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     out = varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, **_causal_kwargs(varlen_attn))
     return out.view(batch, seq, heads, dim), None
 

@@ -24,7 +24,7 @@ from transformers import HfArgumentParser, JanusConfig
 
 from model.config import PRESETS, model_config, model_size
 from model.stages import STAGES, TRAINABLE_PARTS, Stage, stage_for
-from pipeline.attention import Backend
+from pipeline.attention import Backend, default_attention
 from pipeline.run_dir import config_file, is_run_directory
 
 
@@ -111,10 +111,15 @@ class ModelConfig(Section):
     init: str | None = doc("released weights (either layout) or a previous stage's run directory", None)
     tokenizer: str | None = doc("tokenizer directory; unset: --init's (of a run directory: the tokenizer it used)",
                                 None)
-    attention: Backend = doc(
-        "attention backend: sdpa (any device), flash_attention_2 (pip install flash-attn), varlen (CUDA)", "sdpa")
+    attention: Backend | None = doc(
+        "attention backend: sdpa (any device; the CPU's), flash_attention_2 (pip install flash-attn), varlen (CUDA); "
+        "unset: varlen on CUDA (flash_attention_2 where flash-attn imports), sdpa on the CPU", None)
     gradient_checkpointing: bool = doc("recompute each LLM layer in backward (less memory, ~1/3 more compute)",
                                        False)
+
+    def check(self) -> None:
+        if self.attention is None:  # resolved when built, so config.yaml records the backend actually used
+            self.attention = default_attention()
 
 
 @dataclass(kw_only=True)
