@@ -100,6 +100,41 @@ def chosen(results: list[dict], host_per_image: float) -> dict:
             "actors_per_gpu": math.ceil(BUSY * (host_per_image + device_per_image) / device_per_image)}
 
 
+def images(batches: list[int], seed: int = 0) -> dict[int, list[bytes]]:
+    """Each batch size's random 384x384 RGB images, drawn once: every setting encodes the same ones, so their ids
+    can be compared (drawn per setting from one generator, each setting saw other images and agreed ~0.3%)."""
+    rng = np.random.default_rng(seed)
+    return {batch: [rng.integers(0, 256, SIZE * SIZE * 3, dtype=np.uint8).tobytes() for _ in range(batch)]
+            for batch in batches}
+
+
+def agreement(ids: torch.Tensor, reference: torch.Tensor) -> float:
+    """The share of ids equal to the reference's, position by position (the same images in the same order)."""
+    if ids.shape != reference.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} against reference {tuple(reference.shape)}: not the same images")
+    return (ids == reference).float().mean().item()
+
+
+def measure(setting_list: list[dict], preset: str, vq_path: str | None, device: str, rows: dict[int, list[bytes]],
+            iters: int, peak: float | None) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """Every setting at every batch on the same images; the first setting's ids are the reference."""
+    results, reference = [], {}
+    for setting in setting_list:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(setting.get("tf32"))
+        vq = encoder(preset, vq_path, device, setting)
+        for batch, batch_rows in rows.items():
+            seconds, ids = device_seconds(vq, batch_rows, iters, device)
+            reference.setdefault(batch, ids)
+            agree = agreement(ids, reference[batch])
+            rate = batch / seconds
+            share = rate * ENCODER_FLOPS / peak if peak else None
+            results.append({"setting": setting["name"], "flags": setting["flags"], "batch": batch,
+                            "images_per_s": rate, "peak_share": share, "ids_agree_with_fp32": agree})
+            print(f"{setting['name']:<28}{batch:>6}{rate:>10.1f}{'-' if share is None else f'{share:.1%}':>14}"
+                  f"{agree:>12.2%}", flush=True)
+    return results, reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,24 +145,11 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None
-    rng = np.random.default_rng(0)
-    results, reference = [], {}
+    rows = images(args.batches)
     print(f"{'setting':<28}{'batch':>6}{'images/s':>10}{'of bf16 peak':>14}{'ids = fp32':>12}")
-    for setting in settings(args.device):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(setting.get("tf32"))
-        vq = encoder(args.preset, args.vq, args.device, setting)
-        for batch in args.batches:
-            rows = [rng.integers(0, 256, SIZE * SIZE * 3, dtype=np.uint8).tobytes() for _ in range(batch)]
-            seconds, ids = device_seconds(vq, rows, args.iters, args.device)
-            reference.setdefault(batch, ids)
-            agree = (ids == reference[batch]).float().mean().item()
-            rate = batch / seconds
-            share = rate * ENCODER_FLOPS / peak if peak else None
-            results.append({"setting": setting["name"], "flags": setting["flags"], "batch": batch,
-                            "images_per_s": rate, "peak_share": share, "ids_agree_with_fp32": agree})
-            print(f"{setting['name']:<28}{batch:>6}{rate:>10.1f}{'-' if share is None else f'{share:.1%}':>14}"
-                  f"{agree:>12.2%}", flush=True)
-    pick = chosen(results, host_seconds_per_image(rows, reference[args.batches[-1]], max(1, args.iters)))  # last batch
+    results, reference = measure(settings(args.device), args.preset, args.vq, args.device, rows, args.iters, peak)
+    last = args.batches[-1]
+    pick = chosen(results, host_seconds_per_image(rows[last], reference[last], max(1, args.iters)))
     print(f"chosen: {pick['setting']} at batch {pick['batch']} ({pick['images_per_s']:.1f} images/s, ids "
           f"{pick['ids_agree_with_fp32']:.2%} = fp32); host work {pick['host_ms_per_image']:.2f} ms per image -> "
           f"{pick['actors_per_gpu']} actor(s) per GPU\n  python -m preprocess generation ... {pick['flags']} "

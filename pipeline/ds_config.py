@@ -121,13 +121,22 @@ def template_path(template: str | Path) -> Path:
 
 def deepspeed_config(template: str | Path, plan: BatchPlan, *, hidden_size: int, learning_rate: float,
                      betas: list[float], weight_decay: float, eps: float, grad_clip: float) -> dict:
-    """A template from ds_configs/ (a name or a path) with the run's numbers filled in."""
+    """A template from ds_configs/ (a name or a path) with the run's numbers filled in.
+
+    With more than one micro-batch per step, gradients accumulate in fp32 (`data_types.grad_accum_dtype`) unless
+    the template names a dtype: DeepSpeed otherwise accumulates in the model's dtype, and under bf16 ZeRO-3 keeps
+    the step's gradient partition in bf16, adding each micro-batch's reduced gradient into it with bf16 rounding
+    (a later micro-batch's contribution below 2^-9 of the sum is lost). Filled here, not written in the templates:
+    with one micro-batch there is nothing to accumulate and the fp32 buffer would cost 2 more bytes per trainable
+    parameter / W for nothing."""
     config = json.loads(template_path(template).read_text())
     config["zero_optimization"] = filled_zero(config.get("zero_optimization", {}), hidden_size)
     config["train_micro_batch_size_per_gpu"] = plan.rows_per_micro_batch
     config["gradient_accumulation_steps"] = plan.accumulation_steps
     config["train_batch_size"] = plan.rows_per_step
     config["gradient_clipping"] = grad_clip
+    if plan.accumulation_steps > 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32", **config.get("data_types", {})}  # the template's wins
     params = config.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})["params"]
     params.update(lr=learning_rate, betas=list(betas), weight_decay=weight_decay, eps=eps)
     return config

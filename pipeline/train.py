@@ -115,13 +115,13 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
         if args.dry_run:
             return print(dry_run(config, args.cluster))
         checked = preflight(config, world_size=launcher_world_size())
+        device = bind_device()  # before the first collective: NCCL's communicator is made on the current device
     except ConfigError as error:  # a user's mistake: one line, no traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                timeout=timedelta(seconds=config.system.collective_timeout_seconds))
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.data.seed)
 
     tokenizer, plan = checked.tokenizer, checked.plan
@@ -161,6 +161,30 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
     log(f"done at step {step}; checkpoints in {checkpoints_dir(output)}")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def bind_device() -> torch.device:
+    """This rank's device, made current before any collective (an NCCL communicator, and every later CUDA call, uses
+    the current device: unset, every rank of a node would land on cuda:0).
+
+    cuda:LOCAL_RANK where the node's GPUs are all visible to each rank (the deepspeed launcher, torchrun, srun
+    without GPU binding); cuda:0 where each rank sees exactly one (Slurm's --gpus-per-task / --gpu-bind, or
+    CUDA_VISIBLE_DEVICES set per task). Then LOCAL_RANK is set to 0 too, because DeepSpeed's zero.Init and engine
+    bind cuda:LOCAL_RANK themselves. The CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local < visible:
+        index = local
+    elif visible == 1:
+        index = 0
+        os.environ["LOCAL_RANK"] = "0"
+    else:
+        raise ConfigError(f"LOCAL_RANK {local} but this rank sees {visible} GPUs (cuda:0-{visible - 1}): give each "
+                          f"rank either every GPU of its node or exactly one (CUDA_VISIBLE_DEVICES, Slurm's GPU "
+                          f"binding)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def check_shards_once(manifests: list[str]) -> None:
