@@ -6,7 +6,8 @@ Per GPU, in bytes (P = all parameters, P_t = trainable ones, W = the GPUs shardi
 
     weights          2 * P / W           bf16, every parameter: ZeRO-3 partitions frozen ones too; hpZ adds a second
                                          copy over its group (2 * P / hpZ), ZeRO-2 keeps them whole (2 * P)
-    gradients        2 * P_t / W         bf16, trainable only
+    gradients        2 * P_t / W         bf16, trainable only; 4 * P_t / W under ZeRO-3 with more than one
+                                         micro-batch a step (pipeline/ds_config.py accumulates them in fp32)
     master weights   4 * P_t / W         fp32, trainable only
     Adam m and v     8 * P_t / W         fp32, trainable only
     gathered params  2 * the most elements the gather trace holds at once (gathers.py walks deepspeed's fetch,
@@ -271,6 +272,7 @@ class MemoryEstimate:
     params: ParamCounts
     mix: RowMix
     weights: float
+    gradient_element: int       # bytes a gradient element is kept in (fp32 when ZeRO-3 accumulates micro-batches)
     gradients: float
     master_weights: float
     adam_states: float
@@ -309,6 +311,13 @@ class MemoryEstimate:
         return used * (1 + FRAGMENTATION)
 
 
+def gradient_bytes(setting: Setting, rows_per_rank: int) -> int:
+    """Bytes a gradient element is kept in: fp32 where ZeRO-3 accumulates several micro-batches (the filled
+    `data_types.grad_accum_dtype`), else bf16."""
+    accumulating = rows_per_rank // setting.micro_batch_rows > 1
+    return FP32 if accumulating and setting.sharding != "zero2" else BF16
+
+
 def estimate_memory(work: Workload, setting: Setting, world_size: int, gpus_per_node: int,
                     gathered_peak: int) -> MemoryEstimate:
     """Bytes per GPU of `setting` (see the module docstring); `gathered_peak`: the most elements its gather trace
@@ -326,7 +335,8 @@ def estimate_memory(work: Workload, setting: Setting, world_size: int, gpus_per_
     return MemoryEstimate(
         model=work.name, world_size=world_size, seq_len=stage.seq_len, setting=setting, params=p, mix=mix,
         weights=weights,
-        gradients=BF16 * p.trainable / shards,
+        gradient_element=(grad := gradient_bytes(setting, stage.rows_per_step // world_size)),
+        gradients=grad * p.trainable / shards,
         master_weights=FP32 * p.trainable / shards,
         adam_states=2 * FP32 * p.trainable / shards,
         gathered_params=BF16 * gathered_peak if zero3 else 0.0,
@@ -362,7 +372,8 @@ def format_memory(est: MemoryEstimate, deepspeed_gpu: int, deepspeed_table: str)
         f"  per row (assumed from the ratio): {m.text_targets:.0f} text targets, {m.image_targets:.0f} image "
         f"targets, {m.und_images:.1f} und. images",
         line("weights (bf16, all)", est.weights, weights),
-        line("gradients (bf16)", est.gradients, f"2 B x trainable / {over}"),
+        line(f"gradients ({'fp32' if est.gradient_element == FP32 else 'bf16'})", est.gradients,
+             f"{est.gradient_element} B x trainable / {over}"),
         line("master weights (fp32)", est.master_weights, f"4 B x trainable / {over}"),
         line("Adam m, v (fp32)", est.adam_states, f"8 B x trainable / {over}"),
         line("gathered params (bf16)", est.gathered_params,
