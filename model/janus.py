@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from model.batch import PackedBatch
+from model.head_loss import head_loss
 from model.sample import TASKS
 
 
@@ -84,15 +84,17 @@ class JanusProForTraining(JanusForConditionalGeneration):
         # are comes with the batch (model/batch.py): finding them here would make the host wait for the GPU.
         token_loss = hidden.new_zeros(batch.input_ids.numel(), dtype=torch.float32)
         loss_sum, task = token_loss.new_zeros(len(TASKS)), batch.task.flatten()
-        for at, targets, head in ((batch.text_at, batch.text_targets, self.lm_head),
-                                  (batch.image_at, batch.image_targets, self.model.generation_head)):
-            if at.numel() > 0:
-                logits = head(hidden.index_select(0, at)).float()
-                loss = F.cross_entropy(logits, targets.flatten().index_select(0, at), reduction="none")
+        # head_loss runs a head on a bounded number of targets at a time (an all-text micro-batch's logits are GBs), in
+        # as many chunks for every micro-batch of this shape. Without targets it runs them empty: the branch rule above,
+        # with the same module calls as when the task is present (ZeRO-3's trace of them stays valid).
+        text, image = self.config.text_config.vocab_size, self.config.vq_config.num_embeddings
+        for at, targets, head, vocab in ((batch.text_at, batch.text_targets, self.lm_head, text),
+                                         (batch.image_at, batch.image_targets, self.model.generation_head, image)):
+            if at.numel() > 0 or self.run_every_module:
+                loss = head_loss(head, hidden.index_select(0, at), targets.flatten().index_select(0, at), vocab,
+                                 max_targets=batch.input_ids.numel())
                 token_loss = token_loss.index_put((at,), loss)
                 loss_sum = loss_sum.index_add(0, task.index_select(0, at), loss)
-            elif self.run_every_module:
-                zero = zero + 0.0 * head(hidden[:1]).sum()
 
         return PackedLoss(loss_sum=loss_sum + zero, target_count=batch.target_count,
                           token_loss=token_loss.view(batch.input_ids.shape))

@@ -25,7 +25,8 @@ Per GPU, in bytes (P = all parameters, P_t = trainable ones, W = the GPUs shardi
                      masks and attention scores, which is what SigLIP's layer is), 2 * w with checkpointing
     head logits      8 bytes per logit at target positions only: text targets x vocab + image targets
                      x 16,384 (fp32 logits and the fp32 log-softmax that cross-entropy saves are both
-                     alive at the loss); targets per row from the stage's ratio (see `row_mix`)
+                     alive at the loss); targets per row from the stage's ratio (see `row_mix`); at most
+                     LOGIT_PEAK: the loss runs a head on one chunk of targets at a time (model/head_loss.py)
 
 Llama layer, bytes saved for backward per token (bf16 = 2 bytes; flash/SDPA attention keeps no L x L
 scores): each RMSNorm keeps an fp32 copy of its input (transformers upcasts) and its bf16 normalised
@@ -35,8 +36,8 @@ Total 26D + 8I, i.e. 47.5 D for the 7B (I = 2.69 D), a little above Korthikanti'
 (its 4D GELU MLP keeps 2 tensors of 4D; SwiGLU keeps 4 of I). Measured on the tiny model within 5%.
 
     worst row's logits  a micro-batch of text rows: every position a target of the 102,400-wide LM head
-                     (8 B x rows x seq_len x vocab: 3.1 GiB for one 4096-token row); the total takes the larger
-                     of this and the typical logits above, since any micro-batch may be all text
+                     (8 B x rows x seq_len x vocab, 3.1 GiB for one 4096-token row, at most LOGIT_PEAK); the total
+                     takes the larger of this and the typical logits above, since any micro-batch may be all text
     head gradients   the full bf16 gradient of the embedding or LM head (V x D each), alive whole before
                      its reduce-scatter: the larger of the two trainable ones (one at each end of the backward)
     reduce buckets   2 * reduce_bucket_size in the gradients' communication dtype: the contiguous bucket being
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 from transformers import JanusConfig
 
 from model.config import model_config
+from model.head_loss import LOGITS_CHUNK_BYTES
 from model.sample import TASKS
 from model.stages import NEVER_TRAINED, Stage, part_of
 from model.summary import meta_model
@@ -71,6 +73,9 @@ from pipeline.ds_config import ZeroSizes
 BF16, FP32 = 2, 4
 GIB = 2 ** 30
 LOGIT_BYTES = 8  # fp32 logits + fp32 log-softmax saved by cross-entropy
+# The loss's peak, however many targets: one recomputed chunk's fp32 logits, their log-softmax and gradients and the
+# head's bf16 output (3.4 chunks measured on the CPU with an fp32 head: bench/loss_memory.py).
+LOGIT_PEAK = 4 * LOGITS_CHUNK_BYTES
 CUDA_CONTEXT = 1.0 * GIB     # CUDA context, cuBLAS workspaces
 NCCL_PER_GROUP = 0.5 * GIB   # NCCL buffers per communicator
 FRAGMENTATION = 0.10         # allocator margin on top of everything else
@@ -215,12 +220,12 @@ def activation_bytes(config: JanusConfig, tokens: int, und_images: float, siglip
 def logit_bytes(config: JanusConfig, text_targets: float, image_targets: float) -> float:
     """Head logits at target positions only (the heads never run on the whole row)."""
     vocab, codebook = config.text_config.vocab_size, config.vq_config.num_embeddings
-    return LOGIT_BYTES * (text_targets * vocab + image_targets * codebook)
+    return min(LOGIT_BYTES * (text_targets * vocab + image_targets * codebook), LOGIT_PEAK)
 
 
 def worst_row_logit_bytes(config: JanusConfig, rows: int, seq_len: int) -> float:
     """Logits of a micro-batch whose rows are all text: every position a target of the LM head."""
-    return LOGIT_BYTES * rows * seq_len * config.text_config.vocab_size
+    return min(LOGIT_BYTES * rows * seq_len * config.text_config.vocab_size, LOGIT_PEAK)
 
 
 def head_gradient_bytes(config: JanusConfig, trainable: tuple[str, ...] | list[str]) -> float:
@@ -364,6 +369,7 @@ def format_memory(est: MemoryEstimate, deepspeed_gpu: int, deepspeed_table: str)
                "zero3-hpz": f"2 B x all params / world + 2 B x all / {s.hpz} (hpZ copy)",
                "zero2": "2 B x all params, whole"}[s.sharding]
     grads = "fp32" if s.grad_bytes == FP32 else "bf16"
+    cap = f"{LOGIT_PEAK / GIB:g} GiB (chunked)"
     out = [
         f"{SHARDING_NAMES[s.sharding]} memory per GPU: model {est.model}, world {est.world_size}, micro-batch "
         f"{s.micro_batch_rows} row(s) x {est.seq_len} tokens, checkpointing {ckpt}",
@@ -383,8 +389,9 @@ def format_memory(est: MemoryEstimate, deepspeed_gpu: int, deepspeed_table: str)
              f"2 B x frozen params the forward uses ({s.frozen_weights})"),
         line("activations, ckpt on", est.activations_checkpointed, "2*D B/token/layer + one layer recomputed"),
         line("activations, ckpt off", est.activations_full, "(26*D + 8*I) B/token/layer"),
-        line("head logits, typical", est.logits, f"{LOGIT_BYTES} B x targets x head width"),
-        line("head logits, worst row", est.worst_logits, f"{LOGIT_BYTES} B x seq_len x vocab per text row"),
+        line("head logits, typical", est.logits, f"{LOGIT_BYTES} B x targets x head width, at most {cap}"),
+        line("head logits, worst row", est.worst_logits,
+             f"{LOGIT_BYTES} B x seq_len x vocab per text row, at most {cap}"),
         line("head gradients (bf16)", est.head_gradients, "full V x D gradient before its reduce-scatter"),
         line(f"reduce buckets ({grads})", est.reduce_buckets,
              f"2 x reduce bucket of {s.zero.reduce_bucket / 1e6:.1f} M elements"),
