@@ -57,6 +57,9 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, voca
     sizes = [n // chunks + (i < n % chunks) for i in range(chunks)]
     # split (not slicing in a loop): its backward is one concatenation of the chunks' gradients, where a slice's
     # is a full-size zero tensor per chunk. preserve_rng_state=False: the heads draw no random numbers, and saving
-    # the generators' state costs each chunk.
-    return torch.cat([checkpoint(_chunk_loss, head, h, t, use_reentrant=False, preserve_rng_state=False)
+    # the generators' state costs each chunk. determinism_check="none": under ZeRO-3 a frozen head's weight is a
+    # partitioned parameter, gathered again by the module's hooks for the recomputation, and the metadata check
+    # failed on it (CheckpointError, 2 CPU ranks, Stage I at 1b width, where the LM head is frozen).
+    return torch.cat([checkpoint(_chunk_loss, head, h, t, use_reentrant=False, preserve_rng_state=False,
+                                 determinism_check="none")
                       for h, t in zip(hidden.split(sizes), targets.split(sizes), strict=True)])
