@@ -59,7 +59,8 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, voca
     # is a full-size zero tensor per chunk. preserve_rng_state=False: the heads draw no random numbers, and saving
     # the generators' state costs each chunk. determinism_check="none": under ZeRO-3 a frozen head's weight is a
     # partitioned parameter, gathered again by the module's hooks for the recomputation, and the metadata check
-    # failed on it (CheckpointError, 2 CPU ranks, Stage I at 1b width, where the LM head is frozen).
+    # failed on it (CheckpointError, 2 CPU ranks, Stage I at 1b width, where the LM head is frozen); the gradients
+    # are the unchunked loss's (6e-7 relative, ZeRO-3 on one CPU rank, Stage I's frozen LM head, ~20 chunks).
     return torch.cat([checkpoint(_chunk_loss, head, h, t, use_reentrant=False, preserve_rng_state=False,
                                  determinism_check="none")
                       for h, t in zip(hidden.split(sizes), targets.split(sizes), strict=True)])
