@@ -113,7 +113,7 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
     try:
         config, args = resolve(stage, argv)
         if args.dry_run:
-            return print(dry_run(config, args.cluster))
+            return print(dry_run(config, args.cluster, args.model_config))
         checked = preflight(config, world_size=launcher_world_size())
         device = bind_device()  # before the first collective: NCCL's communicator is made on the current device
     except ConfigError as error:  # a user's mistake: one line, no traceback

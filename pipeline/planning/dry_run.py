@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from model.config import model_config, model_size
+from transformers import JanusConfig
+
+from model.config import model_size
 from model.stages import stage_for
 from pipeline.config import ClusterConfig, ConfigError, TrainConfig
 from pipeline.ds_config import template_path, zero_sizes
@@ -66,19 +68,19 @@ def run_setting(config: TrainConfig, work: Workload, cluster: Cluster) -> Settin
                    grad_bytes=COMMUNICATION_BYTES.get(communication, BF16), hpz=hpz)
 
 
-def dry_run(config: TrainConfig, planned: ClusterConfig) -> str:
+def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig) -> str:
     """The dry run's report for the cluster `planned`: the batch plan, the run's memory per GPU, the performance
-    plan."""
+    plan. `janus`: the model's config, as start-up read it."""
     world_size = planned_world_size(planned, config.system.gpus_per_node)
     batch = checked_plan(config, world_size)
-    stage = replace(stage_for(config.stage, model_size(model_config(config.model.model))),
+    stage = replace(stage_for(config.stage, model_size(janus)),
                     ratio=tuple(config.data.ratio), trainable=tuple(config.optim.trainable),
                     seq_len=config.data.seq_len, rows_per_step=config.optim.rows_per_step,
                     train_steps=config.optim.train_steps)
     system = config.system
     nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
     cluster = cluster_for(planned.gpu, nodes, per_node, planned.intra_node_gbps, planned.inter_node_gbps)
-    work = workload(config.model.model, stage)
+    work = workload(janus, stage, name=config.model.model)
     this_run = performance_row(work, run_setting(config, work, cluster), cluster)
     deepspeed_gpu, deepspeed_table = deepspeed_estimate(work.params.total, work.params.largest_module, world_size,
                                                         system.gpus_per_node)

@@ -179,9 +179,10 @@ class Workload:
     params: ParamCounts
 
 
-def workload(model: str | JanusConfig, stage: Stage) -> Workload:
+def workload(model: str | JanusConfig, stage: Stage, name: str | None = None) -> Workload:
+    """A model (a preset, a checkpoint directory, or a config already read: then named `name`) and its stage."""
     config = model if isinstance(model, JanusConfig) else model_config(model)
-    return Workload(name=model if isinstance(model, str) else "config", config=config, stage=stage,
+    return Workload(name=name or (model if isinstance(model, str) else "config"), config=config, stage=stage,
                     params=param_counts(config, stage.trainable))
 
 

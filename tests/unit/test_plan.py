@@ -253,11 +253,11 @@ def test_flops_are_metrics_formula_on_the_expected_micro_batch():
 
 def test_dry_run_takes_the_cluster_flags():
     config, args = resolve(2, ["--model", "1b", "--nodes", "32", "--gpu", "h100", "--inter-node-gbps", "400"])
-    text = dry_run(config, args.cluster)
+    text = dry_run(config, args.cluster, args.model_config)
     assert "32 x 8 H100" in text and "400 Gb/s across nodes" in text and "Recommended (*)" in text
     config, args = resolve(2, ["--model", "1b", "--nodes", "32", "--world-size", "128"])
     with pytest.raises(ConfigError, match="--world-size 128 is not --nodes 32"):
-        dry_run(config, args.cluster)
+        dry_run(config, args.cluster, args.model_config)
     with pytest.raises(ConfigError, match="--gpu"):
         resolve(2, ["--model", "1b", "--gpu", "v100"])
 
@@ -317,7 +317,7 @@ def test_the_memory_table_totals_what_the_plan_row_of_the_same_setting_costs(sta
     today's buckets, partitioned) totals the GiB of the plan's row with that setting. They were two near-copies
     that counted gathered parameters and buckets apart: 32.6 vs 33.9 GiB for the 7b."""
     config, args = resolve(stage, [*flags, "--world-size", "256"])
-    text = dry_run(config, args.cluster)
+    text = dry_run(config, args.cluster, args.model_config)
     bucket = zero_defaults(4096 if "7b" in flags else 2048).reduce_bucket
     ckpt = "on" if config.model.gradient_checkpointing else "off"
     row = next(r for r in plan_lines(text) if r[:7] == ["zero3", "partitioned", "1", r[3], ckpt, "bf16",
@@ -335,9 +335,9 @@ def test_a_ds_config_is_what_the_dry_run_costs(tmp_path):
     template["communication_data_type"] = "fp32"
     (tmp_path / "mine.json").write_text(json.dumps(template))
     plain_config, args = resolve(2, ["--model", "7b", "--world-size", "256"])
-    plain = dry_run(plain_config, args.cluster)
+    plain = dry_run(plain_config, args.cluster, args.model_config)
     config, args = resolve(2, ["--model", "7b", "--world-size", "256", "--ds-config", str(tmp_path / "mine.json")])
-    text = dry_run(config, args.cluster)
+    text = dry_run(config, args.cluster, args.model_config)
 
     def line(label: str, of: str) -> float:
         return float(re.search(rf"{re.escape(label)}\s+([\d.]+) GiB", of).group(1))
@@ -356,21 +356,22 @@ def test_a_ds_config_is_what_the_dry_run_costs(tmp_path):
     # ZeRO-2 from the template's stage; ZeRO-1 is not costed.
     template["zero_optimization"]["stage"] = 2
     (tmp_path / "mine.json").write_text(json.dumps(template))
-    assert "ZeRO-2 memory per GPU" in dry_run(config, args.cluster)
+    assert "ZeRO-2 memory per GPU" in dry_run(config, args.cluster, args.model_config)
     template["zero_optimization"]["stage"] = 1
     (tmp_path / "mine.json").write_text(json.dumps(template))
     with pytest.raises(ConfigError, match="ZeRO stage 1"):
-        dry_run(config, args.cluster)
+        dry_run(config, args.cluster, args.model_config)
 
 
 def test_the_recommended_template_and_flags_are_costed_as_the_recommended_row(tmp_path):
     config, args = resolve(2, ["--model", "7b", "--world-size", "256"])
-    run_it = next(x for x in dry_run(config, args.cluster).splitlines() if x.startswith("  run it: "))
+    text = dry_run(config, args.cluster, args.model_config)
+    run_it = next(x for x in text.splitlines() if x.startswith("  run it: "))
     flags, template = run_it.removeprefix("  run it: ").split(" --ds-config FILE, FILE holding ")
     (tmp_path / "recommended.json").write_text(template)
     config, args = resolve(2, ["--model", "7b", "--world-size", "256", *flags.split(),
                                "--ds-config", str(tmp_path / "recommended.json")])
-    text = dry_run(config, args.cluster)
+    text = dry_run(config, args.cluster, args.model_config)
     marked = [x for x in text.splitlines() if x.endswith("this run (--ds-config)")]
     assert len(marked) == 1 and marked[0].startswith("* ")  # recommended, and what this run costs
     assert table_total(text) == pytest.approx(float(marked[0].split()[14]), abs=0.051)

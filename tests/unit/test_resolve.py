@@ -89,3 +89,16 @@ def test_a_run_saved_with_the_retired_cluster_settings_still_loads(tmp_path):
     values["system"]["not_a_setting"] = 1  # anything else is still refused
     with pytest.raises(TypeError):
         TrainConfig.from_dict(values)
+
+
+def test_the_dry_run_costs_the_config_start_up_read(monkeypatch):
+    from pipeline.planning import dry_run
+    from pipeline.planning import memory
+
+    config, args = resolve(2, ["--model", "tiny", "--world-size", "8"])
+
+    def read_again(*_args, **_kwargs):
+        raise AssertionError("the dry run read the model config again")
+
+    monkeypatch.setattr(memory, "model_config", read_again)
+    assert "memory per GPU: model tiny" in dry_run(config, args.cluster, args.model_config)
