@@ -11,9 +11,12 @@ space, and the partial step directory is removed.
 
 Resume takes the newest checkpoint whose files all match its `COMPLETE` (a flipped bit or a truncated file is
 reported by name and skipped). Resuming from an older step sets newer ones aside in `checkpoints/abandoned/`:
-a checkpoint is never deleted except by pruning, which keeps the step a run resumed from. DeepSpeed unpickles
-its checkpoint files, so only checkpoints whose `COMPLETE` this code wrote are loaded unless the user says
-they trust them (`--trust-checkpoint`).
+a checkpoint is never deleted except by pruning, which keeps the step a run resumed from.
+
+Trust: DeepSpeed pickles its checkpoint files, and every load of them here (resume, --init, universal conversion,
+export) goes through torch's weights-only unpickler (pipeline/safe_load.py), so a file that carries code is refused,
+whoever wrote it. Only a checkpoint whose `COMPLETE` this code wrote, listing every file, is verified and loaded;
+one without that list (a foreign or hand-made checkpoint) only with `--trust-checkpoint`, unverified.
 
 Resuming on another number of ranks loads DeepSpeed's state through its universal checkpoint, converted once
 into the step directory's `universal/` (with its own COMPLETE) and pruned with it.
@@ -33,11 +36,13 @@ import torch
 import torch.distributed as dist
 
 from pipeline.run_dir import checkpoints_dir, consolidated_dir
+from pipeline.safe_load import UnsafeCheckpoint, weights_only_loads
 
 COMPLETE = "COMPLETE"
 WRITER = "janus-pipeline"  # in every COMPLETE this code writes
 ABANDONED = "abandoned"
 UNIVERSAL = "universal"  # inside a step directory: its DeepSpeed files converted for another number of ranks
+LATEST_UNIVERSAL = "latest_universal"  # what DeepSpeed's conversion writes beside its output (removed, never read)
 CONVERSION_TIMEOUT = timedelta(hours=3)  # ~84 GB read and written at 7B by one rank
 
 
@@ -170,6 +175,13 @@ def _files(path: Path) -> list[str]:
                   if f.is_file() and f.name != COMPLETE and not f.name.startswith("."))
 
 
+def _unlisted(path: Path, files: dict[str, dict]) -> list[str]:
+    """Files in a checkpoint that its COMPLETE does not list: DeepSpeed opens its files by pattern, so one added
+    later would be loaded unverified. The universal conversion inside a step directory has its own COMPLETE."""
+    return [name for name in _files(path) if name not in files and not name.startswith(f"{UNIVERSAL}/")
+            and name != LATEST_UNIVERSAL]
+
+
 def file_records(path: Path) -> dict[str, dict]:
     """Every file of a checkpoint with its size and sha256; collective, each rank hashing its share once."""
     from model.manifest import file_sha256
@@ -180,13 +192,17 @@ def file_records(path: Path) -> dict[str, dict]:
 
 
 def _listed_files(path: Path) -> dict[str, dict] | None:
-    """The files a COMPLETE this code wrote lists (size and sha256 each); None for any other COMPLETE."""
+    """The files a COMPLETE this code wrote lists (size and sha256 each); None for any other COMPLETE, and for one
+    that lists no files: it would vouch for whatever lies beside it (this code never writes an empty checkpoint)."""
     try:
         marker = json.loads((path / COMPLETE).read_text())
     except (OSError, ValueError):
         return None
-    ours = isinstance(marker, dict) and marker.get("writer") == WRITER and isinstance(marker.get("files"), dict)
-    return marker["files"] if ours else None
+    files = marker.get("files") if isinstance(marker, dict) and marker.get("writer") == WRITER else None
+    listed = isinstance(files, dict) and files and all(
+        isinstance(r, dict) and isinstance(r.get("sha256"), str) and isinstance(r.get("bytes"), int)
+        for r in files.values())
+    return files if listed else None
 
 
 def written_here(path: Path) -> bool:
@@ -202,10 +218,13 @@ def problems(path: Path, trust: bool = False, collective: bool = True) -> list[s
 
     files = _listed_files(path)
     if files is None:
-        return [] if trust else [f"its {COMPLETE} was not written by {WRITER} (pass --trust-checkpoint to load it)"]
+        return [] if trust else [f"its {COMPLETE} was not written by {WRITER} or lists no files (pass "
+                                 "--trust-checkpoint to load it unverified)"]
     mine = ((name, file_problem(path / name, files[name]["sha256"], files[name]["bytes"]))
             for name in _share(sorted(files), collective))
     found = [f"{name} {problem}" for name, problem in mine if problem]
+    if not _collective(collective) or dist.get_rank() == 0:
+        found += [f"{name} is not listed in its {COMPLETE}" for name in _unlisted(path, files)]
     return sorted(p for part in _gathered(found, collective) for p in part)
 
 
@@ -277,9 +296,12 @@ def load(engine, path: Path) -> dict:
         if not engine.load_universal_checkpoint():
             raise ValueError(f"{path} was written by {saved_world_size(path)} ranks: build the engine with "
                              "loading_config() so that DeepSpeed loads it as a universal checkpoint")
-        engine.load_checkpoint(str(path), tag=universal(path).name)
+        converted = universal(path)
+        with weights_only_loads(converted):  # ZeRO-3's universal load calls torch.load itself
+            engine.load_checkpoint(str(path), tag=converted.name)
     else:
-        engine.load_checkpoint(str(path.parent), tag=path.name)
+        with weights_only_loads(path):
+            engine.load_checkpoint(str(path.parent), tag=path.name)
     state = rank_states(path, [rank % saved_world_size(path)])[0]
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -308,18 +330,22 @@ def universal(path: Path) -> Path:
         # The others wait on a group of their own: at 7B the conversion takes longer than the run's collective
         # timeout allows a rank to wait, and it is not a hang.
         waiting = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
-        failed = ""
+        failed, unsafe = "", False
         if dist.get_rank() == 0:
             print(f"converting {path} to DeepSpeed's universal checkpoint in {out}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
             try:
                 convert_to_universal(path, out)
+            except UnsafeCheckpoint as error:  # a refusal, said in one line: no stack
+                failed, unsafe = str(error), True
             except Exception as error:  # noqa: BLE001 - the waiting ranks must hear it, not sit out the timeout
                 traceback.print_exc()
                 failed = f"{type(error).__name__}: {error}"
-        failures = [f for f in _gathered(failed, group=waiting) if f]
+        failures = [f for f in _gathered([failed, unsafe], group=waiting) if f[0]]
+        if failures and failures[0][1]:
+            raise UnsafeCheckpoint(failures[0][0])
         if failures:
-            raise RuntimeError(f"converting {path} to a universal checkpoint failed on rank 0: {failures[0]}")
+            raise RuntimeError(f"converting {path} to a universal checkpoint failed on rank 0: {failures[0][0]}")
         files = file_records(out)
         if dist.get_rank() == 0:
             marker = json.dumps({"writer": WRITER, "from": path.name, "files": files}) + "\n"
@@ -333,32 +359,67 @@ def convert_to_universal(source: Path, out: Path) -> None:
     holds the process group's threads)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    ds_to_universal.main(argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
-                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                            inject_missing_state=False))
+    with weights_only_loads(source):  # it calls torch.load itself, a dozen times
+        ds_to_universal.main(argparse.Namespace(input_folder=str(source), output_folder=str(out),
+                                                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                                strict=True, inject_missing_state=False))
     # It also writes `latest_universal` beside its output; this code always names the folder it loads.
-    (out.parent / "latest_universal").unlink(missing_ok=True)
+    (out.parent / LATEST_UNIVERSAL).unlink(missing_ok=True)
 
 
 def consolidate(run_dir: str | Path) -> Path:
     """A previous stage's latest complete checkpoint as a transformers-layout safetensors directory.
 
     Uses DeepSpeed's own ZeRO consolidation (frozen parameters included: they are saved by default) and
-    checks it got every parameter. Rank 0 does the work once; the others wait and reuse it.
+    checks it got every parameter. Rank 0 does the work once; the others wait and reuse it. Kept beside the run
+    and reused only while made from the very checkpoint now at that step (the sha256 of its COMPLETE): a step
+    saved again since (a rollback, `--resume none` into the same output) is consolidated again.
+    Collective when torch.distributed is up: a failure on rank 0 (a refused file) is raised on every rank.
     """
-    from safetensors.torch import save_file
+    from model.manifest import file_sha256
 
     source = latest_checkpoint(run_dir)
     if source is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to start from")
     out = consolidated_dir(run_dir, source.name)
-    if dist.get_rank() == 0 and not (out / COMPLETE).exists():
-        state = consolidated_state(source)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out / "model.safetensors"))
-        (out / COMPLETE).write_text(json.dumps({"from": str(source), "tensors": len(state)}) + "\n")
-    dist.barrier()
+    made_from = file_sha256(source / COMPLETE)
+    failed, unsafe = "", False
+    if not _collective(True) or dist.get_rank() == 0:
+        try:
+            if _consolidated_from(out) != made_from:
+                _write_consolidated(source, out, made_from)
+        except UnsafeCheckpoint as error:
+            failed, unsafe = str(error), True
+        except Exception as error:  # noqa: BLE001 - the waiting ranks must hear it, not sit out the timeout
+            traceback.print_exc()
+            failed = f"{type(error).__name__}: {error}"
+    group = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT) if _collective(True) else None
+    failures = [f for f in _gathered([failed, unsafe], group=group) if f[0]]  # at 7B, longer than a collective
+    if failures and failures[0][1]:
+        raise UnsafeCheckpoint(failures[0][0])
+    if failures:
+        raise RuntimeError(f"consolidating {source} for --init failed on rank 0: {failures[0][0]}")
     return out
+
+
+def _consolidated_from(out: Path) -> str | None:
+    """The sha256 of the COMPLETE of the checkpoint `out` was consolidated from; None if unknown or unfinished."""
+    try:
+        marker = json.loads((out / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker.get("complete_sha256") if isinstance(marker, dict) else None
+
+
+def _write_consolidated(source: Path, out: Path, made_from: str) -> None:
+    from safetensors.torch import save_file
+
+    state = consolidated_state(source)
+    shutil.rmtree(out, ignore_errors=True)  # RUN/consolidated/step-N: this code's own, stale or unfinished
+    out.mkdir(parents=True)
+    save_file(state, str(out / "model.safetensors"))
+    marker = {"from": str(source), "complete_sha256": made_from, "tensors": len(state)}
+    _write_atomically(out / COMPLETE, lambda f: f.write_text(json.dumps(marker) + "\n"))  # last
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
@@ -374,7 +435,8 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def consolidated_state(source: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of one complete ZeRO checkpoint (any world size), in one process.
+    """The full fp32 weights of one complete ZeRO checkpoint (any world size), in one process, loaded as data
+    (a file that carries code raises UnsafeCheckpoint).
 
     DeepSpeed's own zero_to_fp32 merges every rank's shards without torch.distributed; frozen parameters are
     included because engine.save_checkpoint saves them by default (exclude_frozen_parameters=False), which a
@@ -384,6 +446,7 @@ def consolidated_state(source: Path) -> dict[str, torch.Tensor]:
 
     if not (source / COMPLETE).is_file():
         raise FileNotFoundError(f"{source} is not a complete checkpoint (no {COMPLETE} marker)")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
+    with weights_only_loads(source):  # zero_to_fp32 calls torch.load itself
+        state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
     # zero_to_fp32 may return views into a flat buffer: give each tensor its own storage for safetensors.
     return {k: v.detach().clone().contiguous() for k, v in state.items()}

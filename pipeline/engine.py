@@ -21,6 +21,7 @@ from pipeline.attention import use_attention
 from pipeline.config import TrainConfig
 from pipeline.ds_config import BatchPlan, deepspeed_config
 from pipeline.run_dir import is_run_directory
+from pipeline.safe_load import use_weights_only_loads
 from pipeline.schedule import lr_scheduler
 
 
@@ -54,7 +55,8 @@ def build_model(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_i
 
 def build_engine(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_id: int):
     """The stage's own DeepSpeed engine: only trainable parameters reach the optimizer; under ZeRO-3 with
-    `--frozen-weights persisted`, frozen parameters are marked persistent (see `persist_frozen`)."""
+    `--frozen-weights persisted`, frozen parameters are marked persistent (see `persist_frozen`); its checkpoint
+    files are loaded as data only (pipeline/safe_load.py)."""
     model = build_model(config, ds, janus, image_token_id)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     persist = config.system.frozen_weights == "persisted" and ds["zero_optimization"].get("stage", 0) == 3
@@ -63,6 +65,7 @@ def build_engine(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
         lr_scheduler=lambda optimizer: lr_scheduler(optimizer, config.optim))
+    use_weights_only_loads(engine)  # its own checkpoint engine unpickles whatever a file holds
     if persist:
         persist_frozen(frozen)
     return engine

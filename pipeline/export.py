@@ -11,9 +11,13 @@
   when it had them, else initialised as the official code does; the tokenizer beside it.
 
 The weights come from DeepSpeed's own consolidation (pipeline/checkpoint.py, one process, no
-torch.distributed); the export refuses unless it holds every tensor of the model, frozen ones included, and
-ends with a model card (README.md: what it was trained from, its data's fingerprints, how to load it) and
-SHA256SUMS over every file it wrote.
+torch.distributed), reading the checkpoint's files as data only; like training, the export verifies the
+checkpoint against its COMPLETE and loads one this code did not write only with --trust-checkpoint. It refuses
+unless it holds every tensor of the model, frozen ones included, and ends with a model card (README.md: what it
+was trained from, its data's fingerprints, how to load it) and SHA256SUMS over every file it wrote.
+
+It writes into a folder of its own making beside --out (a fresh name, never an existing folder), then moves it
+into place: the only folders it removes are that one and an earlier export at --out (its export.json says so).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,8 +256,9 @@ def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenize
 
 
 def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers", step: int | None = None,
-           dtype: str = "bf16", tokenizer_dir: str | Path | None = None) -> Exported:
-    """A run's checkpoint at `step` (default: its latest complete one) as a release in `layout`."""
+           dtype: str = "bf16", tokenizer_dir: str | Path | None = None, trust: bool = False) -> Exported:
+    """A run's checkpoint at `step` (default: its latest complete one) as a release in `layout`; `trust`: export
+    a checkpoint this code did not write (unverified; still read as data only)."""
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -262,7 +269,9 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     config = run_config(run_dir)
     facts = _run_facts(config)
     source = checkpoint.find_checkpoint(run_dir, step)
-    damaged = checkpoint.problems(source, trust=True)
+    damaged = checkpoint.problems(source, trust=trust)
+    if damaged and not checkpoint.written_here(source) and not trust:
+        raise ValueError(f"{source}: {damaged[0]}")
     if damaged:
         raise ValueError(f"{source} is damaged: {'; '.join(damaged[:3])}; export another --step")
     tokenizer_dir = tokenizer_dir or facts["tokenizer"] or facts["init"]
@@ -279,9 +288,26 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in state.items()}, strict=True, assign=True)
     del state
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     aside = _aside_for(_lineage(run_dir, source)[1], model_config, DTYPES[dtype]) if layout == "original" else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # new: this command's own
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a release is read by others
+        written = _write_release(model, tmp, layout, aside, expected, model_config, tokenizer, tokenizer_dir)
+        (tmp / "export.json").write_text(json.dumps({"source": str(source.resolve()), "layout": layout,
+                                                     "dtype": dtype, "stage": facts["stage"]}, indent=2) + "\n")
+        (tmp / MODEL_CARD).write_text(model_card(run_dir, source, layout, dtype, tokenizer_fingerprint(tokenizer)))
+        files = write_checksums(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Exported(path=out, source=source, tensors=written, files=files)
+
+
+def _write_release(model, tmp: Path, layout: Layout, aside, expected: dict, model_config, tokenizer,
+                   tokenizer_dir) -> int:
+    """The weights, checked, and the files that load them into `tmp`; returns how many tensors were written."""
     save_checkpoint(model, tmp, layout, aside)
     written = read_entries(tmp)
     if layout == "original":
@@ -293,14 +319,19 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
         write_inference_files(tmp, model_config, tokenizer_dir)
     else:
         tokenizer.save_pretrained(str(tmp))
-    (tmp / "export.json").write_text(json.dumps({"source": str(source.resolve()), "layout": layout, "dtype": dtype,
-                                                 "stage": facts["stage"]}, indent=2) + "\n")
-    (tmp / MODEL_CARD).write_text(model_card(run_dir, source, layout, dtype, tokenizer_fingerprint(tokenizer)))
-    files = write_checksums(tmp)
+    return len(written)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out`, whole (a reader never sees a half-written export); an earlier export there (check_out
+    allowed only that) is first moved aside under a fresh name of this command's own, then removed."""
+    old = None
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)  # a reader never sees a half-written export
-    return Exported(path=out, source=source, tensors=len(written), files=files)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def check_out(run_dir: Path, out: Path) -> None:
@@ -310,9 +341,18 @@ def check_out(run_dir: Path, out: Path) -> None:
     if target == run or target in run.parents:
         raise ValueError(f"--out {out}: it {'is' if target == run else 'holds'} the run directory {run_dir}, which "
                          "the export would replace; choose a new folder")
-    if target.is_dir() and any(target.iterdir()) and not (target / "export.json").is_file():
+    if target.is_dir() and any(target.iterdir()) and not is_export(target):
         raise ValueError(f"--out {out}: an existing folder that is not an export (no export.json); the export "
                          "replaces --out, so choose a new or empty folder")
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` holds an export this code wrote: its export.json names the source and layout."""
+    try:
+        marker = json.loads((path / "export.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and "source" in marker and marker.get("layout") in LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,10 +365,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="transformers")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--tokenizer", default=None, help="default: the run's --tokenizer or --init")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="export a checkpoint this code did not write (its files unverified, still read as "
+                             "data only)")
     args = parser.parse_args(argv)
     try:
-        result = export(args.checkpoint, args.out, args.layout, args.step, args.dtype, args.tokenizer)
+        result = export(args.checkpoint, args.out, args.layout, args.step, args.dtype, args.tokenizer,
+                        args.trust_checkpoint)
     except (ValueError, FileNotFoundError) as error:  # a wrong path or an unfit checkpoint: say it in one line
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None  # as training's refusals: a person must act, a retry fails the same way
     print(f"exported {result.source} -> {result.path} ({args.layout} layout, {args.dtype}, {result.tensors} tensors, "
           f"{len(result.files)} files, checksums in {result.path / CHECKSUMS})")

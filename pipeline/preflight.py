@@ -188,11 +188,11 @@ def lookup(values: dict, where: str) -> object:
 
 
 def check_ours(name: str, path: Path, trust: bool) -> None:
-    """DeepSpeed unpickles checkpoint files (arbitrary code): load only what this code wrote, or what the user
-    trusts."""
+    """Load only checkpoints this code wrote (every file listed, so each is verified), or what the user trusts
+    unverified; either way their files are read as data only (pipeline/safe_load.py)."""
     if not trust and not checkpoint.written_here(path):
         raise ConfigError(f"--{name}: {path} was not written by this project's training (its "
-                          f"{checkpoint.COMPLETE} lists no files); its files are unpickled when loaded, so pass "
+                          f"{checkpoint.COMPLETE} lists no files), so its files cannot be verified; pass "
                           "--trust-checkpoint only if you trust where it came from")
 
 

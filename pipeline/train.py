@@ -12,11 +12,13 @@ fits one screen. The pieces live in modules of their own, each deciding when it 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -39,7 +41,7 @@ from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
 from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
 from pipeline.planning import dry_run
-from pipeline.preflight import manifest_digests, preflight
+from pipeline.preflight import Checked, manifest_digests, preflight
 from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, fingerprints_file, is_run_directory
 
 
@@ -119,8 +121,23 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
     except ConfigError as error:  # a user's mistake: one line, no traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    # Every collective of the run's default group waits at most the run's collective timeout (DeepSpeed's default
+    # would be 10 minutes).
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                timeout=timedelta(seconds=config.system.collective_timeout_seconds))
+    try:
+        run_stage(config, args, checked, device, stop)
+    except Exception:  # noqa: BLE001 - whatever it is, this rank must not outlive it
+        # A rank that raised and then waited in the interpreter's teardown (threads still running, the process
+        # group alive) would leave its peers in their next collective until the collective timeout: a fault seen
+        # as a hang. Ending the process now closes its connections, so the peers' collectives fail at once.
+        traceback.print_exc()
+        exit_now(1)
+
+
+def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, device: torch.device,
+              stop: StopFlag) -> None:
+    """Everything a rank does once torch.distributed is up: set-up, resume, training."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.data.seed)
 
@@ -140,7 +157,10 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
         loading = checkpoint.loading_config(ds, resume_from)
     except ConfigError as error:
         refuse(str(error))
-    engine = build_engine(config, loading, args.model_config, special.image_placeholder)
+    try:
+        engine = build_engine(config, loading, args.model_config, special.image_placeholder)
+    except checkpoint.UnsafeCheckpoint as error:  # --init's checkpoint holds more than data
+        refuse(f"--init {config.model.init}: {error}")
 
     fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "vq_fingerprint": vq_fingerprint(engine.module)}
@@ -149,7 +169,10 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
         fingerprints_file(output).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
             config.data.data)}, indent=1) + "\n")
     data = DataPipeline(config.data, special, rank, world, **pipeline_options)
-    start_step = resume(config, engine, data, resume_from)
+    try:
+        start_step = resume(config, engine, data, resume_from)
+    except checkpoint.UnsafeCheckpoint as error:  # the checkpoint holds more than data
+        refuse(f"--resume {config.checkpoint.resume}: {error}")
     validator = Validator(config.data, config.logging, special, device, **pipeline_options)
     sampler = Sampler(config.logging, config.checkpoint.output, tokenizer)
     try:
@@ -225,13 +248,17 @@ def refuse(message: str) -> NoReturn:
 
 
 def exit_needing_a_person() -> NoReturn:
-    """Exit 2 now, which a scheduler must not requeue. Not through the interpreter's teardown: with the process
-    group still up, a C++ thread destroyed unjoined there can abort the process (std::terminate, exit -6, seen on
-    2 CPU ranks under load), which reads as a crash to requeue. metrics.jsonl is flushed at every write; TensorBoard's
-    last buffered events can be lost."""
+    """Exit 2 now, which a scheduler must not requeue."""
+    exit_now(2)
+
+
+def exit_now(status: int) -> NoReturn:
+    """Exit now, not through the interpreter's teardown: with the process group still up, a C++ thread destroyed
+    unjoined there can abort the process (std::terminate, exit -6, seen on 2 CPU ranks under load), which reads as
+    a crash to requeue. metrics.jsonl is flushed at every write; TensorBoard's last buffered events can be lost."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(2)
+    os._exit(status)
 
 
 def resume(config: TrainConfig, engine, data: DataPipeline, path: Path | None) -> int:

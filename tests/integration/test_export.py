@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import REPO, run_ranks
+from tests.forged import forged_run, relisted
+from tests.support import REPO, Ranks, run_ranks
 
 pytestmark = pytest.mark.integration  # every test uses the checkpoints the ranks write
 
@@ -28,15 +29,19 @@ def init_weights(tmp_path_factory, special) -> Path:
     return save_checkpoint(model, tmp_path_factory.mktemp("init"), "transformers")
 
 
+def stage3_args(shard_corpus, tokenizer_dir, init: Path, run: Path) -> list[str]:
+    return [LAUNCHER, "--tokenizer", str(tokenizer_dir), "--init", str(init), "--output", str(run),
+            "--data", *[str(shard_corpus[t]) for t in ("understanding", "generation", "text")],
+            "--seq-len", "1400", "--rows-per-step", "2", "--train-steps", "1", "--save-every", "1",
+            "--learning-rate", "0", "--num-workers", "1"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shard_corpus, tokenizer_dir, init_weights) -> dict[int, Path]:
     out = {}
     for world in (2, 1):
         run = tmp_path_factory.mktemp(f"run{world}")
-        run_ranks([LAUNCHER, "--tokenizer", str(tokenizer_dir), "--init", str(init_weights), "--output", str(run),
-                   "--data", *[str(shard_corpus[t]) for t in ("understanding", "generation", "text")],
-                   "--seq-len", "1400", "--rows-per-step", "2", "--train-steps", "1", "--save-every", "1",
-                   "--learning-rate", "0", "--num-workers", "1"], world_size=world, timeout=300)
+        run_ranks(stage3_args(shard_corpus, tokenizer_dir, init_weights, run), world_size=world, timeout=300)
         out[world] = run
     return out
 
@@ -269,3 +274,86 @@ def test_model_card_names_what_it_was_trained_from_and_its_snippet_runs(exported
 def card_python(card: Path) -> str:
     text = card.read_text()
     return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_export_refuses_a_forged_or_foreign_checkpoint_and_runs_none_of_it(runs, tmp_path):
+    """A run whose DeepSpeed file carries a pickle payload, re-listed in its COMPLETE by whoever wrote it there: the
+    export refuses it in one line and the payload never runs; a COMPLETE this code did not write needs
+    --trust-checkpoint, and even then nothing in its files runs."""
+    from pipeline.checkpoint import COMPLETE, latest_checkpoint
+    from pipeline.export import export, main
+    from pipeline.safe_load import UnsafeCheckpoint
+
+    marker, out = tmp_path / "payload-ran", tmp_path / "out"
+    forged = forged_run(runs[1], tmp_path / "forged", marker)
+    with pytest.raises(SystemExit) as exited:
+        main(["--checkpoint", str(forged), "--out", str(out), "--dtype", "fp32"])
+    assert exited.value.code == 2
+    foreign = forged_run(runs[1], tmp_path / "foreign", marker)
+    (latest_checkpoint(foreign) / COMPLETE).write_text('{"step": 1, "world_size": 1}')  # nothing listed
+    with pytest.raises(ValueError, match="not written by janus-pipeline.*--trust-checkpoint"):
+        export(foreign, out, "transformers", dtype="fp32")
+    with pytest.raises(UnsafeCheckpoint, match="refused to load.*GLOBAL io.open is not allowed"):
+        export(foreign, out, "transformers", dtype="fp32", trust=True)
+    assert not marker.exists() and not out.exists()
+
+
+def test_export_removes_only_folders_it_made_itself(runs, tmp_path):
+    """A run (or any folder) named like the export's work folder, OUT.partial, is never taken for it."""
+    import shutil
+
+    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.export import export
+
+    run = tmp_path / "release.partial"
+    shutil.copytree(runs[1], run)
+    export(run, tmp_path / "release", "transformers", dtype="fp32")
+    assert (run / "config.yaml").is_file() and latest_checkpoint(run) is not None
+    unrelated = tmp_path / "other.partial"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    export(runs[1], tmp_path / "other", "transformers", dtype="fp32")
+    assert (unrelated / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "other.partial", "release", "release.partial"]
+
+
+def test_init_consolidation_is_redone_once_its_checkpoint_is_saved_again(runs, tmp_path):
+    """consolidated/step-N serves the next stage's --init only while step N is the checkpoint it was made from: a
+    re-save of the step (a rollback, --resume none into the same --output) makes it stale."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.checkpoint import consolidate, latest_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    made = consolidate(run)
+    weights = load_file(str(made / "model.safetensors"))
+    old = {k: torch.zeros_like(v) for k, v in weights.items()}  # what an earlier save of step 1 held
+    save_file(old, str(made / "model.safetensors"))
+    assert load_file(str(consolidate(run) / "model.safetensors")).keys() == old.keys()  # reused while current
+    relisted(latest_checkpoint(run))  # step 1 saved again: its COMPLETE is another
+    again = load_file(str(consolidate(run) / "model.safetensors"))
+    for name, tensor in weights.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def test_resume_init_and_universal_conversion_refuse_a_forged_checkpoint(runs, shard_corpus, tokenizer_dir,
+                                                                         init_weights, tmp_path):
+    """On one rank: resuming a forged 1-rank run, resuming a forged 2-rank run (through DeepSpeed's universal
+    conversion) and starting from one with --init each stop with one error line, exit 2, and nothing of it runs."""
+    marker = tmp_path / "payload-ran"
+    resume_same = forged_run(runs[1], tmp_path / "same", marker)
+    resume_resized = forged_run(runs[2], tmp_path / "resized", marker)
+    cases = {"resume": (init_weights, resume_same), "universal": (init_weights, resume_resized),
+             "init": (resume_same, tmp_path / "next")}
+    for name, (init, output) in cases.items():
+        ranks = Ranks(stage3_args(shard_corpus, tokenizer_dir, init, output), world_size=1)
+        with pytest.raises(AssertionError, match="exited 2"):
+            ranks.wait(timeout=300)
+        said = [line for line in ranks.output(0).splitlines() if "error:" in line]
+        assert len(said) == 1 and "refused to load" in said[0] and "GLOBAL io.open" in said[0], (
+            name, ranks.output(0)[-3000:])
+        assert "Traceback" not in ranks.output(0), name
+        assert not marker.exists(), name
