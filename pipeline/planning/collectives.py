@@ -16,34 +16,27 @@ rank keeps its part: twice a reduce-scatter's bytes; the comms logger sees `all_
 updated trainable weights once per step.
 
 A collective over a group of g GPUs moves (g - 1) / g of its full size per GPU for an all-gather or a reduce-scatter,
-twice that for an all-reduce (NCCL rings); a group spanning nodes runs at the per-GPU inter-node bandwidth, a group
-inside a node at the intra-node one; plus (g - 1) hops of latency each.
+twice that for an all-reduce (NCCL rings). Its bus bandwidth is NVLink's inside a node and, for a group spanning nodes,
+the node's NIC aggregate (hardware.py: NCCL runs a ring channel per NIC, so every node's NICs carry the ring at once).
+Latency follows NCCL's own tuning model (src/graph/tuning.cc, ring / Simple protocol): a base per call, then one hop
+latency per ring step, NVLink's for steps inside a node and the network's only for the steps that cross one; an
+all-reduce takes the tree where that is quicker (2 log2(nodes) network hops instead of 2 (g - 1) steps).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from pipeline.planning.gathers import Gathers
-from pipeline.planning.memory import BF16, GIB, Setting
+from pipeline.planning.hardware import Gpu, Network, gpu_named, network_for
+from pipeline.planning.memory import BF16, Setting
 
-HOP_LATENCY_INTER = 5e-6     # seconds per ring hop across nodes
-HOP_LATENCY_INTRA = 1e-6     # seconds per ring hop inside a node
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    peak_flops: float   # dense bf16
-    memory: float       # bytes
-
-
-GPUS = {
-    "a100-40g": Gpu("A100 40GB", 312e12, 40 * GIB),
-    "a100-80g": Gpu("A100 80GB", 312e12, 80 * GIB),
-    "h100": Gpu("H100 SXM 80GB", 989e12, 80 * GIB),
-    "h200": Gpu("H200 141GB", 989e12, 141e9),
-}
+# NCCL's tuning model (src/graph/tuning.cc, ring algorithm, Simple protocol, the one large messages use): base latency
+# per call, and per ring step over NVLink or over the network.
+RING_BASE_LATENCY = 8.4e-6
+NVLINK_STEP_LATENCY = 3.4e-6
+NETWORK_STEP_LATENCY = 14e-6
 
 
 @dataclass(frozen=True)
@@ -51,8 +44,7 @@ class Cluster:
     gpu: Gpu
     nodes: int
     gpus_per_node: int = 8
-    intra_node_gbps: float = 2400.0   # NVLink bus bandwidth per GPU, Gb/s
-    inter_node_gbps: float = 200.0    # network per GPU, Gb/s
+    network: Network | None = None   # None: the GPU type's typical node (hardware.py)
 
     @property
     def world(self) -> int:
@@ -63,11 +55,16 @@ class Cluster:
         """GPUs of one node taking part: MiCS's shard group, the plan's hpZ group."""
         return min(self.gpus_per_node, self.world)
 
+    @property
+    def links(self) -> Network:
+        return self.network or network_for(self.gpu)
 
-def cluster_for(gpu: str, nodes: int, gpus_per_node: int, intra_gbps: float, inter_gbps: float) -> Cluster:
-    if gpu not in GPUS:
-        raise ValueError(f"--gpu {gpu}: choose from {', '.join(GPUS)}")
-    return Cluster(GPUS[gpu], nodes, gpus_per_node, intra_gbps, inter_gbps)
+
+def cluster_for(gpu: str, nodes: int, gpus_per_node: int, nics_per_node: int | None = None,
+                nic_gbps: float | None = None, nvlink_bus_gbps: float | None = None) -> Cluster:
+    """`nodes` x `gpus_per_node` GPUs of type `gpu`; network figures not given are the GPU type's typical node's."""
+    chip = gpu_named(gpu)
+    return Cluster(chip, nodes, gpus_per_node, network_for(chip, nics_per_node, nic_gbps, nvlink_bus_gbps))
 
 
 @dataclass(frozen=True)
@@ -85,12 +82,28 @@ class Collective:
         share = (self.group - 1) / self.group if self.group > 1 else 0.0
         return self.full_bytes * share * (2 if self.kind == "all-reduce" else 1)
 
-    def seconds(self, cluster: Cluster) -> float:
+    def nodes_spanned(self, cluster: Cluster) -> int:
+        return -(-self.group // cluster.gpus_per_node) if self.across_nodes else 1
+
+    def latency(self, cluster: Cluster) -> float:
+        """One call's latency: NCCL's ring (or, for an all-reduce, the quicker of two rings and a tree)."""
+        nodes = self.nodes_spanned(cluster)
+        steps = self.group - 1
+        ring = RING_BASE_LATENCY + (steps - (nodes - 1)) * NVLINK_STEP_LATENCY + (nodes - 1) * NETWORK_STEP_LATENCY
+        if self.kind != "all-reduce":
+            return ring
+        in_node = min(self.group, cluster.gpus_per_node) - 1
+        tree = RING_BASE_LATENCY + 2 * (math.ceil(math.log2(nodes)) * NETWORK_STEP_LATENCY
+                                        + in_node * NVLINK_STEP_LATENCY)
+        return min(2 * ring - RING_BASE_LATENCY, tree)
+
+    def seconds(self, cluster: Cluster, bandwidth_scale: float = 1.0) -> float:
+        """Wire bytes at the bus bandwidth of the links it crosses (scaled for a range), plus latency per call."""
         if self.group <= 1:
             return 0.0
-        gbps = cluster.inter_node_gbps if self.across_nodes else cluster.intra_node_gbps
-        hop = HOP_LATENCY_INTER if self.across_nodes else HOP_LATENCY_INTRA
-        return self.wire_bytes * 8 / (gbps * 1e9) + self.calls * (self.group - 1) * hop
+        links = cluster.links
+        bandwidth = links.node_bytes_per_s if self.across_nodes else links.nvlink_bus_bytes_per_s
+        return self.wire_bytes / (bandwidth * bandwidth_scale) + self.calls * self.latency(cluster)
 
 
 def micro_batch_collectives(setting: Setting, gathers: Gathers, trainable: int, cluster: Cluster, first: bool,

@@ -9,7 +9,7 @@ them (pipeline/ds_config.py). The memory table is that setting's, and so is the 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from transformers import JanusConfig
 
@@ -17,7 +17,8 @@ from model.config import model_size
 from model.stages import stage_for
 from pipeline.config import ClusterConfig, ConfigError, TrainConfig
 from pipeline.ds_config import template_path, zero_sizes
-from pipeline.planning.collectives import Cluster, cluster_for
+from pipeline.planning.collectives import Cluster
+from pipeline.planning.hardware import gpu_named, network_for
 from pipeline.planning.memory import (
     BF16,
     FP32,
@@ -29,10 +30,26 @@ from pipeline.planning.memory import (
     workload,
 )
 from pipeline.planning.report import format_performance_plan, performance_row, performance_rows
+from pipeline.planning.step_time import Operations
 from pipeline.preflight import checked_plan
 
 GPU_TEMPLATE = "zero3_bf16"  # what pipeline/engine.py's run_deepspeed_config takes on GPU without --ds-config
 COMMUNICATION_BYTES = {"fp32": FP32, "bf16": BF16, "fp16": BF16}
+# One rank's data loader, packed tokens/s by stage: bench/loader.py with 2 decode threads on the 2-core CPU machine
+# (docs/benchmarks.md). A GPU node has more cores per rank: a floor, and far above what a 7B step eats (~4K/s/GPU).
+LOADER_TOKENS_PER_S = {1: 498e3, 2: 438e3, 3: 333e3}
+
+
+def planned_cluster(planned: ClusterConfig, nodes: int, per_node: int) -> Cluster:
+    """The cluster to cost: the GPU type's typical node (hardware.py), with --intra-node-gbps (NVLink bus bandwidth)
+    and --inter-node-gbps (per GPU: the node has one such NIC per GPU) replacing its figures when set. The flags keep
+    their old defaults, which stand for "the GPU type's": a value equal to the default is the GPU type's figure."""
+    defaults = {f.name: f.default for f in fields(ClusterConfig)}
+    intra = None if planned.intra_node_gbps == defaults["intra_node_gbps"] else planned.intra_node_gbps
+    inter = None if planned.inter_node_gbps == defaults["inter_node_gbps"] else planned.inter_node_gbps
+    gpu = gpu_named(planned.gpu)
+    network = network_for(gpu, per_node if inter is not None else None, inter, intra)
+    return Cluster(gpu, nodes, per_node, network)
 
 
 def planned_world_size(planned: ClusterConfig, per_node: int) -> int:
@@ -79,12 +96,13 @@ def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig) -> 
                     train_steps=config.optim.train_steps)
     system = config.system
     nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
-    cluster = cluster_for(planned.gpu, nodes, per_node, planned.intra_node_gbps, planned.inter_node_gbps)
+    cluster = planned_cluster(planned, nodes, per_node)
+    ops = Operations(save_every=config.checkpoint.save_every, loader_tokens_per_s=LOADER_TOKENS_PER_S.get(config.stage))
     work = workload(janus, stage, name=config.model.model)
-    this_run = performance_row(work, run_setting(config, work, cluster), cluster)
+    this_run = performance_row(work, run_setting(config, work, cluster), cluster, ops)
     deepspeed_gpu, deepspeed_table = deepspeed_estimate(work.params.total, work.params.largest_module, world_size,
                                                         system.gpus_per_node)
-    rows = performance_rows(work, cluster)
+    rows = performance_rows(work, cluster, ops=ops)
     return (f"Stage {config.stage}, model {config.model.model}: {batch.rows_per_step} rows/step over {world_size} "
             f"ranks = {batch.accumulation_steps} micro-batch(es) of {batch.rows_per_micro_batch} row(s) x "
             f"{config.data.seq_len} tokens per rank\n" + format_memory(this_run.memory, deepspeed_gpu, deepspeed_table)

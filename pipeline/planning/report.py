@@ -1,12 +1,12 @@
 """The performance plan: per step FLOPs, bytes per collective, step time, MFU, days and memory per GPU, for every
 sharding choice, and the one to run with the DeepSpeed template that runs it.
 
-Cost model (assumptions, printed with the table and in the README):
-- collectives as collectives.py costs them, on the gathers gathers.py traces;
-- compute runs at `MATMUL_EFFICIENCY` of the GPU's bf16 peak on the hardware FLOPs (model FLOPs from
-  pipeline/metrics.py plus checkpointing's recompute);
-- compute and parameter/gradient communication overlap fully (prefetch and overlap_comm): a micro-batch takes
-  max(compute, communication); what runs at the step boundary (ZeRO-2's weight all-gather) adds to it;
+Cost model (printed with the table; docs/performance-plan.md holds its calibration):
+- step time as step_time.py costs it (the generic decoder model, calibrated against published runs), applied to
+  Janus's parts: the FLOPs of pipeline/metrics.py (with checkpointing's recompute) by matmul width, attention, the
+  memory-bound traffic of the LLM's layers, SigLIP's and the heads' cross-entropy, the collectives of collectives.py
+  on the gathers gathers.py traces, exposed communication at the step's edges, the optimizer, amortised saves and the
+  data loader; each figure a central value and a range;
 - memory per GPU is memory.py's `estimate_memory` of the row's setting;
 - rows are packed full with typical samples of the stage's ratio (memory.py's TYPICAL_SAMPLES).
 """
@@ -20,10 +20,12 @@ from itertools import product
 from model.sample import TASKS
 from model.stages import Stage
 from pipeline.ds_config import MIN_BUCKET, ZeroSizes, template_path, zero_defaults
-from pipeline.metrics import BatchCounts, training_flops
+from pipeline.metrics import BatchCounts, llm_gets_gradient, training_flops
 from pipeline.planning.collectives import (
-    HOP_LATENCY_INTER,
+    NETWORK_STEP_LATENCY,
+    RING_BASE_LATENCY,
     Cluster,
+    Collective,
     micro_batch_collectives,
     step_boundary_collectives,
 )
@@ -43,8 +45,27 @@ from pipeline.planning.memory import (
     Workload,
     estimate_memory,
 )
+from pipeline.planning.step_time import (
+    LOGIT_TRAFFIC_BYTES,
+    MATMUL_IN_MODEL,
+    NCCL_CONTENTION,
+    SAVED_BYTES_ALL,
+    SAVED_BYTES_TRAINABLE,
+    SPREAD,
+    TRAINING_RUN,
+    Matmuls,
+    Measured,
+    MicroBatchWork,
+    Operations,
+    Prediction,
+    StepWork,
+    layer_traffic,
+    predict,
+)
 
-MATMUL_EFFICIENCY = 0.7      # share of bf16 peak large bf16 matmuls reach on these GPUs
+# fp32 gradient reduction is chosen where it costs at most this share of step time (NCCL's contention makes every
+# extra byte cost a little, below what the model resolves).
+FP32_FREE = 0.001
 UNAVAILABLE = {"mics": "removed in deepspeed 0.19.8"}
 
 
@@ -66,7 +87,7 @@ def expected_counts(stage: Stage, rows: int) -> BatchCounts:
 
 @dataclass(frozen=True)
 class PerformanceRow:
-    """One setting costed for one optimizer step on a cluster."""
+    """One setting costed for one optimizer step on a cluster; the time figures are the prediction's central values."""
 
     setting: Setting
     accumulation: int
@@ -76,7 +97,7 @@ class PerformanceRow:
     collectives: list           # one step, per GPU: (Collective, times per step)
     compute_s: float
     comm_s: float
-    boundary_s: float
+    boundary_s: float           # communication nothing hides: step edges, boundary collectives, overflow
     step_s: float
     mfu: float
     tokens_per_s: float
@@ -84,6 +105,8 @@ class PerformanceRow:
     memory: MemoryEstimate      # per GPU; `.total` is what the plan prints
     fits: bool
     available: bool
+    prediction: Prediction | None = None
+    train_steps: int = 0
 
     @property
     def bytes_by_kind(self) -> dict[str, float]:
@@ -94,22 +117,84 @@ class PerformanceRow:
             out[key] = out.get(key, 0.0) + c.wire_bytes * times
         return out
 
+    @property
+    def mfu_range(self) -> tuple[float, float]:
+        return (self.prediction.low.mfu, self.prediction.high.mfu) if self.prediction else (self.mfu, self.mfu)
 
-def performance_row(work: Workload, setting: Setting, cluster: Cluster) -> PerformanceRow:
+    @property
+    def days_range(self) -> tuple[float, float]:
+        """(fastest, slowest) days for the stage's steps."""
+        if self.prediction is None:
+            return self.days, self.days
+        return tuple(self.train_steps * t.step_s / 86400 for t in (self.prediction.high, self.prediction.low))
+
+
+# The widths (smallest weight dimension) of Janus's matmuls by part, for their shape efficiency.
+def part_widths(work: Workload) -> dict[str, int]:
+    text, vision = work.config.text_config, work.config.vision_config
+    return {"llm": text.hidden_size, "lm_head": text.hidden_size, "gen_head": text.hidden_size,
+            "gen_adaptor": text.hidden_size, "und_encoder": vision.hidden_size, "und_adaptor": vision.hidden_size}
+
+
+def janus_micro_batch(work: Workload, counts: BatchCounts, checkpointing: bool) -> MicroBatchWork:
+    """One micro-batch of Janus as the step-time model sees it: metrics.py's FLOPs by matmul width and attention, and
+    the memory-bound traffic of the LLM's and SigLIP's layers and of the heads' cross-entropy."""
+    config, trainable = work.config, work.stage.trainable
+    text, vision = config.text_config, config.vision_config
+    flops = training_flops(counts, config, trainable, checkpointing)
+    llm_grad = llm_gets_gradient(counts, trainable)
+    attention_fwd = flops.parts["llm_attention"] / (3 if llm_grad else 1)
+    recomputed_attention = attention_fwd if "llm" in flops.recompute else 0.0
+    matmuls = tuple(Matmuls(flops.parts[k] + flops.recompute.get(k, 0.0) - (recomputed_attention if k == "llm" else 0),
+                            width) for k, width in part_widths(work).items())
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    llm = layer_traffic(text.hidden_size, text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim,
+                        text.intermediate_size, "swiglu")
+    llm_bytes = text.num_hidden_layers * counts.real_tokens * (
+        llm.forward * (2 if "llm" in flops.recompute else 1) + (llm.backward if llm_grad else 0.0))
+    siglip_trains = "und_encoder" in trainable
+    width = vision.hidden_size
+    siglip = layer_traffic(width, width, 0, int(width * vision.mlp_ratio), "gelu")
+    patches = (vision.image_size // vision.patch_size) ** 2
+    siglip_bytes = vision.num_hidden_layers * counts.und_images * patches * (
+        siglip.forward * (2 if "und_encoder" in flops.recompute else 1) + (siglip.backward if siglip_trains else 0.0))
+    logits = counts.text_targets * text.vocab_size + counts.image_targets * config.vq_config.num_embeddings
+    return MicroBatchWork(matmuls=matmuls, attention_flops=flops.parts["llm_attention"] + recomputed_attention,
+                          memory_bytes=llm_bytes + siglip_bytes + logits * LOGIT_TRAFFIC_BYTES,
+                          model_flops=flops.model, tokens=counts.real_tokens)
+
+
+def edge_collectives(work: Workload, setting: Setting, trainable: int, cluster: Cluster) -> tuple[Collective, ...]:
+    """What no compute hides: the step's first gather (one decoder layer, before the first forward) and its last
+    gradient bucket's reduction (after the last backward)."""
+    multi = cluster.nodes > 1
+    last = setting.grad_bytes * min(setting.zero.reduce_bucket, trainable)
+    if setting.sharding == "zero2":
+        return (Collective("all-reduce", "last bucket", last, cluster.world, multi, 1),)
+    group = cluster.node if setting.sharding == "mics" else cluster.world
+    return (Collective("all-gather", "first layer", BF16 * work.params.decoder_layer, cluster.world, multi, 1),
+            Collective("reduce-scatter", "last bucket", last, group, multi and setting.sharding != "mics", 1))
+
+
+def performance_row(work: Workload, setting: Setting, cluster: Cluster, ops: Operations = TRAINING_RUN,
+                    measured: Measured | None = None) -> PerformanceRow:
     """`setting` costed on `cluster`; its micro-batches must divide the step (the batch plan's check)."""
     stage = work.stage
     accumulation = stage.rows_per_step // cluster.world // setting.micro_batch_rows
-    flops = training_flops(expected_counts(stage, setting.micro_batch_rows), work.config, stage.trainable,
-                           setting.checkpointing)
-    compute = accumulation * flops.hardware / (cluster.gpu.peak_flops * MATMUL_EFFICIENCY)
+    counts = expected_counts(stage, setting.micro_batch_rows)
+    flops = training_flops(counts, work.config, stage.trainable, setting.checkpointing)
     units, gathers = setting_gathers(work, setting)
     trainable = sum(u.trainable for u in units)
     first = micro_batch_collectives(setting, gathers, trainable, cluster, True)
     later = micro_batch_collectives(setting, gathers, trainable, cluster, False)
     boundary = step_boundary_collectives(setting, trainable, cluster)
-    comm = sum(c.seconds(cluster) for c in first) + (accumulation - 1) * sum(c.seconds(cluster) for c in later)
-    boundary_s = sum(c.seconds(cluster) for c in boundary)
-    step = max(compute, comm) + boundary_s
+    step = StepWork(micro_batch=janus_micro_batch(work, counts, setting.checkpointing), micro_batches=accumulation,
+                    first=tuple(first), later=tuple(later), edges=edge_collectives(work, setting, trainable, cluster),
+                    boundary=tuple(boundary), trainable_shard=trainable / cluster.world,
+                    saved_bytes=(SAVED_BYTES_ALL * work.params.total + SAVED_BYTES_TRAINABLE * trainable)
+                    / cluster.world)
+    prediction = predict(step, cluster, ops, work.config.text_config.hidden_size, measured)
+    mid = prediction.mid
     memory = estimate_memory(work, setting, cluster.world, cluster.gpus_per_node, gathers.peak_held)
     model_flops = cluster.world * accumulation * flops.model
     collectives = [(c, n) for c, n in [(c, 1) for c in first] + [(c, accumulation - 1) for c in later]
@@ -118,11 +203,11 @@ def performance_row(work: Workload, setting: Setting, cluster: Cluster) -> Perfo
         setting=setting, accumulation=accumulation,
         model_flops=model_flops, hardware_flops=cluster.world * accumulation * flops.hardware,
         flops_by_part={k: cluster.world * accumulation * v for k, v in flops.parts.items()},
-        collectives=collectives, compute_s=compute, comm_s=comm, boundary_s=boundary_s, step_s=step,
-        mfu=model_flops / (step * cluster.world * cluster.gpu.peak_flops),
-        tokens_per_s=stage.rows_per_step * stage.seq_len / step,
-        days=stage.train_steps * step / 86400, memory=memory, fits=memory.total <= cluster.gpu.memory,
-        available=setting.sharding not in UNAVAILABLE)
+        collectives=collectives, compute_s=mid.compute_s, comm_s=mid.comm_s, boundary_s=mid.exposed_s,
+        step_s=mid.step_s, mfu=model_flops / (mid.step_s * cluster.world * cluster.gpu.peak_flops),
+        tokens_per_s=stage.rows_per_step * stage.seq_len / mid.step_s,
+        days=stage.train_steps * mid.step_s / 86400, memory=memory, fits=memory.total <= cluster.gpu.memory,
+        available=setting.sharding not in UNAVAILABLE, prediction=prediction, train_steps=stage.train_steps)
 
 
 def bucket_choices(work: Workload) -> tuple[ZeroSizes, ZeroSizes]:
@@ -135,10 +220,11 @@ def bucket_choices(work: Workload) -> tuple[ZeroSizes, ZeroSizes]:
 
 def performance_rows(work: Workload, cluster: Cluster, micro_batches: tuple[int, ...] = (1, 2, 4),
                      checkpointing: tuple[bool, ...] = (True, False), sizes: tuple[ZeroSizes, ...] | None = None,
-                     frozen_choices: tuple[str, ...] = FROZEN_WEIGHTS) -> list[PerformanceRow]:
+                     frozen_choices: tuple[str, ...] = FROZEN_WEIGHTS, ops: Operations = TRAINING_RUN,
+                     measured: Measured | None = None) -> list[PerformanceRow]:
     """Every sharding x micro-batch x checkpointing x ZeRO sizes x frozen-weights choice whose micro-batches divide
     the step, each with gradients reduced in fp32 where that costs no step time (the reduce-scatter stays hidden under
-    compute) and still fits, otherwise in bf16 (DeepSpeed's default for a bf16 model)."""
+    compute: at most FP32_FREE more) and still fits, otherwise in bf16 (DeepSpeed's default for a bf16 model)."""
     stage = work.stage
     sizes = sizes or bucket_choices(work)
     per_rank = stage.rows_per_step // cluster.world
@@ -157,8 +243,8 @@ def performance_rows(work: Workload, cluster: Cluster, micro_batches: tuple[int,
                 for frozen in frozen_for[sharding]:
                     hpz = cluster.node if sharding == "zero3-hpz" else 1
                     bf16, fp32 = (performance_row(work, Setting(sharding, mb, ckpt, zero, frozen, grad_bytes, hpz),
-                                                  cluster) for grad_bytes in (BF16, FP32))
-                    fp32_free = fp32.step_s <= bf16.step_s and fp32.fits
+                                                  cluster, ops, measured) for grad_bytes in (BF16, FP32))
+                    fp32_free = fp32.step_s <= bf16.step_s * (1 + FP32_FREE) and fp32.fits
                     rows.append(fp32 if fp32_free else bf16)
     return rows
 
@@ -189,17 +275,30 @@ def recommended_template(row: PerformanceRow) -> dict:
     return config
 
 
+def cluster_line(cluster: Cluster) -> str:
+    """The GPUs and links a plan is for."""
+    gpu, links = cluster.gpu, cluster.links
+    return (f"{cluster.nodes} x {cluster.gpus_per_node} {gpu.name} ({gpu.memory / GIB:.0f} GiB, "
+            f"{gpu.peak_flops / 1e12:.0f} TFLOP/s bf16), NVLink {links.nvlink_bus_bytes_per_s / 1e9:.0f} GB/s bus in "
+            f"node, {links.nics_per_node} x {links.nic_gbps:g} Gb/s NICs per node "
+            f"({links.node_bytes_per_s / 1e9:.0f} GB/s across nodes)")
+
+
+def span(low: float, high: float, fmt: str) -> str:
+    return f"{low:{fmt}}-{high:{fmt}}"
+
+
 def format_performance_plan(rows: list[PerformanceRow], cluster: Cluster, stage_name: str,
                             this_run: PerformanceRow | None = None) -> str:
     """The plan's table, the recommended choice with its bytes per collective and FLOPs by part, and the assumptions.
-    `this_run` (a run's --ds-config) is marked, and shown as a row of its own where no alternative has its setting."""
+    `this_run` (a run's --ds-config) is marked, and shown as a row of its own where no alternative has its setting.
+    Times are the model's central values; `MFU range` and `days range` its range (slow and fast ends)."""
     best = recommended(rows)
-    head = (f"Performance plan, {stage_name}, {cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu.name} "
-            f"({cluster.gpu.memory / GIB:.0f} GiB, {cluster.gpu.peak_flops / 1e12:.0f} TFLOP/s bf16), "
-            f"{cluster.intra_node_gbps:g} Gb/s in node, {cluster.inter_node_gbps:g} Gb/s across nodes per GPU")
+    head = f"Performance plan, {stage_name}, {cluster_line(cluster)}"
     out = [head,
            f"  {'sharding':<10} {'frozen':<11} {'rows/mb':>7} {'accum':>5} {'ckpt':>4} {'grads':>5} {'bucket M':>8} "
-           f"{'compute s':>9} {'comm s':>7} {'step s':>7} {'MFU':>6} {'tok/s':>9} {'days':>7} {'GiB/GPU':>8}  note"]
+           f"{'compute s':>9} {'comm s':>7} {'step s':>7} {'MFU':>6} {'tok/s':>9} {'days':>7} {'GiB/GPU':>8} "
+           f"{'MFU range':>11} {'days range':>11}  note"]
     # An unavailable sharding is shown once, its best row, for comparison.
     shown = [r for r in rows if r.available] + [
         min((r for r in rows if r.setting.sharding == name and r.fits), key=lambda r: r.step_s)
@@ -215,19 +314,26 @@ def format_performance_plan(rows: list[PerformanceRow], cluster: Cluster, stage_
         mark = "*" if r is best else " "
         ckpt = "on" if s.checkpointing else "off"
         grads = "fp32" if s.grad_bytes == FP32 else "bf16"
+        mfu_low, mfu_high = r.mfu_range
+        days_fast, days_slow = r.days_range
         out.append(f"{mark} {s.sharding:<10} {s.frozen_weights:<11} {s.micro_batch_rows:>7} {r.accumulation:>5} "
                    f"{ckpt:>4} {grads:>5} {s.zero.reduce_bucket / 1e6:>8.1f} {r.compute_s:>9.2f} {r.comm_s:>7.2f} "
                    f"{r.step_s:>7.2f} {r.mfu:>6.1%} {r.tokens_per_s:>9.0f} {r.days:>7.1f} "
-                   f"{r.memory.total / GIB:>8.1f}  {note}")
+                   f"{r.memory.total / GIB:>8.1f} {span(100 * mfu_low, 100 * mfu_high, '.0f') + '%':>11} "
+                   f"{span(days_fast, days_slow, '.1f'):>11}  {note}".rstrip())
     if best is None:
         out.append("No choice fits memory: add nodes or a larger GPU.")
     else:
         s = best.setting
+        mfu_low, mfu_high = best.mfu_range
+        days_fast, days_slow = best.days_range
+        measured = "measured" if best.prediction and best.prediction.measured else "modelled"
         out.append(f"Recommended (*): {s.sharding}, frozen weights {s.frozen_weights}, "
                    f"{s.micro_batch_rows} row(s) per micro-batch, "
                    f"checkpointing {'on' if s.checkpointing else 'off'}, gradients reduced in "
                    f"{'fp32' if s.grad_bytes == FP32 else 'bf16'}, buckets of {s.zero.reduce_bucket:,} elements: "
-                   f"MFU {best.mfu:.1%}, {best.days:.1f} days")
+                   f"MFU {best.mfu:.1%} ({mfu_low:.0%}-{mfu_high:.0%}), {best.days:.1f} days "
+                   f"({days_fast:.1f}-{days_slow:.1f}); compute rate {measured}, communication modelled")
         # varlen: the GPU kernel for packed samples (sdpa runs one small kernel per sample and layer)
         flags = f"--rows-per-micro-batch {s.micro_batch_rows} --attention varlen" + (
             " --gradient-checkpointing" if s.checkpointing else "") + (
@@ -239,13 +345,18 @@ def format_performance_plan(rows: list[PerformanceRow], cluster: Cluster, stage_
         out.append(f"  per step, FLOPs by part (whole job, model {best.model_flops:.3g}, with recompute "
                    f"{best.hardware_flops:.3g}):")
         out += [f"    {k:<20} {v:.3g}" for k, v in best.flops_by_part.items() if v]
-    out += ["Assumptions: rings move (g-1)/g of a collective per GPU at the group's link bandwidth, "
-            f"+{HOP_LATENCY_INTER * 1e6:g} us per hop across nodes; compute at {MATMUL_EFFICIENCY:.0%} of bf16 peak on "
-            "model FLOPs + recompute; compute and gathers/reduce-scatters overlap fully (step = max of the two, plus "
-            "step-boundary collectives); ZeRO-2 all-reduces its gradients (DeepSpeed's default); persisted frozen "
-            "weights are gathered once per step (DeepSpeed's optimizer step partitions every parameter), in the node "
-            "under hpZ, and held whole; gradients reduced in fp32 where that keeps them hidden and fits (twice "
-            "bf16's bytes), else in bf16; rows packed full with the stage's typical samples; memory adds the "
-            f"worst row's logits (all text), full head gradients, {CUDA_CONTEXT / GIB:g} GiB CUDA context, "
-            f"{NCCL_PER_GROUP / GIB:g} GiB NCCL per communicator and a {FRAGMENTATION:.0%} fragmentation margin."]
+    out += ["Assumptions (the calibrated model, docs/performance-plan.md): matmuls at the GPU's sustained GEMM rate "
+            f"x {MATMUL_IN_MODEL:.0%} x their shape's efficiency, attention at FlashAttention's share of peak, norms, "
+            "activations, RoPE, cross-entropy and the optimizer at HBM bandwidth; collectives on NCCL's ring costs at "
+            f"NVLink's bus bandwidth in a node and the node's NIC aggregate across nodes (+{RING_BASE_LATENCY * 1e6:g} "
+            f"us a call, {NETWORK_STEP_LATENCY * 1e6:g} us per step that crosses nodes); communication overlaps "
+            f"compute, which it slows by {NCCL_CONTENTION:.0%} while both run; the first gather and the last "
+            "reduction of a step are exposed; saves amortised over --save-every; ranges: compute and network "
+            f"{SPREAD:.0%} either way (the calibration's largest error). ZeRO-2 all-reduces its gradients (DeepSpeed's "
+            "default); persisted frozen weights are gathered once per step (DeepSpeed's optimizer step partitions "
+            "every parameter), in the node under hpZ, and held whole; gradients reduced in fp32 where that costs "
+            f"under {FP32_FREE:.1%} of step time and fits, else in bf16; rows packed full with the stage's typical "
+            "samples; memory adds the worst row's logits (all text), full head gradients, "
+            f"{CUDA_CONTEXT / GIB:g} GiB CUDA context, {NCCL_PER_GROUP / GIB:g} GiB NCCL per communicator and a "
+            f"{FRAGMENTATION:.0%} fragmentation margin."]
     return "\n".join(out)
