@@ -18,6 +18,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from model.tokenizer import SpecialTokens, build_tokenizer
 from pipeline.attention import use_attention
 from pipeline.data.packer import BufferedSample, Packer
 from pipeline.metrics import BatchCounts, batch_counts, peak_flops, step_figures
+
+BENCH_STAGE = 2  # the mixture and trainable parts benchmarked (Stage II's)
 
 
 def synthetic_sample(task: str, special: SpecialTokens, rng: random.Random, vocab: int, image: bytes) -> Sample:
@@ -74,7 +77,7 @@ def bench_step(model_name: str, device: str, backend: str, checkpointing: bool, 
     torch.manual_seed(0)
     with torch.device(device):
         model = JanusProForTraining(config).to(dtype)
-    trainable = STAGES[2].trainable
+    trainable = STAGES[BENCH_STAGE].trainable
     set_trainable(model, trainable)
     use_attention(model, backend)
     if checkpointing:
@@ -106,9 +109,12 @@ def bench_step(model_name: str, device: str, backend: str, checkpointing: bool, 
     peak = peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     figures = step_figures(counts, seconds * steps, 1, config, trainable, checkpointing, peak)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    # device, stage and counts per step: what `python -m pipeline.planning predict --measured` rebuilds the step from
     return {"model": model_name, "layers": config.text_config.num_hidden_layers, "backend": backend,
             "checkpointing": checkpointing, "rows": rows, "seq_len": seq_len, "step_seconds": seconds,
-            "peak_memory_gib": memory, **figures.as_dict()}
+            "peak_memory_gib": memory, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "stage": BENCH_STAGE, "counts_per_step": {k: v / steps for k, v in asdict(counts).items()},
+            **figures.as_dict()}
 
 
 def main() -> None:

@@ -82,3 +82,16 @@ def network_for(gpu: Gpu, nics_per_node: int | None = None, nic_gbps: float | No
     nvlink = gpu.nvlink_bus_bytes_per_s if nvlink_bus_gbps is None else nvlink_bus_gbps * 1e9 / 8
     return Network(nvlink, gpu.nics_per_node if nics_per_node is None else nics_per_node,
                    gpu.nic_gbps if nic_gbps is None else nic_gbps)
+
+
+# torch.cuda.get_device_name() substrings, the more specific first: what a measured step ran on.
+DEVICE_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100-SXM4-80GB", "a100-80g"), ("A100 80GB", "a100-80g"),
+                ("A100", "a100-40g"))
+
+
+def gpu_for_device(device_name: str) -> str:
+    """The GPUS key of a CUDA device name."""
+    key = next((k for name, k in DEVICE_NAMES if name in device_name), None)
+    if key is None:
+        raise ValueError(f"device {device_name!r}: not one of the GPU types planned for ({', '.join(GPUS)})")
+    return key

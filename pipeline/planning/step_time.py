@@ -191,6 +191,20 @@ def step_time(work: StepWork, cluster: Cluster, ops: Operations, rates: Rates = 
                     mfu=work.micro_batch.model_flops * work.micro_batches / (step * cluster.gpu.peak_flops))
 
 
+def measured_matmul_efficiency(work: MicroBatchWork, trainable: float, cluster: Cluster, seconds: float) -> float:
+    """The share of the GPU's sustained GEMM rate at which the model's compute of one measured single-GPU step
+    (forward, backward and an unsharded optimizer step; no communication) takes `seconds`: what the model left for
+    the matmuls once attention, memory-bound work and the optimizer have theirs."""
+    gpu = cluster.gpu
+    full = compute_seconds(work, cluster, Rates(matmul_efficiency=1.0))
+    matmul = sum(m.flops / (gpu.matmul_flops * shape_efficiency(m.width)) for m in work.matmuls)
+    rest = full - matmul + trainable * OPTIMIZER_BYTES / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY)
+    if seconds <= rest:
+        raise ValueError(f"a measured step of {seconds:.3g} s is quicker than its attention, memory-bound work and "
+                         f"optimizer alone ({rest:.3g} s): not this GPU, or not this step")
+    return min(1.0, matmul / (seconds - rest))
+
+
 @dataclass(frozen=True)
 class Measured:
     """A measured step's compute rate on one GPU type (hardware.py's name) and matmul width: it replaces
