@@ -20,8 +20,10 @@ STEPS = 6
 
 
 def args(corpus, tokenizer_dir, init, output: Path) -> list[str]:
+    """A collective timeout well inside the tests' waits: a rank left waiting for another fails, with its stack,
+    instead of outlasting the test (the default, 1500 s, would)."""
     return stage_args(2, corpus, tokenizer_dir, output, init, "--train-steps", str(STEPS), "--save-every", "2",
-                      "--keep-last", "2", "--guidance-dropout", "0.5")
+                      "--keep-last", "2", "--guidance-dropout", "0.5", "--collective-timeout-seconds", "120")
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,19 @@ def test_a_full_disk_during_a_save_fails_clearly_then_resumes(shard_corpus, toke
     small_disk(f"size={rest_bytes + 4 * checkpoint_bytes},nr_inodes=1000", remount=True)  # space freed
     outputs = run_ranks(args(shard_corpus, tokenizer_dir, init_checkpoint, run), timeout=600)
     resumed_as_straight(run, straight, outputs, 2)
+
+
+@pytest.mark.integration
+def test_a_rank_that_raises_ends_the_job_at_once(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    """An unforeseen error on one rank (here rank 0 cannot open metrics.jsonl) while the other waits in a collective:
+    both ranks end in seconds, not after the collective timeout (set far above the wait allowed here)."""
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)  # rank 0's first log write fails: IsADirectoryError
+    ranks = Ranks(stage_args(2, shard_corpus, tokenizer_dir, run, init_checkpoint, "--train-steps", "2",
+                             "--collective-timeout-seconds", "1000"))
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="exited 1"):
+        ranks.wait(timeout=240)
+    assert "IsADirectoryError" in ranks.output(0)
+    assert all(p.returncode not in (0, None) for p in ranks.procs), [p.returncode for p in ranks.procs]
+    assert time.monotonic() - started < 200
