@@ -200,8 +200,11 @@ def test_7b_stage2_on_32_a100_nodes_recommends_a_plan_that_fits_at_40_percent_mf
     # issue's 6 (which re-gathers everything for the backward).
     per_micro_batch = sum(c.full_bytes * times for c, times in today.collectives) / today.accumulation
     assert 3.5 * 7.4e9 < per_micro_batch < 6 * 7.4e9
-    # The days follow Table 2's steps.
+    # The days follow Table 2's steps; MFU and days come with the model's range around them.
     assert best.days == pytest.approx(270_000 * best.step_s / 86400)
+    (mfu_low, mfu_high), (fast, slow) = best.mfu_range, best.days_range
+    assert 0.45 < mfu_low < best.mfu < mfu_high < 0.75 and fast < best.days < slow
+    assert slow == pytest.approx(270_000 * best.prediction.low.step_s / 86400)
 
 
 def test_1b_and_other_stages_have_a_plan_that_fits():
