@@ -28,6 +28,7 @@ import secrets
 import signal
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,7 @@ from model.sample import GENERATION, SAMPLE_SCHEMA, Sample, samples_to_table
 from preprocess.records import (
     EMPTY_SHARD,
     FILE_FAILED,
+    INPUT_LOST,
     OUT_SCHEMA,
     ConvertConfig,
     cached_tokenizer,
@@ -67,6 +69,13 @@ from preprocess.sources import InputShard, list_shards, read_shard_records, reda
 
 log = logging.getLogger("preprocess")
 PROGRESS_DIR = ".progress"
+# Written into DIR/.progress before anything else: the task and settings hash of the job this output belongs to.
+# Only an output holding it (or a manifest or progress records of the same settings) is resumed or cleaned up.
+OWNER_FILE = "job.json"
+# A shard task is run this many times in all before its input is listed in files_failed and the job goes on: Ray
+# Data's default retries a task whose worker died without limit, and an input that gets its worker killed for
+# memory (or crashes a library) kills every retry too.
+TASK_TRIES = 3
 # Test hook: SIGKILL this process while the n-th shard of the run is half written under its temporary name.
 KILL_ENV = "JANUS_PREPROCESS_TEST_KILL_AT_SHARD"
 EXIT_USAGE = 2
@@ -170,6 +179,51 @@ def job_settings(cfg: JobConfig, shards: list[InputShard], tok_fp: str, vq_fp: s
 def settings_hash(settings: dict) -> str:
     stable = {k: v for k, v in settings.items() if k not in ("inputs", "input_shards")}  # inputs may grow
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
+def output_owner(out: Path) -> tuple[str, set[str]] | None:
+    """Who made the output directory `out`: (task, settings hashes) from its owner file, else its manifest, else
+    its progress records; None when it holds nothing (or does not exist). A UsageError when it holds something
+    that is not a preprocess output: a file, or a folder of other things."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--output {out}: not a directory (a file or a symlink); name a directory to create or "
+                         "one this command made")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    owner, manifest = out / PROGRESS_DIR / OWNER_FILE, out / MANIFEST_NAME
+    try:
+        if owner.is_file():
+            data = json.loads(owner.read_text())
+            return data["task"], {data["settings_hash"]}
+        if manifest.is_file():
+            found = Manifest.read(manifest)
+            return found.task, {settings_hash(found.settings)}
+        records = [json.loads(p.read_text()) for p in (out / PROGRESS_DIR).glob("*.json")]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--output {out}: its manifest or owner file is unreadable ({error}); choose another "
+                         "directory") from None
+    if records:
+        return "", {r.get("settings_hash") for r in records}
+    raise UsageError(f"--output {out}: not empty and not a preprocess output; choose an empty or new directory")
+
+
+def check_output_owner(out: Path, task: str, shash: str) -> None:
+    """An output directory made by another task or other settings is refused, never adopted: resuming into it
+    would replace its manifest and orphan its shards."""
+    owner = output_owner(out)
+    if owner is None:
+        return
+    found_task, hashes = owner
+    if (found_task and found_task != task) or hashes != {shash}:
+        made_by = f"a {found_task} job" if found_task and found_task != task else "a job with other settings"
+        raise UsageError(f"--output {out} holds the output of {made_by}; choose another directory (a resume needs "
+                         "the same task and settings)")
+
+
+def claim_output(out: Path, task: str, shash: str) -> None:
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / PROGRESS_DIR / OWNER_FILE,
+                       (json.dumps({"task": task, "settings_hash": shash}, sort_keys=True) + "\n").encode())
 
 
 def clean_temporaries(out: Path) -> list[str]:
@@ -295,16 +349,19 @@ def vq_resources(cfg: JobConfig) -> dict:
 
 def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset:
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
-    # A task whose worker dies is run again by Ray Data itself (its map tasks retry system failures without
-    # limit, its actor pools restart actors); an exception in our code ends the job. Ray 2.60 deprecates
-    # passing Ray's task options (max_retries) here, so that default stays. A run-again task does not deliver
-    # rows twice (its generator's outputs are numbered), and a shard is written only when it holds exactly
-    # the rows its records announced.
+    # A task whose worker dies is run again by Ray Data itself, TASK_TRIES times in all (its default: without
+    # limit); after that its block is dropped (DataContext.max_errored_blocks, set in run) and the driver lists
+    # the shard as failed. Its actor pools restart actors. A run-again task does not deliver rows twice (its
+    # generator's outputs are numbered), and a shard is written only when it holds exactly the rows its
+    # records announced.
     res = vq_resources(cfg) if cfg.convert.task == GENERATION else None
     # The VQ actors' CPUs stay free: a shard task holding them would hold back the actors that consume its rows.
     threads = task_threads(len(pending), res["concurrency"] * res["num_cpus"] if res else 0)
-    ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1, num_cpus=threads,
-                        fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size, "threads": threads})
+    with warnings.catch_warnings():  # Ray 2.60 deprecates Ray's task options here and names no replacement yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1, num_cpus=threads,
+                            fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size, "threads": threads},
+                            max_retries=TASK_TRIES - 1)
     if res:
         ds = ds.map_batches(VQStage, batch_format="pyarrow", batch_size=cfg.vq_batch_size,
                             concurrency=res["concurrency"], num_cpus=res["num_cpus"], num_gpus=res.get("num_gpus"),
@@ -393,10 +450,22 @@ class ShardAssembler:
             path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data[:len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def check_all_written(self) -> None:
-        missing = [self.shards[i].source for i in self.rows]
-        if missing:
-            raise RuntimeError(f"the job ended before these input shards were complete: {missing[:5]}")
+    def finish_lost(self) -> None:
+        """Shards whose task failed every try (Ray Data drops their blocks): each is written with the records
+        that did arrive whole, listed in files_failed, and every other record it is known to hold is counted as
+        an INPUT_LOST skip (a tar's count is known only from rows that arrived)."""
+        for index in list(self.rows):
+            shard, rows, parts = self.shards[index], self.rows[index], self.parts[index]
+            arrived = Counter(r["index"] for r in rows)
+            whole = {i for i, n in parts.items() if i >= 0 and arrived[i] == n}
+            known = max(shard.count, rows[0]["total"] if rows else 0, max(whole, default=-1) + 1)
+            reason = (f"its task failed {TASK_TRIES} times (a worker died, was killed for memory, or raised: see "
+                      "the Ray logs); its records are counted as input_lost")
+            self.rows[index] = [r for r in rows if r["index"] in whole] + [
+                {"key": "", "index": i, "part": 0, "skip": INPUT_LOST, "detail": reason}
+                for i in range(known) if i not in whole] + [
+                {"key": "", "index": known, "part": 0, "skip": FILE_FAILED, "detail": reason}]
+            self.finish(index)
 
 
 @contextmanager
@@ -471,7 +540,8 @@ def run(cfg: JobConfig) -> Manifest:
     settings = job_settings(cfg, shards, tokenizer_fingerprint(tokenizer), vq_fp)
     shash = settings_hash(settings)
 
-    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    check_output_owner(out, cfg.convert.task, shash)  # before anything in it is touched
+    claim_output(out, cfg.convert.task, shash)
     removed = clean_temporaries(out)
     done = finished_shards(out, shards, shash)
     pending = [s for s in shards if s.index not in done]
@@ -482,11 +552,13 @@ def run(cfg: JobConfig) -> Manifest:
     if pending:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # until this run ends, the shards do not match it
         with ray_connection(cfg.address, cfg.cpus, cfg.gpus):
-            ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = cfg.progress
+            context.max_errored_blocks = len(pending)  # a shard whose task failed every try: listed, not fatal
             assembler = ShardAssembler(out, pending, shash, len(shards), len(done))
             for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
                 assembler.add(batch)
-            assembler.check_all_written()
+            assembler.finish_lost()
             results.update(assembler.results)
     manifest = write_manifest(out, cfg, shards, results, settings, vq_fp)
     rejected = rejection(manifest, cfg.max_skip_fraction)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ TOO_LONG = "too_long"
 BAD_RECORD = "bad_record"
 UNKNOWN_FORMAT = "unknown_format"
 TAR_TRUNCATED = "tar_truncated"
+INPUT_LOST = "input_lost"
 DUPLICATE_MEMBER = "duplicate_member"
 MEMBER_NOT_FILE = "member_not_file"
 
@@ -68,20 +70,36 @@ SKIP_REASONS = {
     IMAGE_UNREADABLE: "not one of the accepted formats (JPEG, PNG, WebP, GIF, BMP, TIFF): random bytes, or an "
                       "EPS/PDF/... never opened",
     IMAGE_CORRUPT: "an accepted image format that fails to decode (e.g. a truncated JPEG)",
-    IMAGE_TOO_LARGE: "more pixels than --max-pixels",
+    IMAGE_TOO_LARGE: "more pixels than --max-pixels, or more bytes than an image may hold (MAX_IMAGE_BYTES)",
     IMAGE_TOO_SMALL: "a side shorter than --min-image-size",
     IMAGE_PATH_UNSAFE: "a LLaVA/ShareGPT image path that is absolute or climbs out of --image-root (never read)",
     TEXT_MISSING: "no caption / no text field",
     TEXT_EMPTY: "the caption or text is blank",
     TEXT_NOT_UTF8: "the caption or line is not UTF-8",
-    TOO_LONG: "the sample is longer than --context tokens",
-    BAD_RECORD: "a field of the record has the wrong type or value; the detail names the field",
+    TOO_LONG: "the sample is longer than --context tokens, or its text longer in bytes than a sample or document may "
+              "be before it is tokenised",
+    BAD_RECORD: "a field of the record has the wrong type or value (JSON too deep or too large included; the detail "
+                "names the field), or converting it raised an error nobody foresaw (the detail names it)",
     UNKNOWN_FORMAT: "a record that is not in its file's format (e.g. no `conversations` in LLaVA data), or not in "
                     "one its task reads (a text document for understanding/generation, an image record for text)",
     TAR_TRUNCATED: "the record where a tar breaks (cut, corrupt): it may lack members; the file is in files_failed",
+    INPUT_LOST: "a record of an input file whose task failed every try (its worker died or was killed for memory): "
+                "never converted; the file is in files_failed",
     DUPLICATE_MEMBER: "a tar holds a member name (key.ext) twice: which copy is meant is unknown",
     MEMBER_NOT_FILE: "a tar member of the sample is a symlink, hard link or device, not a file",
 }
+
+# Caps: what one record or file may cost a task, so that one input is at most one skip or one failed file, in
+# bounded memory and time. Each is checked before the work it bounds (a read, a parse, a tokenisation).
+MAX_JSON_BYTES = 16 << 20  # one JSON record: a line, a tar sample's key.json (a JSON-list file is read whole)
+MAX_JSON_DEPTH = 64  # nesting of one JSON record; deeper is never real data, and json recurses per level
+MAX_IMAGE_BYTES = 64 << 20  # one image file or tar member; the pixels are capped apart (--max-pixels)
+MAX_MEMBER_BYTES = 64 << 20  # one tar member of any kind: larger ones are passed over unread
+MAX_RECORD_BYTES = 128 << 20  # all members of one tar sample together
+# The text of one understanding or generation sample (a caption, or a conversation's turns), before tokenising:
+# --context 4096 tokens hold ~20 KB of text; a tokenizer costs ~270 bytes of memory per byte of text.
+MAX_SAMPLE_TEXT_BYTES = 256 << 10
+MAX_DOCUMENT_BYTES = 2 << 20  # one text document before tokenising (it is cut into context-sized pieces after)
 
 # An input shard with no records still needs one row so that the driver learns it is finished.
 EMPTY_SHARD = "__empty_shard__"
@@ -203,9 +221,12 @@ def open_image(data: bytes | None, cfg: ConvertConfig) -> Image.Image:
         raise Skip(IMAGE_CORRUPT, f"{type(exc).__name__}: {exc}") from exc
 
 
-def decode_text(data: bytes | None) -> str:
+def decode_text(data: bytes | None, limit: int = MAX_SAMPLE_TEXT_BYTES) -> str:
+    """UTF-8 text of at most `limit` bytes (checked before decoding: nothing larger is ever tokenised)."""
     if data is None:
         raise Skip(TEXT_MISSING)
+    if len(data) > limit:
+        raise Skip(TOO_LONG, f"{len(data)} bytes of text, more than the {limit} a sample may hold")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -215,6 +236,47 @@ def decode_text(data: bytes | None) -> str:
     return text
 
 
+def valid_text(value: str, where: str, reason: str = TEXT_NOT_UTF8) -> str:
+    """`value` if it can be written as UTF-8. JSON's `\\ud800` and tarfile's undecodable name bytes give strings
+    holding lone surrogates, which a tokenizer (TypeError) or Arrow (on writing) fails on far from their record."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Skip(reason, f"{where}: not valid Unicode (a lone surrogate at character {exc.start})") from None
+    return value
+
+
+def printable(text: str) -> str:
+    """`text` as Arrow can store it: a lone surrogate spelled as its escape (keys and details of skipped rows)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(data: bytes) -> int:
+    """How deeply the JSON text `data` nests (brackets inside strings not counted), without parsing it."""
+    brackets = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    steps = np.isin(brackets, (ord("["), ord("{"))).astype(np.int32) - np.isin(brackets, (ord("]"), ord("}")))
+    return int(steps.cumsum().max(initial=0))
+
+
+def parse_json(data: bytes | str, where: str) -> object:
+    """One JSON record, bounded: at most MAX_JSON_BYTES and MAX_JSON_DEPTH levels (json.loads recurses per level
+    and raises RecursionError deep down), any parse failure a BAD_RECORD naming `where` (json.loads raises plain
+    ValueError, not JSONDecodeError, on an integer of over 4300 digits)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if len(raw) > MAX_JSON_BYTES:
+        raise Skip(BAD_RECORD, f"{where}: {len(raw)} bytes of JSON, more than {MAX_JSON_BYTES}")
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise Skip(BAD_RECORD, f"{where}: JSON nested {depth} deep, more than {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise Skip(BAD_RECORD, f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def record_caption(record: dict) -> str:
     """The caption: `key.txt`, else the `caption`/`text` of `key.json` (img2dataset writes both)."""
     if record.get("text") is not None:
@@ -222,7 +284,7 @@ def record_caption(record: dict) -> str:
     meta = json.loads(record["meta"]) if record.get("meta") else {}
     for name in ("caption", "text", "class_name"):
         if isinstance(meta.get(name), str):
-            return decode_text(meta[name].encode()).strip()
+            return decode_text(valid_text(meta[name], f"json.{name}").encode()).strip()
     raise Skip(TEXT_MISSING)
 
 
@@ -281,6 +343,7 @@ def chat_turns(messages: object, chat: ChatFormat) -> tuple[str | None, list[Tur
             raise Skip(BAD_RECORD, f"{where}.{chat.role}: a system message comes first or not at all")
         if not isinstance(text, str):
             raise Skip(BAD_RECORD, f"{where}.{chat.text}: expected a string, got {type_name(text)}")
+        valid_text(text, f"{where}.{chat.text}")
         if role == "system":
             system = text
         else:
@@ -294,6 +357,10 @@ def understanding_turns(record: dict, n_images: int, cfg: ConvertConfig) -> tupl
     chat = next((c for c in CHAT_FORMATS if c.field in meta), None)
     if chat is not None:
         system, turns = chat_turns(meta[chat.field], chat)
+        size = sum(len(t.text.encode()) for t in turns) + len((system or "").encode())
+        if size > MAX_SAMPLE_TEXT_BYTES:  # before tokenising: a 10 MB answer costs GBs and a minute to encode
+            raise Skip(TOO_LONG, f"{size} bytes of conversation, more than the {MAX_SAMPLE_TEXT_BYTES} a sample may "
+                                 "hold")
         placed = sum(t.text.count(IMAGE_MARKER) for t in turns if t.role == "user")
         if placed == 0 and n_images and turns and turns[0].role == "user":
             # LLaVA data sometimes omits the <image> marker: the images go before the first question.
@@ -313,8 +380,8 @@ def convert_understanding(record: dict, cfg: ConvertConfig) -> list[dict]:
             sample = understanding_sample(tokenizer, turns, images, system=system,
                                           num_image_tokens=cfg.num_image_tokens, key=record["key"],
                                           image_marker=IMAGE_MARKER)
-    except ValueError as exc:  # <image> markers that do not match the images; text the tokenizer cannot keep plain
-        raise Skip(BAD_RECORD, str(exc)) from exc
+    except (ValueError, TypeError) as exc:  # <image> markers that do not match the images; text the tokenizer
+        raise Skip(BAD_RECORD, str(exc)) from exc  # cannot keep plain (a TypeError: strings it cannot take)
     if len(sample.input_ids) > cfg.context:
         raise Skip(TOO_LONG, f"{len(sample.input_ids)} tokens")
     return [sample.to_row()]
@@ -329,8 +396,8 @@ def convert_generation(record: dict, cfg: ConvertConfig) -> list[dict]:
     try:
         with locked_tokenizer(cfg.tokenizer) as tokenizer:
             prompt = generation_prompt_ids(tokenizer, caption)
-    except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
-        raise Skip(BAD_RECORD, f"caption: {exc}") from exc
+    except (ValueError, TypeError) as exc:  # a control token's string the tokenizer encodes as that token even in
+        raise Skip(BAD_RECORD, f"caption: {exc}") from exc  # plain text; a string it cannot take (TypeError)
     if len(prompt) + cfg.num_image_tokens + 1 > cfg.context:  # + <end_of_image>
         raise Skip(TOO_LONG, f"{len(prompt)} prompt tokens")
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
@@ -361,21 +428,21 @@ def split_document(tokenizer: PreTrainedTokenizerBase, text: str, context: int, 
 
 
 def convert_text(record: dict, cfg: ConvertConfig) -> list[dict]:
-    line = decode_text(record["text"])
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise Skip(BAD_RECORD, f"not JSON: {exc}") from exc
+    line = decode_text(record["text"], limit=MAX_JSON_BYTES)
+    obj = parse_json(line, "line")
     text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
     if not isinstance(text, str):
         raise Skip(TEXT_MISSING, f"no string field {cfg.text_field!r}")
     if not text.strip():
         raise Skip(TEXT_EMPTY)
+    size = len(valid_text(text, cfg.text_field).encode())
+    if size > MAX_DOCUMENT_BYTES:  # before tokenising: a tokenizer holds ~270 bytes per byte of text
+        raise Skip(TOO_LONG, f"a document of {size} bytes, more than {MAX_DOCUMENT_BYTES}")
     try:
         with locked_tokenizer(cfg.tokenizer) as tokenizer:
             pieces = split_document(tokenizer, text, cfg.context, record["key"])
-    except ValueError as exc:  # a control token's string the tokenizer encodes as that token even in plain text
-        raise Skip(BAD_RECORD, f"{cfg.text_field}: {exc}") from exc
+    except (ValueError, TypeError) as exc:  # a control token's string the tokenizer encodes as that token even in
+        raise Skip(BAD_RECORD, f"{cfg.text_field}: {exc}") from exc  # plain text; a string it cannot take
     return [s.to_row() for s in pieces]
 
 
@@ -403,12 +470,24 @@ def convert_record(record: dict, cfg: ConvertConfig) -> list[dict]:
         return [{**bookkeeping, "key": "", "task": cfg.task, "part": 0, "parts": 0, "skip": EMPTY_SHARD}]
     if record.get("error") == FILE_FAILED:
         return [{**bookkeeping, "key": "", "task": cfg.task, "part": 0, "parts": 1, "skip": FILE_FAILED,
-                 "detail": record["detail"]}]
+                 "detail": printable(record["detail"] or "")}]
     try:
         if record.get("error"):  # found while reading: a missing image file, a field of the wrong type, ...
             raise Skip(record["error"], record.get("detail") or "")
+        valid_text(record["key"], "key", BAD_RECORD)  # a file or member name: it becomes the sample's key
         check_task_reads(record, cfg.task)
         rows = CONVERTERS[cfg.task](record, cfg)
     except Skip as skip:
-        rows = [{"key": record["key"], "task": cfg.task, "skip": skip.reason, "detail": str(skip)[:200]}]
+        rows = [skipped_row(record["key"], cfg.task, skip)]
+    except Exception as exc:  # one record is at most one skip, whatever its bytes make a library raise
+        rows = [skipped_row(record["key"], cfg.task, unforeseen(exc))]
     return [{**row, **bookkeeping, "part": i, "parts": len(rows)} for i, row in enumerate(rows)]
+
+
+def unforeseen(exc: BaseException) -> Skip:
+    """The skip for an error no check foresaw: the record's fault until shown otherwise, named so it can be found."""
+    return Skip(BAD_RECORD, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def skipped_row(key: str, task: str, skip: Skip) -> dict:
+    return {"key": printable(key), "task": task, "skip": skip.reason, "detail": printable(str(skip)[:200])}

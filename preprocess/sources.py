@@ -30,6 +30,7 @@ import lzma
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,11 +50,21 @@ from preprocess.records import (
     FILE_FAILED,
     IMAGE_MISSING,
     IMAGE_PATH_UNSAFE,
+    IMAGE_TOO_LARGE,
+    MAX_IMAGE_BYTES,
+    MAX_JSON_BYTES,
+    MAX_MEMBER_BYTES,
+    MAX_RECORD_BYTES,
     MEMBER_NOT_FILE,
     TAR_TRUNCATED,
+    TOO_LONG,
     UNKNOWN_FORMAT,
     Skip,
+    parse_json,
+    printable,
     type_name,
+    unforeseen,
+    valid_text,
 )
 
 FORMATS = ("wds", "llava", "sharegpt", "imagenet", "jsonl")
@@ -133,17 +144,24 @@ def path_kind(path: str, fmt: str) -> str:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Brace patterns and local globs expanded, in a stable order; URLs pass through."""
-    out = []
+    """Brace patterns and local globs expanded, in a stable order, each input once: a local path is named in its
+    normal form (`./a.jsonl` and `a.jsonl` are one input) and the same file reached by two names is read once; URLs
+    pass through."""
+    out, seen = [], set()
     for pattern in inputs:
         for item in braceexpand(pattern):
             if "://" not in item and any(c in item for c in "*?["):
                 matches = sorted(glob.glob(item))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {item!r}")
-                out += matches
             else:
-                out.append(item)
+                matches = [item]
+            for match in matches:
+                name = match if "://" in match else os.path.normpath(match)
+                identity = name if "://" in match else os.path.realpath(name)
+                if identity not in seen:
+                    seen.add(identity)
+                    out.append(name)
     return out
 
 
@@ -217,8 +235,8 @@ def line_starts(f, shard_size: int) -> tuple[list[int], int, str]:
 def line_object_format(line: bytes) -> str | None:
     """For detection: the format of a line that is a JSON object; None when it is not one (look further)."""
     try:
-        record = json.loads(line)
-    except ValueError:
+        record = parse_json(line, "line")
+    except Skip:
         return None
     return (record_format(record) or "jsonl") if isinstance(record, dict) else None
 
@@ -334,11 +352,32 @@ def tar_end_problem(data: _TarBytes, offset: int) -> str | None:
     return None
 
 
-def tar_members(stream) -> tuple[list[tuple[str, bytes | None]], str | None, str | None]:
-    """(name, bytes, or None for a link or device) for each member but folders until the tar ends or breaks,
-    then why it broke (or None) and the name of the member being read when it did (or None: between members)."""
-    members: list[tuple[str, bytes | None]] = []
-    reading = None
+Member = tuple[str, "bytes | Skip | None"]  # a name and its bytes; None: a link or device; Skip: left unread
+
+
+def member_data(tar: tarfile.TarFile, member: tarfile.TarInfo, held: dict[str, int]) -> bytes | Skip | None:
+    """A member's bytes, or None for a link or device, or the Skip of a member too large to read: one larger than
+    MAX_MEMBER_BYTES, or one taking its sample (`held`: bytes read per key) past MAX_RECORD_BYTES. A member left
+    unread is passed over by tarfile in blocks, never held (a 9 MB .tar.gz can hold a 2 GiB member)."""
+    if not member.isreg():
+        return None
+    kind = IMAGE_TOO_LARGE if IMAGE_FILE.search(member.name) else TOO_LONG
+    if member.size > MAX_MEMBER_BYTES:
+        return Skip(kind, f"{printable(member.name)[:100]}: {member.size} bytes, more than a member may hold "
+                          f"({MAX_MEMBER_BYTES})")
+    key = base_plus_ext(member.name)[0] or member.name
+    if held.get(key, 0) + member.size > MAX_RECORD_BYTES:
+        return Skip(kind, f"{printable(member.name)[:100]}: the sample's members hold more than {MAX_RECORD_BYTES} "
+                          "bytes")
+    held[key] = held.get(key, 0) + member.size
+    return tar.extractfile(member).read()
+
+
+def tar_members(stream) -> tuple[list[Member], str | None, str | None]:
+    """(name, data) for each member but folders until the tar ends or breaks (see member_data), then why it broke
+    (or None) and the name of the member being read when it did (or None: between members)."""
+    members: list[Member] = []
+    reading, held = None, {}
     try:
         data = uncompressed(stream)
         with tarfile.open(fileobj=data, mode="r|") as tar:
@@ -346,7 +385,7 @@ def tar_members(stream) -> tuple[list[tuple[str, bytes | None]], str | None, str
                 if member.isdir():
                     continue  # structure, not data (a folder named like `key.jpg` leaves that sample without it)
                 reading = member.name
-                members.append((member.name, tar.extractfile(member).read() if member.isreg() else None))
+                members.append((member.name, member_data(tar, member, held)))
                 reading = None
                 tar.members = []  # stream mode keeps every header otherwise
             problem = tar_end_problem(data, tar.offset)
@@ -355,18 +394,25 @@ def tar_members(stream) -> tuple[list[tuple[str, bytes | None]], str | None, str
     return members, problem, reading
 
 
-def group_members(members: list[tuple[str, bytes | None]]) -> tuple[dict[str, dict], dict[str, Skip]]:
+def group_members(members: list[Member]) -> tuple[dict[str, dict], dict[str, Skip]]:
     """Members grouped into samples by key (webdataset's key.ext rule; suffixes lower-cased), first seen first,
-    and the samples that cannot be trusted: a name seen twice, or a member that is not a file."""
+    and the samples that cannot be trusted: a name seen twice, not UTF-8, a member not a file or too large."""
     groups: dict[str, dict] = {}
     problems: dict[str, Skip] = {}
     for name, data in members:
         key, suffix = base_plus_ext(name)
         if key is None or WDS_META.match(name):
             continue  # a directory, a README, webdataset's own metadata: not part of a sample
+        try:
+            valid_text(name, "member name", BAD_RECORD)  # tarfile keeps bytes that are not UTF-8 as surrogates
+        except Skip as skip:
+            key = printable(key)  # a key Arrow can store, for the skip
+            problems.setdefault(key, skip)
         group = groups.setdefault(key, {})
         suffix = suffix.lower()
-        if data is None:
+        if isinstance(data, Skip):
+            problems.setdefault(key, data)
+        elif data is None:
             problems.setdefault(key, Skip(MEMBER_NOT_FILE, f"{name}: a symlink, link or device, not a file"))
         elif suffix in group:
             problems[key] = Skip(DUPLICATE_MEMBER, f"{name}: twice in the tar")
@@ -377,10 +423,7 @@ def group_members(members: list[tuple[str, bytes | None]]) -> tuple[dict[str, di
 
 def sidecar_meta(data: bytes) -> dict:
     """A sample's `key.json`, checked where this job reads it (caption, text, conversations)."""
-    try:
-        meta = json.loads(data)
-    except ValueError as exc:
-        raise Skip(BAD_RECORD, f"json: not valid JSON ({exc})") from exc
+    meta = parse_json(data, "json")
     if not isinstance(meta, dict):
         raise Skip(BAD_RECORD, f"json: expected an object, got {type_name(meta)}")
     for name in ("caption", "text"):
@@ -415,7 +458,7 @@ def read_wds(shard: InputShard) -> Iterator[dict]:
             groups.setdefault(at, {})
             problems[at] = Skip(TAR_TRUNCATED, f"{problem}, reading {reading or 'the next header'}")
     for i, (key, sample) in enumerate(groups.items()):
-        yield _skipped(i, key, problems[key]) if key in problems else wds_record(i, key, sample)
+        yield _skipped(i, key, problems[key]) if key in problems else guarded(wds_record, i, key, sample)
     if problem:
         raise InputFault(f"{problem}; {len(groups)} record(s) read before it" if groups else problem)
 
@@ -437,9 +480,12 @@ def image_names(value: object, name: str) -> list[tuple[str, str]]:
 
 
 def read_file(root: str, name: str, where: str) -> bytes:
+    """An image file's bytes, at most MAX_IMAGE_BYTES: a regular file under `root` (local), or what fsspec opens."""
     try:
+        if "://" not in root:
+            return local_file_bytes(root, name, where)
         with fsspec.open(posixpath.join(root, name), "rb") as f:
-            return f.read()
+            return capped(f.read(MAX_IMAGE_BYTES + 1), where, name)
     except FileNotFoundError as exc:
         raise Skip(IMAGE_MISSING, f"{where}: {name[:100]!r} not found") from exc
     except IsADirectoryError as exc:
@@ -448,13 +494,37 @@ def read_file(root: str, name: str, where: str) -> bytes:
         raise Skip(IMAGE_MISSING, f"{where}: {name[:100]!r} unreadable: {fault(exc)}") from exc
 
 
+def capped(data: bytes, where: str, name: str) -> bytes:
+    if len(data) > MAX_IMAGE_BYTES:
+        raise Skip(IMAGE_TOO_LARGE, f"{where}: {name[:100]!r} holds more than {MAX_IMAGE_BYTES} bytes")
+    return data
+
+
+def local_file_bytes(root: str, name: str, where: str) -> bytes:
+    """A local image: only a regular file whose real path (symlinks resolved) is under the root's. Opened without
+    blocking and checked on the open descriptor: a FIFO would block the task for ever, a device (a symlink to
+    /dev/zero) would fill its memory."""
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise Skip(IMAGE_PATH_UNSAFE, f"{where}: {name[:100]!r} leaves the image root through a symlink")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise Skip(BAD_RECORD, f"{where}: {name[:100]!r} is not a regular file (a FIFO, device or socket)")
+        return capped(f.read(MAX_IMAGE_BYTES + 1), where, name)
+
+
 def record_key(entry: object, default: str) -> str:
     key = entry.get("id") if isinstance(entry, dict) else None
     if key is None:
         return default
     if not isinstance(key, (str, int)) or isinstance(key, bool):
         raise Skip(BAD_RECORD, f"id: expected a string or a number, got {type_name(key)}")
-    return str(key)
+    return valid_text(str(key), "id", BAD_RECORD)
 
 
 def chat_record(index: int, default_key: str, entry: object, kind: str, image_root: str) -> dict:
@@ -471,7 +541,30 @@ def chat_record(index: int, default_key: str, entry: object, kind: str, image_ro
         images = [read_file(image_root, path, where) for where, path in names]
     except Skip as skip:
         return _skipped(index, key, skip)
+    except Exception as exc:  # one record is at most one skip, whatever its bytes make a library raise
+        return _skipped(index, key, unforeseen(exc))
     return _record(index, key, images, meta={chat.field: entry[chat.field]})
+
+
+def guarded(read, index: int, key: str, *args) -> dict:
+    """`read(index, key, *args)`, or the record's skip if anything in it raises: one record never fails its file."""
+    try:
+        return read(index, key, *args)
+    except Skip as skip:
+        return _skipped(index, key, skip)
+    except Exception as exc:
+        return _skipped(index, key, unforeseen(exc))
+
+
+def capped_line(f) -> bytes | None:
+    """The next line of `f` (to its newline), or None if it is longer than MAX_JSON_BYTES: then it is read past
+    in chunks, never held whole."""
+    line = f.readline(MAX_JSON_BYTES + 1)
+    if len(line) <= MAX_JSON_BYTES or line.endswith(b"\n"):
+        return line
+    while line and not line.endswith(b"\n"):
+        line = f.readline(1 << 20)
+    return None
 
 
 def json_records(shard: InputShard) -> Iterator[tuple[str, object]]:
@@ -485,11 +578,15 @@ def json_records(shard: InputShard) -> Iterator[tuple[str, object]]:
     with fsspec.open(shard.path, "rb") as f:
         f.seek(shard.start)
         for i in range(shard.count):
-            line = f.readline()
+            line = capped_line(f)
             try:
-                yield f"{name}:{i}", json.loads(line)
-            except ValueError as exc:
-                yield f"{name}:{i}", Skip(BAD_RECORD, f"line: not JSON ({exc})" if line.strip() else "line: empty")
+                if line is None:
+                    raise Skip(BAD_RECORD, f"line: more than {MAX_JSON_BYTES} bytes")
+                if not line.strip():
+                    raise Skip(BAD_RECORD, "line: empty")
+                yield f"{name}:{i}", parse_json(line, "line")
+            except Skip as skip:
+                yield f"{name}:{i}", skip
 
 
 def read_chat(shard: InputShard) -> Iterator[dict]:
@@ -500,25 +597,34 @@ def read_chat(shard: InputShard) -> Iterator[dict]:
             yield chat_record(i, key, entry, shard.format, shard.image_root)
 
 
+def imagenet_record(index: int, relpath: str, root: str, name: str) -> dict:
+    return _record(index, relpath, [read_file(root, relpath, "file")], meta={"class_name": name})
+
+
 def read_imagenet(shard: InputShard) -> Iterator[dict]:
     for i, (relpath, name) in enumerate(shard.entries):
-        try:
-            yield _record(i, relpath, [read_file(shard.image_root, relpath, "file")], meta={"class_name": name})
-        except Skip as skip:
-            yield _skipped(i, relpath, skip)
+        yield guarded(imagenet_record, i, relpath, shard.image_root, name)
 
 
 def read_jsonl(shard: InputShard) -> Iterator[dict]:
     """Text documents: the raw line (or a JSON-list entry) goes on; the converter reads its text field."""
     if not shard.lines:
         for i, entry in enumerate(shard.entries):
-            yield _record(i, str(shard.start + i), text=json.dumps(entry).encode())
+            yield guarded(entry_document, i, str(shard.start + i), entry)
         return
     with fsspec.open(shard.path, "rb") as f:
         f.seek(shard.start)
         for i in range(shard.count):
-            line = f.readline().rstrip(b"\r\n")
-            yield _record(i, f"{Path(shard.source).name}:{i}", text=line)
+            line, key = capped_line(f), f"{Path(shard.source).name}:{i}"
+            if line is None:
+                yield _skipped(i, key, Skip(TOO_LONG, f"a line of more than {MAX_JSON_BYTES} bytes"))
+            else:
+                yield _record(i, key, text=line.rstrip(b"\r\n"))
+
+
+def entry_document(index: int, key: str, entry: object) -> dict:
+    """A JSON-list entry as the document line it stands for."""
+    return _record(index, key, text=json.dumps(entry).encode())
 
 
 def read_failed(shard: InputShard) -> Iterator[dict]:
