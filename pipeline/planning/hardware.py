@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.metrics import peak_flops
 from pipeline.planning.memory import GIB
 
 # Share of a node's NIC line rate NCCL's rings reach across nodes (nccl-tests all-gather bus bandwidth 85-96 GB/s on
@@ -25,7 +26,7 @@ class Gpu:
     """One GPU type and the node it typically comes in."""
 
     name: str
-    peak_flops: float            # dense bf16 tensor-core peak, datasheet
+    peak_flops: float            # dense bf16 tensor-core peak: pipeline/metrics.py's, the one table of them
     memory: float                # bytes
     matmul_flops: float          # bf16 matmul FLOP/s a best-shaped GEMM sustains on a busy node (see GPUS)
     attention_efficiency: float  # share of peak that FlashAttention-2's forward + backward reaches
@@ -36,8 +37,8 @@ class Gpu:
 
 
 # Sources:
-# - peaks, memory, HBM: NVIDIA's A100 (2039 GB/s 80 GB SXM, 1555 GB/s 40 GB), H100 SXM (3.35 TB/s) and H200
-#   (4.8 TB/s, 141 GB) datasheets.
+# - peaks: pipeline/metrics.py (datasheets), read by name; memory, HBM: NVIDIA's A100 (2039 GB/s 80 GB SXM, 1555 GB/s
+#   40 GB), H100 SXM (3.35 TB/s) and H200 (4.8 TB/s, 141 GB) datasheets.
 # - matmul_flops: stas00/ml-engineering, compute/accelerator (Maximum Achievable Matmul FLOPS, mamf-finder): A100 SXM
 #   267.9 TFLOP/s (no throttling at 400 W: the burst figure is the sustained one); Hopper's 700 W board throttles
 #   under sustained GEMMs: H200 MSMF with all 8 GPUs busy 698.6 TFLOP/s (the burst MAMF, 792-828, is not what a
@@ -48,11 +49,24 @@ class Gpu:
 #   direction (80%); H100/H200 NVLink 4 (450 GB/s per direction) at the same 80%: 360 GB/s.
 # - NICs: DGX A100 8 x 200 Gb/s HDR (also MosaicML's 1600 Gb/s per A100 node); DGX H100/H200 8 x 400 Gb/s NDR.
 NVLINK_REACH = 0.8
+
+
+def peak_of(name: str) -> float:
+    """The bf16 peak pipeline/metrics.py holds for a GPU of this name."""
+    peak = peak_flops(name)
+    if peak is None:
+        raise ValueError(f"{name}: no bf16 peak in pipeline/metrics.py")
+    return peak
+
+
 GPUS = {
-    "a100-40g": Gpu("A100 40GB", 312e12, 40 * GIB, 267.9e12, 0.6, 1555e9, NVLINK_REACH * 300e9, 8, 200.0),
-    "a100-80g": Gpu("A100 80GB", 312e12, 80 * GIB, 267.9e12, 0.6, 2039e9, NVLINK_REACH * 300e9, 8, 200.0),
-    "h100": Gpu("H100 SXM 80GB", 989e12, 80 * GIB, 698.6e12, 0.35, 3350e9, NVLINK_REACH * 450e9, 8, 400.0),
-    "h200": Gpu("H200 141GB", 989e12, 141e9, 698.6e12, 0.35, 4800e9, NVLINK_REACH * 450e9, 8, 400.0),
+    "a100-40g": Gpu("A100 40GB", peak_of("A100 40GB"), 40 * GIB, 267.9e12, 0.6, 1555e9, NVLINK_REACH * 300e9, 8,
+                    200.0),
+    "a100-80g": Gpu("A100 80GB", peak_of("A100 80GB"), 80 * GIB, 267.9e12, 0.6, 2039e9, NVLINK_REACH * 300e9, 8,
+                    200.0),
+    "h100": Gpu("H100 SXM 80GB", peak_of("H100 SXM 80GB"), 80 * GIB, 698.6e12, 0.35, 3350e9, NVLINK_REACH * 450e9, 8,
+                400.0),
+    "h200": Gpu("H200 141GB", peak_of("H200 141GB"), 141e9, 698.6e12, 0.35, 4800e9, NVLINK_REACH * 450e9, 8, 400.0),
 }
 
 
