@@ -182,12 +182,11 @@ def settings_hash(settings: dict) -> str:
 
 
 def output_owner(out: Path) -> tuple[str, set[str]] | None:
-    """Who made the output directory `out`: (task, settings hashes) from its owner file, else its manifest, else
-    its progress records; None when it holds nothing (or does not exist). A UsageError when it holds something
-    that is not a preprocess output: a file, or a folder of other things."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"--output {out}: not a directory (a file or a symlink); name a directory to create or "
-                         "one this command made")
+    """Who made the output directory `out` (symlinks resolved): (task, settings hashes) from its owner file, else its
+    manifest, else its progress records; None when it holds nothing (or does not exist). A UsageError when it is
+    not a preprocess output: a file, or a folder of other things."""
+    if out.exists() and not out.is_dir():  # found now, not when the first shard is written
+        raise UsageError(f"--output {out}: not a directory; name a directory to create or one this command made")
     if not out.exists() or not any(out.iterdir()):
         return None
     owner, manifest = out / PROGRESS_DIR / OWNER_FILE, out / MANIFEST_NAME

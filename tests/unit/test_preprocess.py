@@ -119,3 +119,42 @@ def test_vq_kernel_choices_are_in_the_settings_only_when_not_the_default():
     assert settings("--vq-batch-size", "16") == default
     assert settings("--vq-batch-size", "8")["vq_batch_size"] == 8
     assert settings("--vq-channels-last")["vq_channels_last"] is True
+
+
+def test_an_output_directory_of_another_dataset_is_refused_untouched(tokenizer_dir, tmp_path, jpeg, capsys,
+                                                                       monkeypatch):
+    """Issue #27, defect 4. Before: understanding into a text output directory replaced its manifest, orphaned its
+    shards (exit 0), and deleted temporary-looking files of a folder it had not made. Now each of these exits 2
+    before Ray starts, and every file in the directory is as it was."""
+    import json
+
+    import preprocess.job as job
+    from tests.support import samples, write_tar
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started: the output directory was adopted")
+
+    monkeypatch.setattr(job, "ray_connection", no_ray)
+    tar = write_tar(tmp_path / "in.tar", samples(["k0"], jpeg))
+    text = tmp_path / "text"  # a text dataset: its manifest and a shard
+    text.mkdir()
+    Manifest(task="text", tokenizer_fingerprint="t", settings={"convert": {"task": "text"}},
+             shards=[ShardEntry(file="docs-0.arrow", rows=0, sha256="")]).write(text)
+    (text / "docs-0.arrow").write_bytes(b"rows")
+    other = tmp_path / "other-settings"  # an understanding output of other settings, killed mid-run
+    (other / ".progress").mkdir(parents=True)
+    (other / ".progress" / "job.json").write_text(json.dumps({"task": "understanding", "settings_hash": "x"}))
+    (other / ".in-abc.arrow.tmp-7").write_bytes(b"half")
+    foreign = tmp_path / "foreign"  # not a preprocess output at all
+    foreign.mkdir()
+    (foreign / ".notes.tmp-1").write_bytes(b"someone's")
+    (tmp_path / "a-file").write_bytes(b"x")
+    (tmp_path / "a-link").symlink_to(tmp_path / "foreign")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path}
+    for out, says in ((text, "a text job"), (other, "other settings"), (foreign, "not a preprocess output"),
+                      (tmp_path / "a-file", "not a directory"), (tmp_path / "a-link", "not a preprocess output")):
+        with pytest.raises(SystemExit) as exited:
+            main(["understanding", "--input", str(tar), "--output", str(out), "--tokenizer", str(tokenizer_dir)])
+        err = capsys.readouterr().err
+        assert exited.value.code == EXIT_USAGE and err.startswith("error: --output") and says in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path} == before
