@@ -171,3 +171,31 @@ def test_a_measured_step_replaces_the_compute_rate_for_its_gpu_and_width(tmp_pat
     # Another width is not what was measured: modelled again.
     assert main([*flags[:5], "4096", *flags[6:], "--measured", path]) == 0
     assert json.loads(capsys.readouterr().out)["measured"] == []
+
+
+def test_a_step_pays_its_edges_its_saves_and_waits_for_its_loader():
+    """What the old plan left out: the first gather and the last reduce-scatter are exposed even when everything else
+    hides, a save costs its write amortised over --save-every, and a slow data loader sets the pace."""
+    run = CALIBRATION["mpt-7b-32xa100-40g"]
+    cluster = cluster_for(run.gpu, 4, 8)
+    work = decoder_step(run.model, run.seq_len, run.micro_batch, 1, cluster, "zero3", "full")
+    base = predict(work, cluster, NO_SAVES, 4096).mid
+    assert base.exposed_s >= sum(c.seconds(cluster) for c in work.edges) > 0
+    saving = predict(work, cluster, Operations(save_every=100), 4096).mid
+    assert saving.step_s - base.step_s == pytest.approx(saving.save_s) and saving.save_s > 0
+    tokens = run.micro_batch * run.seq_len
+    starved = predict(work, cluster, Operations(save_every=None, loader_tokens_per_s=tokens / 20.0), 4096).mid
+    assert starved.step_s == pytest.approx(20.0) and starved.loader_s == pytest.approx(20.0)
+
+
+def test_the_command_line_prints_each_figure_with_its_range(capsys):
+    flags = ["predict", "--layers", "32", "--hidden", "4096", "--heads", "32", "--kv-heads", "8", "--ffn", "14336",
+             "--vocab", "128256", "--seq-len", "8192", "--micro-batch", "1", "--gpus", "64", "--gpu", "a100-80g",
+             "--checkpointing", "selective", "--grad-bytes", "4"]
+    assert main(flags) == 0
+    text = capsys.readouterr().out
+    assert "8 x 8 A100 80GB" in text and "8 x 200 Gb/s NICs per node" in text
+    assert all(f"  {label}" in text for label in ("tokens/s per GPU", "MFU", "step s"))
+    assert "measured: nothing; modelled:" in text
+    assert main([*flags[:-4], "--gpus", "60"]) == 2  # not whole nodes
+    assert "not a whole number of nodes" in capsys.readouterr().err
