@@ -46,7 +46,7 @@ def weights_only_loads(what: str | Path) -> Iterator[None]:
     before = os.environ.get(FORCE_WEIGHTS_ONLY)
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
-        with torch.serialization.safe_globals(ALLOWED):
+        with allowed_globals():
             yield
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpoint(f"{what}: refused to load, a file holds a pickled object that is not plain data "
@@ -68,11 +68,19 @@ def refused_global(error: pickle.UnpicklingError) -> str:
     return said[1].strip() if said else type(error).__name__
 
 
+def allowed_globals() -> torch.serialization.safe_globals:
+    """torch's `safe_globals(ALLOWED)`, safe to nest: torch's removes its globals on exit even where an enclosing
+    one had added them (seen: the engine's load inside `weights_only_loads` emptied the allow-list for the
+    universal load that followed), so only the ones not yet allowed are added, and removed."""
+    allowed = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([g for g in ALLOWED if g not in allowed])
+
+
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, loading with weights_only=True and ALLOWED (its own passes False)."""
 
     def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(ALLOWED):
+        with allowed_globals():
             return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -72,7 +72,7 @@ def test_checkpoint_files_load_as_data_and_a_payload_is_refused_unrun(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from pipeline.safe_load import UnsafeCheckpoint, weights_only_loads
+    from pipeline.safe_load import UnsafeCheckpoint, WeightsOnlyCheckpointEngine, weights_only_loads
     from tests.forged import with_payload
 
     file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -80,6 +80,7 @@ def test_checkpoint_files_load_as_data_and_a_payload_is_refused_unrun(tmp_path):
              "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}
     torch.save(saved, file, _use_new_zipfile_serialization=False)  # DeepSpeed's default serialization
     with weights_only_loads(file):
+        WeightsOnlyCheckpointEngine().load(str(file))  # the engine's own load, nested as in a universal resume
         loaded = torch.load(file, weights_only=False)
     assert loaded["zero_stage"] == ZeroStageEnum.weights and loaded["loss_scaler"].cur_scale == 1.0
     marker = tmp_path / "payload-ran"
