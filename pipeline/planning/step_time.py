@@ -166,28 +166,37 @@ def overlapped(compute: float, comm: float) -> tuple[float, float]:
     return max(slowed, comm), slowed
 
 
+def optimizer_seconds(trainable: float, cluster: Cluster) -> float:
+    """AdamW over `trainable` fp32 parameters: memory-bound."""
+    return trainable * OPTIMIZER_BYTES / (cluster.gpu.hbm_bytes_per_s * HBM_EFFICIENCY)
+
+
+def save_seconds(work: StepWork, cluster: Cluster, ops: Operations) -> float:
+    """One checkpoint's write (every GPU of a node sharing its file-system client), spread over the steps between."""
+    if not ops.save_every:
+        return 0.0
+    return work.saved_bytes * cluster.gpus_per_node / SAVE_BYTES_PER_S_PER_NODE / ops.save_every
+
+
 def step_time(work: StepWork, cluster: Cluster, ops: Operations, rates: Rates = CENTRAL) -> StepTime:
+    """One step: the micro-batches with their overlapped collectives, then what runs once; never quicker than the
+    data loader delivers the step's tokens (it runs ahead, in parallel)."""
     def comm(collectives: tuple[Collective, ...]) -> float:
         return sum(c.seconds(cluster, rates.bandwidth_scale) for c in collectives)
 
     compute = compute_seconds(work.micro_batch, cluster, rates)
     first, later = comm(work.first), comm(work.later)
-    wall_first, slowed_first = overlapped(compute, first)
-    wall_later, slowed_later = overlapped(compute, later)
+    (wall_first, slowed_first), (wall_later, slowed_later) = overlapped(compute, first), overlapped(compute, later)
     rest = work.micro_batches - 1
-    body = wall_first + rest * wall_later
-    slowed = slowed_first + rest * slowed_later
-    edges, boundary = comm(work.edges), comm(work.boundary)
-    hbm = cluster.gpu.hbm_bytes_per_s * HBM_EFFICIENCY
-    optimizer = work.trainable_shard * OPTIMIZER_BYTES / hbm
-    writes = work.saved_bytes * cluster.gpus_per_node / SAVE_BYTES_PER_S_PER_NODE
-    save = writes / ops.save_every if ops.save_every else 0.0
+    body, slowed = wall_first + rest * wall_later, slowed_first + rest * slowed_later
+    once = comm(work.edges) + comm(work.boundary)
+    optimizer, save = optimizer_seconds(work.trainable_shard, cluster), save_seconds(work, cluster, ops)
     tokens = work.micro_batch.tokens * work.micro_batches
     loader = tokens / ops.loader_tokens_per_s if ops.loader_tokens_per_s else 0.0
-    step = max(body + edges + boundary + optimizer + save, loader)
-    return StepTime(compute_s=slowed, comm_s=first + rest * later + edges + boundary,
-                    exposed_s=body - slowed + edges + boundary, optimizer_s=optimizer, save_s=save,
-                    loader_s=loader, step_s=step, tokens_per_s_per_gpu=tokens / step,
+    step = max(body + once + optimizer + save, loader)
+    return StepTime(compute_s=slowed, comm_s=first + rest * later + once, exposed_s=body - slowed + once,
+                    optimizer_s=optimizer, save_s=save, loader_s=loader, step_s=step,
+                    tokens_per_s_per_gpu=tokens / step,
                     mfu=work.micro_batch.model_flops * work.micro_batches / (step * cluster.gpu.peak_flops))
 
 
@@ -198,7 +207,7 @@ def measured_matmul_efficiency(work: MicroBatchWork, trainable: float, cluster: 
     gpu = cluster.gpu
     full = compute_seconds(work, cluster, Rates(matmul_efficiency=1.0))
     matmul = sum(m.flops / (gpu.matmul_flops * shape_efficiency(m.width)) for m in work.matmuls)
-    rest = full - matmul + trainable * OPTIMIZER_BYTES / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY)
+    rest = full - matmul + optimizer_seconds(trainable, cluster)
     if seconds <= rest:
         raise ValueError(f"a measured step of {seconds:.3g} s is quicker than its attention, memory-bound work and "
                          f"optimizer alone ({rest:.3g} s): not this GPU, or not this step")
