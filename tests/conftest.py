@@ -27,13 +27,16 @@ TESTS = Path(__file__).resolve().parent
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Every test under tests/integration/ is an integration test (`make test-fast` leaves it out by the mark); a
-    test marked integration under tests/unit/ is misplaced: stop, naming it, rather than run it with the unit tests."""
+    test marked integration under tests/unit/ is misplaced: stop, naming it, rather than run it with the unit tests.
+    Tests marked `last` move to the end of the session, in their order: each waits for a run a session fixture
+    started in the background, which the other tests' time hides."""
     for item in items:
         where = Path(str(item.path)).resolve()
         if where.is_relative_to(TESTS / "integration"):
             item.add_marker(pytest.mark.integration)
         elif where.is_relative_to(TESTS / "unit") and item.get_closest_marker("integration"):
             raise pytest.UsageError(f"{item.nodeid} is marked integration: move it to tests/integration/")
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: the rest keep their order
 
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -349,7 +352,9 @@ def ray_cluster():
     finally:
         proc.send_signal(signal.SIGINT)  # `ray start --block` then stops the node processes it started
         try:
-            proc.wait(timeout=30)
+            # After the session's jobs it sometimes took the whole 30 s it was once given (the suite's slowest
+            # teardown); the loop below stops whatever it leaves.
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)

@@ -2,7 +2,11 @@
 preprocess on Ray -> ZeRO-3 training on 2 CPU ranks through the launchers -> export -> generation and chat.
 
 The memorisation test reuses the demo's preprocessed shards, tokenizer and initial weights (one Ray run for
-both tests) and trains Stage II on 4 of its photographs, on one rank.
+both tests) and trains Stage II on 4 of its photographs, on one rank. That training (minutes) starts in the
+background as soon as the demo is done and runs beside the rest of the suite, most of which keeps one of the two CPU
+cores idle (unit tests and single-process checks run on one thread), at a low priority (nice 10), so that it takes
+only CPU time the other tests leave; the test that checks it is marked `last`, so it waits for the run only at the
+end of the session.
 """
 
 import os
@@ -10,13 +14,14 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.support import REPO
+from tests.support import REPO, Ranks
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +44,7 @@ MEMORISE_FLAGS = ["--seq-len", "1300", "--rows-per-step", "4", "--rows-per-micro
                   "--guidance-dropout", "0"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the memorisation test runs at the session's end, after other modules
 def demo(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "DEMO_STEPS": str(DEMO_STEPS), "DEMO_OUTPUT": str(out)}
@@ -96,15 +101,41 @@ def subset(source: Path, out: Path, keys: tuple[str, ...]) -> dict[str, Path]:
     return dirs
 
 
-def test_memorise_settings_feed_every_photo_every_step(demo, tmp_path):
+@dataclass
+class Memorisation:
+    data: dict[str, Path]  # the 4 photographs' manifests, per task
+    run: Path
+    ranks: Ranks | None  # None with MEMORISE_STEPS=0
+    started: float
+
+
+@pytest.fixture(scope="session")
+def memorisation(demo, tmp_path_factory) -> Memorisation:
+    """The memorisation run, started in the background (see the module docstring); killed if the session ends
+    first. Stage II only: it trains everything the chain's later stages do but SigLIP."""
+    out, work = demo["out"], tmp_path_factory.mktemp("memorise")
+    data, run = subset(out / "data", work / "data", MEMORISE), work / "stage2"
+    ranks = None
+    if MEMORISE_STEPS > 0:
+        ranks = Ranks([str(Path(REPO) / "launchers" / "stage2.py"), "--model", str(out / "init"), "--init",
+                       str(out / "init"), "--tokenizer", str(out / "tokenizer"), "--output", str(run), "--data",
+                       str(data["understanding"]), str(data["generation"]), *MEMORISE_FLAGS,
+                       "--train-steps", str(MEMORISE_STEPS), "--save-every", str(MEMORISE_STEPS),
+                       "--log-every", "50", "--num-workers", "1"], world_size=MEMORISE_RANKS, niceness=10)
+    yield Memorisation(data=data, run=run, ranks=ranks, started=time.time())
+    if ranks is not None and ranks.finished is None:
+        ranks.kill()
+
+
+def test_memorise_settings_feed_every_photo_every_step(demo, memorisation):
     """The memorisation run's data plan, without training: after the packer's buffer settles, every optimizer
     step (all ranks together) holds every photo's generation sample; the run learns nothing from a photo it
-    does not see."""
+    does not see. (Requesting `memorisation` here starts that run right after the demo.)"""
     from model.tokenizer import SpecialTokens, load_tokenizer
     from pipeline.config import resolve
     from pipeline.data import DataPipeline
 
-    data = subset(demo["out"] / "data", tmp_path / "data", MEMORISE)
+    data = memorisation.data
     config, _ = resolve(2, [*MEMORISE_FLAGS, "--model", "tiny", "--data", str(data["understanding"]),
                             str(data["generation"])])
     special = SpecialTokens.from_tokenizer(load_tokenizer(demo["out"] / "tokenizer"))
@@ -117,27 +148,18 @@ def test_memorise_settings_feed_every_photo_every_step(demo, tmp_path):
             assert set(keys) == set(MEMORISE), (step, keys)
 
 
+@pytest.mark.last
 @pytest.mark.skipif(MEMORISE_STEPS <= 0, reason="MEMORISE_STEPS=0")
-def test_the_whole_chain_learns(demo, tmp_path):
+def test_the_whole_chain_learns(memorisation, tmp_path):
     from model.chat import answer
     from model.generate import generate_image_ids, load_exported
     from model.manifest import read_shard
     from model.sample import samples_from_table
     from pipeline.export import export
-    from tests.support import run_ranks
 
-    out = demo["out"]
-    data = subset(out / "data", tmp_path / "data", MEMORISE)
-    run = tmp_path / "stage2"
-    started = time.time()
-    # Stage II only: it trains everything the chain's later stages do but SigLIP.
-    run_ranks([str(Path(REPO) / "launchers" / "stage2.py"), "--model", str(out / "init"), "--init", str(out / "init"),
-               "--tokenizer", str(out / "tokenizer"), "--output", str(run), "--data", str(data["understanding"]),
-               str(data["generation"]), *MEMORISE_FLAGS,
-               "--train-steps", str(MEMORISE_STEPS), "--save-every", str(MEMORISE_STEPS), "--log-every", "50",
-               "--num-workers", "1"], world_size=MEMORISE_RANKS, env={"OMP_NUM_THREADS": "2"},
-              timeout=max(900, 2 * MEMORISE_STEPS))
-    trained = time.time() - started
+    data, run = memorisation.data, memorisation.run
+    memorisation.ranks.wait(timeout=max(900, 2 * MEMORISE_STEPS))
+    trained = time.time() - memorisation.started  # beside other tests: their time is in it
     exported = export(run, tmp_path / "export", "transformers", dtype="fp32").path
     model, tokenizer = load_exported(exported)
 
@@ -149,7 +171,7 @@ def test_the_whole_chain_learns(demo, tmp_path):
     truth = [torch.tensor(generation[k].image_ids) for k in keys]
     match = [[(ids[i] == truth[j]).float().mean().item() for j in range(len(keys))] for i in range(len(keys))]
     report = {k: [round(m, 3) for m in row] for k, row in zip(keys, match, strict=True)}
-    print(f"memorisation after {MEMORISE_STEPS} steps ({trained:.0f}s training): own/other id match {report}")
+    print(f"memorisation after {MEMORISE_STEPS} steps ({trained:.0f}s from start to end): own/other id match {report}")
     for i in range(len(keys)):
         assert match[i][i] >= 0.9, report
         assert match[i][i] > max(m for j, m in enumerate(match[i]) if j != i), report
