@@ -39,8 +39,21 @@ def answer(model: JanusForConditionalGeneration, tokenizer: PreTrainedTokenizerB
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def read_image(path: str) -> Image.Image:
+    """The `--image` file decoded, or one `error:` line: missing, unreadable, not an accepted format, truncated,
+    a decompression bomb (Pillow's DecompressionBombError is no OSError), or whatever else a decoder raises."""
+    from model.generate import usage_error
+
+    try:
+        image = open_encoded(Path(path).read_bytes())
+        image.load()
+    except Exception as exc:
+        usage_error(f"--image {path}: {type(exc).__name__}: {exc}")
+    return image
+
+
 def main(argv: list[str] | None = None) -> None:
-    from model.generate import add_device_arguments, inference_device, load_exported
+    from model.generate import add_device_arguments, checked_text, inference_device, load_exported
 
     parser = argparse.ArgumentParser(description="Janus-Pro: answer a question about an image.")
     parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
@@ -53,13 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     device, dtype = inference_device(parser, args)
-    try:  # before loading the model: a wrong file is said at once
-        image = open_encoded(Path(args.image).read_bytes())
-        image.load()
-    except OSError as exc:  # missing, unreadable, not an accepted format (UnidentifiedImageError), truncated
-        parser.error(f"--image {args.image}: {exc}")
+    question, system = checked_text(args.question, "--question"), checked_text(args.system, "--system")
+    image = read_image(args.image)  # before loading the model: a wrong file is said at once
     model, tokenizer = load_exported(args.checkpoint, dtype, device)
-    reply = answer(model, tokenizer, image, args.question, args.system or None, args.max_new_tokens,
+    reply = answer(model, tokenizer, image, question, system or None, args.max_new_tokens,
                    greedy=not args.sample, temperature=args.temperature)
     print(reply)
 

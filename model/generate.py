@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import transformers
@@ -58,6 +60,36 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
 
 
+def usage_error(message: str) -> NoReturn:
+    """A mistake in an inference command's arguments or the files they name: one `error:` line, exit 2, said
+    before the model loads, never a traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def checked_text(value: str, flag: str) -> str:
+    """`value` if it is text: an argument holding bytes that are not UTF-8 reaches Python as lone surrogates, which
+    the tokenizer fails on (a TypeError) after the model has loaded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        usage_error(f"{flag}: {value.encode('utf-8', 'backslashreplace').decode()[:80]!r} is not valid UTF-8 text")
+    return value
+
+
+def checked_output(path: str) -> Path:
+    """Where the grid goes: an image file name Pillow can write, not a directory, in a folder or where one can be
+    made. Checked before the model loads: saving is the command's last step."""
+    out = Path(path)
+    if out.is_dir():
+        usage_error(f"--out {path}: a directory; name the image file to write")
+    if out.suffix.lower() not in Image.registered_extensions():
+        usage_error(f"--out {path}: not an image file name (give one ending in .png, .jpg or .webp)")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        usage_error(f"--out {path}: a folder on its path is a file")
+    return out
+
+
 def inference_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """The device and dtype `--device`/`--dtype` ask for (their defaults filled in); a wrong device is a usage
     error said before the model loads."""
@@ -66,9 +98,9 @@ def inference_device(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cuda", "cpu"):
-        parser.error(f"--device {args.device}: not one of cuda, cuda:N, cpu")
+        usage_error(f"--device {args.device}: not one of cuda, cuda:N, cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+        usage_error(f"--device {args.device}: no CUDA GPU here; use --device cpu")
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
 
@@ -182,11 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="grid.png")
     args = parser.parse_args(argv)
     device, dtype = inference_device(parser, args)
+    prompts = [checked_text(p, "--prompt") for p in args.prompt for _ in range(args.n)]
+    out = checked_output(args.out)
     model, tokenizer = load_exported(args.checkpoint, dtype, device)
-    prompts = [p for p in args.prompt for _ in range(args.n)]
     ids = generate_image_ids(model, tokenizer, prompts, args.cfg, args.temperature, args.seed, args.greedy,
                              args.backend)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(decode_images(model, ids), columns=args.n).save(out)
     print(f"wrote {out}: {len(args.prompt)} prompt(s) x {args.n}, guidance {args.cfg}")

@@ -82,3 +82,33 @@ def test_chat_runs_on_the_device_it_is_given(init_checkpoint, tokenizer_dir, tmp
     chat.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "photo.png"), "--question", "What?",
                "--device", "cpu", "--max-new-tokens", "2"])
     assert capsys.readouterr().out.endswith("\n")
+
+
+@pytest.mark.parametrize(("command", "flags", "said"), [
+    ("chat", ["--question", "What\udcff?"], "--question"),  # bytes that are not UTF-8, as argv passes them
+    ("chat", ["--system", "\udcff"], "--system"),
+    ("chat", ["--image", "TEXT"], "--image"),  # not an image: UnidentifiedImageError
+    ("chat", ["--image", "BOMB"], "DecompressionBombError"),
+    ("chat", ["--image", "MISSING"], "FileNotFoundError"),
+    ("generate", ["--prompt", "a \udcff cat"], "--prompt"),
+    ("generate", ["--out", "DIR"], "a directory"),
+    ("generate", ["--out", "TEXT/grid.png"], "is a file"),
+    ("generate", ["--out", "grid.unknown"], "not an image file name"),
+])
+def test_argument_and_image_mistakes_are_one_error_line_before_loading(command, flags, said, loads, monkeypatch,
+                                                                       tmp_path, capsys):
+    """Issue #27. Before: a decompression bomb (no OSError) or an undecodable argument gave a traceback, the latter
+    only after the model had loaded; an --out that could not be written failed after generating."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # the 32x32 photo is a bomb at 2 x this
+    (tmp_path / "text.txt").write_text("not an image")
+    (tmp_path / "dir.png").mkdir()
+    names = {"TEXT": str(tmp_path / "text.txt"), "DIR": str(tmp_path / "dir.png"), "MISSING": str(tmp_path / "no.png"),
+             "BOMB": str(tmp_path / "photo.png")}
+    flags = [next((f.replace(k, v) for k, v in names.items() if k in f), f) for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(command, ["--device", "cpu", *flags], tmp_path)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and said in err, err
+    assert loads == []
