@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -108,10 +109,21 @@ def build_sources(out: Path, photos: dict[str, tuple[str, str, str]]) -> dict[st
     return paths
 
 
+def loopback_rendezvous() -> list[str]:
+    """torchrun's flags for a one-machine rendezvous on 127.0.0.1 at a free port. (torch's TCPStore server itself
+    binds every interface whatever host it is given: what this sets is where ranks connect and what they are told.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"demo-{os.getpid()}",
+            "--nnodes", "1", "--local-addr", "127.0.0.1"]
+
+
 def train_command(stage: int, data: list[Path], model: Path, init: Path, output: Path, tokenizer: Path, steps: int,
                   extra: list[str]) -> list[str]:
-    # torchrun starts 2 local ranks with the environment DeepSpeed reads; --standalone picks a free port.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    # torchrun starts 2 local ranks with the environment DeepSpeed reads. The rendezvous is on the loopback address
+    # (--standalone's is `localhost`, and its workers are told the machine's hostname): the ranks meet over 127.0.0.1.
+    return [sys.executable, "-m", "torch.distributed.run", *loopback_rendezvous(), "--nproc-per-node", "2",
             str(REPO / "launchers" / f"stage{stage}.py"), "--model", model, "--init", init, "--tokenizer", tokenizer,
             "--output", output, "--data", *data, "--train-steps", str(steps), "--save-every", str(steps),
             "--keep-last", "1", "--log-every", "5", "--num-workers", "1", *extra]

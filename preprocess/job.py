@@ -78,6 +78,9 @@ OWNER_FILE = "job.json"
 TASK_TRIES = 3
 # Test hook: SIGKILL this process while the n-th shard of the run is half written under its temporary name.
 KILL_ENV = "JANUS_PREPROCESS_TEST_KILL_AT_SHARD"
+# Test hook: the task of an input shard whose source holds this string ends its worker on every try, as a worker
+# killed for memory does (used by the test that the job lists such an input as failed and goes on).
+DIE_ENV = "JANUS_PREPROCESS_TEST_DIE_ON_SOURCE"
 EXIT_USAGE = 2
 EXIT_REJECTED = 3
 DEFAULT_MAX_SKIP_FRACTION = 0.5
@@ -261,6 +264,8 @@ def shard_rows(batch: pa.Table, cfg: ConvertConfig, chunk: int, threads: int = 1
     descriptors into a task as the convert step's batch size (16), so a small job ran in one task, and a
     lost worker cost 16 shards."""
     for desc in batch.to_pylist():
+        if os.environ.get(DIE_ENV) and os.environ[DIE_ENV] in desc["source"]:
+            os._exit(1)
         rows: list[dict] = []
         # The reader's dicts go straight to the converter: a round trip through an Arrow table copied every image.
         for converted in ordered_map(partial(convert_record, cfg=cfg), read_shard_records(InputShard(**desc)),

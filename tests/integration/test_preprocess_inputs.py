@@ -32,16 +32,23 @@ from PIL import Image
 from model.chat_format import control_ids
 from model.manifest import Manifest, file_sha256, read_shard
 from preprocess.cli import main
+from preprocess.job import DIE_ENV
 from preprocess.records import (
     BAD_RECORD,
     DUPLICATE_MEMBER,
     IMAGE_MISSING,
     IMAGE_PATH_UNSAFE,
+    IMAGE_TOO_LARGE,
     IMAGE_UNREADABLE,
+    INPUT_LOST,
+    MAX_MEMBER_BYTES,
+    MAX_SAMPLE_TEXT_BYTES,
     MEMBER_NOT_FILE,
     SKIP_REASONS,
     TAR_TRUNCATED,
     TEXT_MISSING,
+    TEXT_NOT_UTF8,
+    TOO_LONG,
     UNKNOWN_FORMAT,
 )
 from preprocess.sources import redact
@@ -135,9 +142,19 @@ def tar_kinds(photos: dict, jpeg: bytes, quoted: str) -> list[tuple[str, list, s
         ("t_link", [symlink("t_link.jpg", "/etc/hostname"), ("t_link.txt", b"A link.")], MEMBER_NOT_FILE),
         ("t_dir_image", [folder("t_dir_image.jpg"), ("t_dir_image.txt", b"A folder named .jpg.")], IMAGE_MISSING),
         ("t_in/folder", [folder("t_in"), ("t_in/folder.jpg", jpeg), ("t_in/folder.txt", b"In a folder.")], None),
+        # issue #27: each stopped the job (exit 1, no manifest) or failed its whole tar
+        ("u_surrogate", [("u_surrogate.jpg", jpeg), ("u_surrogate.json", b'{"caption": "\\ud800"}')], TEXT_NOT_UTF8),
+        ("u_name\\udcff", [("u_name\udcff.jpg", jpeg), ("u_name\udcff.txt", b"Not UTF-8.")], BAD_RECORD),
+        ("u_deep", [("u_deep.jpg", jpeg), ("u_deep.json", DEEP.encode())], BAD_RECORD),
+        ("u_digits", [("u_digits.jpg", jpeg), ("u_digits.json", DIGITS.encode())], BAD_RECORD),
+        ("u_long", [("u_long.jpg", jpeg), ("u_long.txt", b"word " * (MAX_SAMPLE_TEXT_BYTES // 4))], TOO_LONG),
     ]
     random.Random(0).shuffle(kinds)  # bad among good
     return kinds
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError
+DIGITS = '{"id": "digits", "caption": "x", "n": ' + "9" * 5000 + "}"  # json.loads: a plain ValueError
 
 
 def chat_kinds(root: Path, quoted: str) -> dict[str, list[tuple[object, str | None]]]:
@@ -187,6 +204,12 @@ def chat_kinds(root: Path, quoted: str) -> dict[str, list[tuple[object, str | No
             ("{not json", BAD_RECORD),
             (llava("n_up", "../secret.png"), IMAGE_PATH_UNSAFE),
             ({"id": "n_messages", "messages": []}, UNKNOWN_FORMAT),
+            (llava("\ud800"), BAD_RECORD),  # issue #27: a surrogate in an id reached Arrow
+            (DEEP, BAD_RECORD),
+            (DIGITS, BAD_RECORD),
+            (llava("n_fifo", "fifo.png"), BAD_RECORD),  # the task blocked for ever
+            (llava("n_zero", "zero.png"), IMAGE_PATH_UNSAFE),  # a symlink to /dev/zero: memory until killed
+            (llava("n_link_out", "out.png"), IMAGE_PATH_UNSAFE),  # a symlink out of the root was followed
         ],
         "sharegpt.json": [
             (sharegpt, None),
@@ -218,6 +241,9 @@ def every_kind(root: Path, photos: dict, jpeg: bytes, quoted: str, served: dict[
     photos["chelsea.png"].save(images / "chelsea.png")
     photos["coffee.png"].save(images / "coffee.png")
     photos["astronaut.png"].save(root / "secret.png")
+    os.mkfifo(images / "fifo.png")
+    (images / "zero.png").symlink_to("/dev/zero")
+    (images / "out.png").symlink_to(root / "secret.png")
     corpus, good_members = Corpus(images), []
 
     def expect(key: str, reason: str | None) -> None:
@@ -253,6 +279,18 @@ def every_kind(root: Path, photos: dict, jpeg: bytes, quoted: str, served: dict[
                   "random-00006.tar": np.random.default_rng(0).bytes(5000)}
     for name, data in unreadable.items():
         add_tar(name, [], broken=data, failed=True)
+
+    # A few kB of .tar.gz holding a member over the cap: passed over unread (issue #27: a 2 GiB one peaked at 6.6 GB).
+    huge = [("u_huge", [("u_huge.jpg", bytes(MAX_MEMBER_BYTES + 1)), ("u_huge.txt", b"Zeros.")], IMAGE_TOO_LARGE),
+            *samples_of("h", 1)]
+    add_tar("huge-00007.tar.gz", huge, broken=tar_bytes([m for _, members, _ in huge for m in members], mode="w:gz"))
+    # An input whose task ends its worker on every try (DIE_ENV), as one killed for memory: listed, its records lost.
+    (root / "lost.jsonl").write_text("".join(json.dumps({"id": f"lost{i}", "image": "chelsea.png",
+                                                         "conversations": CONVERSATION}) + "\n" for i in range(3)))
+    corpus.mixed.append(str(root / "lost.jsonl"))
+    corpus.failed.append(f"{root / 'lost.jsonl'}#0")
+    for i in range(3):
+        expect(f"lost{i}", INPUT_LOST)
 
     remote = samples_of("r", 2)
     served["/remote.tar"] = tar_bytes([m for _, members, _ in remote for m in members])
@@ -338,13 +376,16 @@ def test_every_kind_through_ray_job_submit_and_embedded_ray(ray_client, photos, 
                     str(tokenizer_dir), "--image-root", str(corpus.images), "--max-skip-fraction", "1",
                     "--no-progress"]
 
+        lost = {DIE_ENV: str(tmp_path / "in" / "lost.jsonl")}
         submitted = subprocess.run(
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_client["dashboard"],
-             "--working-dir", str(REPO), "--", sys.executable, "-m", "preprocess", *args(corpus.mixed, "submitted")],
+             "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": lost}), "--",
+             sys.executable, "-m", "preprocess", *args(corpus.mixed, "submitted")],
             env=ray_client["env"], cwd=REPO, capture_output=True, timeout=400)
         own_ray = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
         embedded = subprocess.run([sys.executable, "-m", "preprocess", *args(corpus.mixed, "embedded"), "--cpus", "2"],
-                                  env={**own_ray, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}, cwd=REPO,
+                                  env={**own_ray, **lost, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+                                  cwd=REPO,
                                   capture_output=True, timeout=400)
     good = main(args(corpus.good, "good"))  # on the session's cluster, through this process's connection
 
