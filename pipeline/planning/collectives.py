@@ -32,11 +32,14 @@ from pipeline.planning.gathers import Gathers
 from pipeline.planning.hardware import Gpu, Network, gpu_named, network_for
 from pipeline.planning.memory import BF16, Setting
 
-# NCCL's tuning model (src/graph/tuning.cc, ring algorithm, Simple protocol, the one large messages use): base latency
-# per call, and per ring step over NVLink or over the network.
+# NCCL's tuning model (src/graph/tuning.cc, Simple protocol, the one large messages use), microseconds: a ring pays
+# a base latency per call and one hop latency per step (NVLink's, or the network's for the steps that cross nodes);
+# a tree (all-reduce only) no base, and twice (GPUs per node - 1) NVLink hops plus log2(nodes) network hops.
 RING_BASE_LATENCY = 8.4e-6
 NVLINK_STEP_LATENCY = 3.4e-6
-NETWORK_STEP_LATENCY = 14e-6
+NETWORK_STEP_LATENCY = 9.6e-6
+TREE_NVLINK_LATENCY = 28e-6
+TREE_NETWORK_LATENCY = 50e-6
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,7 @@ class Collective:
         if self.kind != "all-reduce":
             return ring
         in_node = min(self.group, cluster.gpus_per_node) - 1
-        tree = RING_BASE_LATENCY + 2 * (math.ceil(math.log2(nodes)) * NETWORK_STEP_LATENCY
-                                        + in_node * NVLINK_STEP_LATENCY)
+        tree = 2 * (in_node * TREE_NVLINK_LATENCY + math.ceil(math.log2(nodes)) * TREE_NETWORK_LATENCY)
         return min(2 * ring - RING_BASE_LATENCY, tree)
 
     def seconds(self, cluster: Cluster, bandwidth_scale: float = 1.0) -> float:

@@ -45,10 +45,12 @@ class Gpu:
 #   training step sees); H100 SXM is the same die, clocks and power limit.
 # - attention_efficiency: FlashAttention-2 (Dao 2023) reaches 50-73% of A100 peak forward + backward; on H100 it
 #   reaches ~35% (FlashAttention-3 paper, Shah et al. 2024), the kernel the GPU machine here runs (PyTorch's flash).
-# - nvlink_bus_bytes_per_s: nccl-tests all-gather bus bandwidth on DGX A100 ~230-240 GB/s of NVLink 3's 300 GB/s per
-#   direction (80%); H100/H200 NVLink 4 (450 GB/s per direction) at the same 80%: 360 GB/s.
+# - nvlink_bus_bytes_per_s: NCCL's own tuning model caps an A100's bus bandwidth at 235 GB/s (src/graph/tuning.cc,
+#   compute capability 8.0), ~80% of NVLink 3's 300 GB/s per direction, as nccl-tests measure on DGX A100;
+#   H100/H200 NVLink 4 (450 GB/s per direction) at the same 80%: 360 GB/s.
 # - NICs: DGX A100 8 x 200 Gb/s HDR (also MosaicML's 1600 Gb/s per A100 node); DGX H100/H200 8 x 400 Gb/s NDR.
-NVLINK_REACH = 0.8
+A100_NCCL_BUS = 235e9
+NVLINK_REACH = A100_NCCL_BUS / 300e9  # ~0.8: what NCCL reaches of NVLink's per-direction bandwidth
 
 
 def peak_of(name: str) -> float:
@@ -60,10 +62,8 @@ def peak_of(name: str) -> float:
 
 
 GPUS = {
-    "a100-40g": Gpu("A100 40GB", peak_of("A100 40GB"), 40 * GIB, 267.9e12, 0.6, 1555e9, NVLINK_REACH * 300e9, 8,
-                    200.0),
-    "a100-80g": Gpu("A100 80GB", peak_of("A100 80GB"), 80 * GIB, 267.9e12, 0.6, 2039e9, NVLINK_REACH * 300e9, 8,
-                    200.0),
+    "a100-40g": Gpu("A100 40GB", peak_of("A100 40GB"), 40 * GIB, 267.9e12, 0.6, 1555e9, A100_NCCL_BUS, 8, 200.0),
+    "a100-80g": Gpu("A100 80GB", peak_of("A100 80GB"), 80 * GIB, 267.9e12, 0.6, 2039e9, A100_NCCL_BUS, 8, 200.0),
     "h100": Gpu("H100 SXM 80GB", peak_of("H100 SXM 80GB"), 80 * GIB, 698.6e12, 0.35, 3350e9, NVLINK_REACH * 450e9, 8,
                 400.0),
     "h200": Gpu("H200 141GB", peak_of("H200 141GB"), 141e9, 698.6e12, 0.35, 4800e9, NVLINK_REACH * 450e9, 8, 400.0),
