@@ -36,8 +36,8 @@ MATMUL_IN_MODEL = 0.80
 # Architectures with Hardware", arXiv 2401.14489).
 MATMUL_HALF_DIM = 128
 # Compute slows by this share while a collective runs beside it: NCCL's kernels occupy SMs and HBM bandwidth
-# (10-20% GEMM slowdowns under concurrent NCCL are reported in the overlap literature, e.g. Rashidi et al. 2021 and
-# Pati et al. 2023 "T3"); the low end, as FSDP and ZeRO overlap with few channels.
+# (10-20% GEMM slowdowns under concurrent collectives are reported in the overlap literature: Rashidi et al., ISCA
+# 2021; Pati et al., "T3", ASPLOS 2024); the low end, as FSDP and ZeRO overlap with few channels.
 NCCL_CONTENTION = 0.10
 # The range: +-15%, the largest error left on the calibration rows; a measured step knows its compute to +-5%.
 SPREAD = 0.15
