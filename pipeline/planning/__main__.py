@@ -6,6 +6,10 @@
 
 Prints tokens/s per GPU, MFU and step time, each as a central value and a range (`--json`: one JSON object with
 `tokens_per_s_per_gpu`, `mfu` and `step_s`, each {"low", "mid", "high"}, and which figures were measured).
+
+    python -m pipeline.planning plan --measured bench.json --stage 2 --model 7b --nodes 32 --gpu a100-80g
+
+The dry run's report (the same flags as `--dry-run`) with a measured compute rate in place of the modelled one.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import argparse
 import json
 import sys
 
+from pipeline.config import resolve
 from pipeline.planning.collectives import cluster_for
 from pipeline.planning.decoder import CHECKPOINTING, MLPS, SHARDINGS, Decoder, decoder_step
+from pipeline.planning.dry_run import dry_run
 from pipeline.planning.hardware import GPUS
 from pipeline.planning.measured import measured_from
 from pipeline.planning.report import cluster_line
@@ -56,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--measured", help="bench/train_step.py --json output from a GPU run: its compute rate replaces "
                                       "the assumed one for that GPU type and width")
     q.add_argument("--json", action="store_true", help="print one JSON object")
+    plan = sub.add_parser("plan", help="the dry run's report with a measured compute rate; the other flags are "
+                                       "--dry-run's (--stage, --model, --nodes, --gpu, ...)")
+    plan.add_argument("--measured", required=True, help="bench/train_step.py --json output from a GPU run")
     return p
 
 
@@ -94,11 +103,22 @@ def format_prediction(prediction: Prediction, cluster: str) -> str:
         f"  measured: {', '.join(figures['measured']) or 'nothing'}; modelled: {', '.join(figures['modelled'])}"])
 
 
+def planned_with(measured_path: str, train_flags: list[str]) -> str:
+    """The dry run's report for `train_flags`, its compute rate measured."""
+    config, args = resolve(None, train_flags)
+    return dry_run(config, args.cluster, args.model_config, measured_from(measured_path))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, rest = parser().parse_known_args(argv)
     try:
+        if args.command == "plan":
+            print(planned_with(args.measured, rest))
+            return 0
+        if rest:
+            raise ValueError(f"unknown flags: {' '.join(rest)}")
         prediction, cluster = prediction_of(args)
-    except ValueError as error:
+    except ValueError as error:  # ConfigError is one
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(prediction.as_dict()) if args.json else format_prediction(prediction, cluster))

@@ -30,7 +30,7 @@ from pipeline.planning.memory import (
     workload,
 )
 from pipeline.planning.report import format_performance_plan, performance_row, performance_rows
-from pipeline.planning.step_time import Operations
+from pipeline.planning.step_time import Measured, Operations
 from pipeline.preflight import checked_plan
 
 GPU_TEMPLATE = "zero3_bf16"  # what pipeline/engine.py's run_deepspeed_config takes on GPU without --ds-config
@@ -85,9 +85,10 @@ def run_setting(config: TrainConfig, work: Workload, cluster: Cluster) -> Settin
                    grad_bytes=COMMUNICATION_BYTES.get(communication, BF16), hpz=hpz)
 
 
-def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig) -> str:
+def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig, measured: Measured | None = None) -> str:
     """The dry run's report for the cluster `planned`: the batch plan, the run's memory per GPU, the performance
-    plan. `janus`: the model's config, as start-up read it."""
+    plan. `janus`: the model's config, as start-up read it; `measured`: a measured compute rate that replaces the
+    modelled one for its GPU type and width (`python -m pipeline.planning plan --measured`)."""
     world_size = planned_world_size(planned, config.system.gpus_per_node)
     batch = checked_plan(config, world_size)
     stage = replace(stage_for(config.stage, model_size(janus)),
@@ -99,10 +100,10 @@ def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig) -> 
     cluster = planned_cluster(planned, nodes, per_node)
     ops = Operations(save_every=config.checkpoint.save_every, loader_tokens_per_s=LOADER_TOKENS_PER_S.get(config.stage))
     work = workload(janus, stage, name=config.model.model)
-    this_run = performance_row(work, run_setting(config, work, cluster), cluster, ops)
+    this_run = performance_row(work, run_setting(config, work, cluster), cluster, ops, measured)
     deepspeed_gpu, deepspeed_table = deepspeed_estimate(work.params.total, work.params.largest_module, world_size,
                                                         system.gpus_per_node)
-    rows = performance_rows(work, cluster, ops=ops)
+    rows = performance_rows(work, cluster, ops=ops, measured=measured)
     return (f"Stage {config.stage}, model {config.model.model}: {batch.rows_per_step} rows/step over {world_size} "
             f"ranks = {batch.accumulation_steps} micro-batch(es) of {batch.rows_per_micro_batch} row(s) x "
             f"{config.data.seq_len} tokens per rank\n" + format_memory(this_run.memory, deepspeed_gpu, deepspeed_table)

@@ -11,6 +11,8 @@ import pytest
 
 from model.config import preset_config
 from model.stages import STAGES
+from pipeline.config import resolve
+from pipeline.planning import dry_run
 from pipeline.planning.__main__ import main
 from pipeline.planning.collectives import Cluster, cluster_for
 from pipeline.planning.decoder import Decoder, decoder_step
@@ -199,3 +201,20 @@ def test_the_command_line_prints_each_figure_with_its_range(capsys):
     assert "measured: nothing; modelled:" in text
     assert main([*flags[:-4], "--gpus", "60"]) == 2  # not whole nodes
     assert "not a whole number of nodes" in capsys.readouterr().err
+
+
+def test_the_janus_plan_takes_a_measured_step_and_says_so(tmp_path, capsys):
+    """`python -m pipeline.planning plan --measured FILE` + --dry-run's flags: the plan's compute rate is the measured
+    one for that GPU type and width (here 0.6 of the sustained rate: a slower plan than the modelled 0.8)."""
+    flags = ["--stage", "2", "--model", "1b", "--nodes", "2", "--gpu", "h200"]
+    config, args = resolve(None, flags)
+    modelled = dry_run(config, args.cluster, args.model_config)
+    assert main(["plan", "--measured", measured_bench(tmp_path, 0.6), *flags]) == 0
+    measured = capsys.readouterr().out
+
+    def recommended_mfu(text: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith("Recommended (*)"))
+        return float(line.split("MFU ")[1].split("%")[0])
+
+    assert "compute rate modelled" in modelled and "compute rate measured" in measured
+    assert recommended_mfu(measured) < recommended_mfu(modelled)
