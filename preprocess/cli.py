@@ -18,6 +18,7 @@ from model.manifest import Manifest
 from model.sample import TASKS
 from preprocess.job import (
     DEFAULT_MAX_SKIP_FRACTION,
+    DEFAULT_TASK_TRIES,
     EXIT_REJECTED,
     EXIT_USAGE,
     VQ_BATCH_SIZE,
@@ -66,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
                    help="exit 3 when more than this fraction of the rows is skipped (1.0: never); a job that "
                         "writes no row exits 3 whatever this says")
+    p.add_argument("--task-tries", type=int, default=DEFAULT_TASK_TRIES,
+                   help="runs of one input's task (its worker died, e.g. killed for memory) before the input is listed "
+                        "in files_failed, its records counted as input_lost, and the job goes on")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     return p
 
@@ -89,7 +93,7 @@ def vq_dtype_name(name: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    for flag in ("shard_size", "vq_batch_size", "vq_actors_per_gpu"):
+    for flag in ("shard_size", "vq_batch_size", "vq_actors_per_gpu", "task_tries"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.vq_actors < 0:
@@ -105,7 +109,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      vq=args.vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
                      vq_actors=args.vq_actors, vq_actors_per_gpu=args.vq_actors_per_gpu,
                      vq_channels_last=args.vq_channels_last, cpus=args.cpus, gpus=args.gpus, address=args.address,
-                     progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction)
+                     progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction,
+                     task_tries=args.task_tries)
 
 
 def main(argv: list[str] | None = None) -> Manifest:

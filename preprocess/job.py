@@ -72,10 +72,10 @@ PROGRESS_DIR = ".progress"
 # Written into DIR/.progress before anything else: the task and settings hash of the job this output belongs to.
 # Only an output holding it (or a manifest or progress records of the same settings) is resumed or cleaned up.
 OWNER_FILE = "job.json"
-# A shard task is run this many times in all before its input is listed in files_failed and the job goes on: Ray
-# Data's default retries a task whose worker died without limit, and an input that gets its worker killed for
-# memory (or crashes a library) kills every retry too.
-TASK_TRIES = 3
+# A shard task is run this many times in all (--task-tries) before its input is listed in files_failed and the job
+# goes on: Ray Data's default retries a task whose worker died without limit, and an input that gets its worker
+# killed for memory (or crashes a library) kills every retry too.
+DEFAULT_TASK_TRIES = 3
 # Test hook: SIGKILL this process while the n-th shard of the run is half written under its temporary name.
 KILL_ENV = "JANUS_PREPROCESS_TEST_KILL_AT_SHARD"
 # Test hook: the task of an input shard whose source holds this string ends its worker on every try, as a worker
@@ -122,6 +122,7 @@ class JobConfig:
     convert_batch_size: int = 16
     progress: bool = True
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # not in the settings hash: it decides no bytes
+    task_tries: int = DEFAULT_TASK_TRIES  # nor this: it decides whether an input is given up on, like the above
 
 
 @dataclass
@@ -353,7 +354,7 @@ def vq_resources(cfg: JobConfig) -> dict:
 
 def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset:
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
-    # A task whose worker dies is run again by Ray Data itself, TASK_TRIES times in all (its default: without
+    # A task whose worker dies is run again by Ray Data itself, --task-tries times in all (its default: without
     # limit); after that its block is dropped (DataContext.max_errored_blocks, set in run) and the driver lists
     # the shard as failed. Its actor pools restart actors. A run-again task does not deliver rows twice (its
     # generator's outputs are numbered), and a shard is written only when it holds exactly the rows its
@@ -365,7 +366,7 @@ def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1, num_cpus=threads,
                             fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size, "threads": threads},
-                            max_retries=TASK_TRIES - 1)
+                            max_retries=cfg.task_tries - 1)
     if res:
         ds = ds.map_batches(VQStage, batch_format="pyarrow", batch_size=cfg.vq_batch_size,
                             concurrency=res["concurrency"], num_cpus=res["num_cpus"], num_gpus=res.get("num_gpus"),
@@ -379,8 +380,9 @@ def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset
 class ShardAssembler:
     """Regroups streamed rows by input shard and writes each shard once all of its rows have arrived."""
 
-    def __init__(self, out: Path, pending: list[InputShard], shash: str, n_total: int, n_done: int) -> None:
-        self.out, self.shash = out, shash
+    def __init__(self, out: Path, pending: list[InputShard], shash: str, n_total: int, n_done: int,
+                 task_tries: int = DEFAULT_TASK_TRIES) -> None:
+        self.out, self.shash, self.task_tries = out, shash, task_tries
         self.shards = {s.index: s for s in pending}
         self.rows: dict[int, list[dict]] = {s.index: [] for s in pending}
         self.parts: dict[int, dict[int, int]] = {s.index: {} for s in pending}
@@ -419,7 +421,8 @@ class ShardAssembler:
         rows = [r for r in rows if r["skip"] != FILE_FAILED]
         skipped = Counter(r["skip"] for r in rows if r["skip"])
         for r in rows:
-            if r["skip"] and self.skip_examples[r["skip"]] < 5:  # a few examples per reason, then only counts
+            # A few examples per reason, then only counts; lost records are said once, by the warning below.
+            if r["skip"] not in (None, INPUT_LOST) and self.skip_examples[r["skip"]] < 5:
                 self.skip_examples[r["skip"]] += 1
                 log.info("skip %s in %s: %s", r["key"], shard.source, r["detail"])
         kept = [r for r in rows if not r["skip"]]
@@ -463,7 +466,7 @@ class ShardAssembler:
             arrived = Counter(r["index"] for r in rows)
             whole = {i for i, n in parts.items() if i >= 0 and arrived[i] == n}
             known = max(shard.count, rows[0]["total"] if rows else 0, max(whole, default=-1) + 1)
-            reason = (f"its task failed {TASK_TRIES} times (a worker died, was killed for memory, or raised: see "
+            reason = (f"its task failed {self.task_tries} times (a worker died, was killed for memory, or raised: see "
                       "the Ray logs); its records are counted as input_lost")
             self.rows[index] = [r for r in rows if r["index"] in whole] + [
                 {"key": "", "index": i, "part": 0, "skip": INPUT_LOST, "detail": reason}
@@ -473,7 +476,8 @@ class ShardAssembler:
 
 
 @contextmanager
-def ray_connection(address: str = "", cpus: int | None = None, gpus: int | None = None) -> Iterator[None]:
+def ray_connection(address: str = "", cpus: int | None = None, gpus: int | None = None,
+                   task_tries: int = DEFAULT_TASK_TRIES) -> Iterator[None]:
     """Join the given cluster, the job's cluster (RAY_ADDRESS under `ray job submit`), or start an embedded
     one that only this job can reach. A connection made here is closed on leaving."""
     if ray.is_initialized():
@@ -485,8 +489,10 @@ def ray_connection(address: str = "", cpus: int | None = None, gpus: int | None 
         else:
             stack.enter_context(private_ray_settings())
             # address="local": never silently join some other cluster that `ray start` left on this machine.
+            # A task killed by Ray's memory monitor is retried under its own count (task_oom_retries, default:
+            # without limit), apart from max_retries: bounded here too. A cluster we join keeps its own setting.
             ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, _system_config={"task_oom_retries": task_tries - 1})
         stack.callback(ray.shutdown)
         yield
 
@@ -555,11 +561,11 @@ def run(cfg: JobConfig) -> Manifest:
     results = dict(done)
     if pending:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # until this run ends, the shards do not match it
-        with ray_connection(cfg.address, cfg.cpus, cfg.gpus):
+        with ray_connection(cfg.address, cfg.cpus, cfg.gpus, cfg.task_tries):
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = cfg.progress
             context.max_errored_blocks = len(pending)  # a shard whose task failed every try: listed, not fatal
-            assembler = ShardAssembler(out, pending, shash, len(shards), len(done))
+            assembler = ShardAssembler(out, pending, shash, len(shards), len(done), cfg.task_tries)
             for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
                 assembler.add(batch)
             assembler.finish_lost()
