@@ -288,13 +288,17 @@ class ClusterConfig(Section):
     world_size: int | None = doc("data-parallel size to plan for (or --nodes)", None)
     nodes: int | None = doc("nodes to plan for, of --gpus-per-node GPUs (unset: from --world-size)", None)
     gpu: Literal["a100-40g", "a100-80g", "h100", "h200"] = doc("the GPU to plan for", "a100-80g")
-    intra_node_gbps: float = doc("per-GPU bandwidth inside a node (NVLink), Gb/s", 2400.0)
-    inter_node_gbps: float = doc("per-GPU network bandwidth across nodes, Gb/s", 200.0)
+    nics_per_node: int | None = doc("network cards per node for the cross-node fabric (unset: the GPU type's "
+                                    "typical node)", None)
+    nic_gbps: float | None = doc("Gb/s per network card (unset: the GPU type's typical node)", None)
+    nvlink_gbps: float | None = doc("NCCL bus bandwidth inside a node, Gb/s (unset: the GPU type's)", None)
 
     def check(self) -> None:
         need(self.world_size is None or self.world_size >= 1, "world_size", "must be at least 1")
         need(self.nodes is None or self.nodes >= 1, "nodes", "must be at least 1")
-        need(self.intra_node_gbps > 0 and self.inter_node_gbps > 0, "inter_node_gbps", "bandwidths must be positive")
+        need(self.nics_per_node is None or self.nics_per_node >= 1, "nics_per_node", "must be at least 1")
+        for name in ("nic_gbps", "nvlink_gbps"):
+            need(getattr(self, name) is None or getattr(self, name) > 0, name, "must be positive")
 
 
 PARSED = {**SECTIONS, "cluster": ClusterConfig}  # every flag: the run's sections, then --dry-run's cluster

@@ -9,7 +9,7 @@ them (pipeline/ds_config.py). The memory table is that setting's, and so is the 
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from transformers import JanusConfig
 
@@ -41,15 +41,11 @@ LOADER_TOKENS_PER_S = {1: 498e3, 2: 438e3, 3: 333e3}
 
 
 def planned_cluster(planned: ClusterConfig, nodes: int, per_node: int) -> Cluster:
-    """The cluster to cost: the GPU type's typical node (hardware.py), with --intra-node-gbps (NVLink bus bandwidth)
-    and --inter-node-gbps (per GPU: the node has one such NIC per GPU) replacing its figures when set. The flags keep
-    their old defaults, which stand for "the GPU type's": a value equal to the default is the GPU type's figure."""
-    defaults = {f.name: f.default for f in fields(ClusterConfig)}
-    intra = None if planned.intra_node_gbps == defaults["intra_node_gbps"] else planned.intra_node_gbps
-    inter = None if planned.inter_node_gbps == defaults["inter_node_gbps"] else planned.inter_node_gbps
+    """The cluster to cost: the GPU type's typical node (hardware.py), with --nics-per-node, --nic-gbps and
+    --nvlink-gbps replacing its figures where given."""
     gpu = gpu_named(planned.gpu)
-    network = network_for(gpu, per_node if inter is not None else None, inter, intra)
-    return Cluster(gpu, nodes, per_node, network)
+    return Cluster(gpu, nodes, per_node, network_for(gpu, planned.nics_per_node, planned.nic_gbps,
+                                                     planned.nvlink_gbps))
 
 
 def planned_world_size(planned: ClusterConfig, per_node: int) -> int:

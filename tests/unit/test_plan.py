@@ -281,10 +281,12 @@ def test_flops_are_metrics_formula_on_the_expected_micro_batch():
 
 
 def test_dry_run_takes_the_cluster_flags():
-    config, args = resolve(2, ["--model", "1b", "--nodes", "32", "--gpu", "h100", "--inter-node-gbps", "400"])
+    config, args = resolve(2, ["--model", "1b", "--nodes", "32", "--gpu", "h100", "--nic-gbps", "200"])
     text = dry_run(config, args.cluster, args.model_config)
-    # --inter-node-gbps is per GPU: a node of 8 such NICs (its default, 200, stands for the GPU type's own node).
-    assert "32 x 8 H100" in text and "8 x 400 Gb/s NICs per node" in text and "Recommended (*)" in text
+    # Unset flags are the GPU type's typical node (8 NICs on an H100 node); a flag replaces only its own figure.
+    assert "32 x 8 H100" in text and "8 x 200 Gb/s NICs per node" in text and "Recommended (*)" in text
+    config, args = resolve(2, ["--model", "1b", "--nodes", "32", "--gpu", "a100-80g", "--nics-per-node", "1"])
+    assert "1 x 200 Gb/s NICs per node" in dry_run(config, args.cluster, args.model_config)
     config, args = resolve(2, ["--model", "1b", "--nodes", "32", "--world-size", "128"])
     with pytest.raises(ConfigError, match="--world-size 128 is not --nodes 32"):
         dry_run(config, args.cluster, args.model_config)

@@ -73,12 +73,12 @@ def test_a_run_directory_is_found_by_its_names(tmp_path):
 
 
 def test_the_dry_runs_cluster_is_not_saved_with_the_run(tmp_path):
-    config, args = resolve(2, ["--model", "tiny", "--nodes", "4", "--gpu", "h100", "--inter-node-gbps", "400"])
-    assert (args.cluster.nodes, args.cluster.gpu, args.cluster.inter_node_gbps) == (4, "h100", 400.0)
+    config, args = resolve(2, ["--model", "tiny", "--nodes", "4", "--gpu", "h100", "--nic-gbps", "400"])
+    assert (args.cluster.nodes, args.cluster.gpu, args.cluster.nic_gbps) == (4, "h100", 400.0)
     config.save(tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     flat = {key for section in saved.values() if isinstance(section, dict) for key in section}
-    assert not flat & {"gpu", "nodes", "world_size", "intra_node_gbps", "inter_node_gbps"}, flat
+    assert not flat & {"gpu", "nodes", "world_size", "nics_per_node", "nic_gbps", "nvlink_gbps"}, flat
 
 
 def test_a_run_saved_with_the_retired_cluster_settings_still_loads(tmp_path):
@@ -92,8 +92,7 @@ def test_a_run_saved_with_the_retired_cluster_settings_still_loads(tmp_path):
 
 
 def test_the_dry_run_costs_the_config_start_up_read(monkeypatch):
-    from pipeline.planning import dry_run
-    from pipeline.planning import memory
+    from pipeline.planning import dry_run, memory
 
     config, args = resolve(2, ["--model", "tiny", "--world-size", "8"])
 
