@@ -173,7 +173,7 @@ def test_the_whole_chain_learns(memorisation, tmp_path):
     report = {k: [round(m, 3) for m in row] for k, row in zip(keys, match, strict=True)}
     print(f"memorisation after {MEMORISE_STEPS} steps ({trained:.0f}s from start to end): own/other id match {report}")
     for i in range(len(keys)):
-        assert match[i][i] >= 0.9, report
+        assert match[i][i] >= 0.98, report  # every photo, not an average
         assert match[i][i] > max(m for j, m in enumerate(match[i]) if j != i), report
 
     # A question about a training photograph gets its training answer.
