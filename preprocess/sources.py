@@ -479,11 +479,12 @@ def image_names(value: object, name: str) -> list[tuple[str, str]]:
     return named
 
 
-def read_file(root: str, name: str, where: str) -> bytes:
-    """An image file's bytes, at most MAX_IMAGE_BYTES: a regular file under `root` (local), or what fsspec opens."""
+def read_file(root: str, name: str, where: str, confined: bool = True) -> bytes:
+    """An image file's bytes, at most MAX_IMAGE_BYTES: a regular file (local; with `confined`, one whose real path
+    is under `root`'s: a record names it), or what fsspec opens."""
     try:
         if "://" not in root:
-            return local_file_bytes(root, name, where)
+            return local_file_bytes(root, name, where, confined)
         with fsspec.open(posixpath.join(root, name), "rb") as f:
             return capped(f.read(MAX_IMAGE_BYTES + 1), where, name)
     except FileNotFoundError as exc:
@@ -500,13 +501,13 @@ def capped(data: bytes, where: str, name: str) -> bytes:
     return data
 
 
-def local_file_bytes(root: str, name: str, where: str) -> bytes:
-    """A local image: only a regular file whose real path (symlinks resolved) is under the root's. Opened without
-    blocking and checked on the open descriptor: a FIFO would block the task for ever, a device (a symlink to
-    /dev/zero) would fill its memory."""
+def local_file_bytes(root: str, name: str, where: str, confined: bool = True) -> bytes:
+    """A local image: only a regular file, with `confined` one whose real path (symlinks resolved) is under the
+    root's. Opened without blocking and checked on the open descriptor: a FIFO would block the task for ever, a
+    device (a symlink to /dev/zero) would fill its memory."""
     base = os.path.realpath(root)
     path = os.path.realpath(os.path.join(base, name))
-    if os.path.commonpath([base, path]) != base:
+    if confined and os.path.commonpath([base, path]) != base:
         raise Skip(IMAGE_PATH_UNSAFE, f"{where}: {name[:100]!r} leaves the image root through a symlink")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
@@ -598,7 +599,8 @@ def read_chat(shard: InputShard) -> Iterator[dict]:
 
 
 def imagenet_record(index: int, relpath: str, root: str, name: str) -> dict:
-    return _record(index, relpath, [read_file(root, relpath, "file")], meta={"class_name": name})
+    # Listed from the folder itself, not named by a record: an ImageNet tree of symlinked class folders is common.
+    return _record(index, relpath, [read_file(root, relpath, "file", confined=False)], meta={"class_name": name})
 
 
 def read_imagenet(shard: InputShard) -> Iterator[dict]:

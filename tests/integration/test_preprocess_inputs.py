@@ -374,7 +374,7 @@ def test_every_kind_through_ray_job_submit_and_embedded_ray(ray_client, photos, 
         def args(inputs: list[str], out: str) -> list[str]:
             return ["understanding", "--input", *inputs, "--output", str(tmp_path / out), "--tokenizer",
                     str(tokenizer_dir), "--image-root", str(corpus.images), "--max-skip-fraction", "1",
-                    "--no-progress"]
+                    "--task-tries", "2", "--no-progress"]
 
         lost = {DIE_ENV: str(tmp_path / "in" / "lost.jsonl")}
         submitted = subprocess.run(

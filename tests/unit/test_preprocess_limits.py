@@ -270,3 +270,20 @@ def test_the_caps_live_in_one_place():
     assert len(caps) >= 7
     source = Path(sources.__file__).read_text()
     assert not [name for name in caps if f"{name} =" in source]
+
+
+def test_imagenet_reads_symlinked_class_folders_but_no_fifo(tmp_path, photos):
+    """An ImageNet tree lists its own files (no record names them): a class folder symlinked from elsewhere is read,
+    and a FIFO among the images is one skip, not a task blocked for ever."""
+    root, elsewhere = tmp_path / "train", tmp_path / "elsewhere" / "n02123045"
+    root.mkdir()
+    elsewhere.mkdir(parents=True)
+    photos["chelsea.png"].convert("RGB").save(elsewhere / "cat.JPEG")
+    os.mkfifo(elsewhere / "fifo.JPEG")
+    (root / "n02123045").symlink_to(elsewhere)
+    names = tmp_path / "names.txt"
+    names.write_text("n02123045 tabby, tabby cat\n")
+    with deadline(60):
+        shards = list_shards([str(root)], "imagenet", 10, class_names=str(names))
+        got = {r["key"]: r["error"] for r in read_shard_records(shards[0])}
+    assert got == {"n02123045/cat.JPEG": None, "n02123045/fifo.JPEG": BAD_RECORD}
