@@ -191,8 +191,8 @@ def output_owner(out: Path) -> tuple[str, set[str]] | None:
     not a preprocess output: a file, or a folder of other things."""
     if out.exists() and not out.is_dir():  # found now, not when the first shard is written
         raise UsageError(f"--output {out}: not a directory; name a directory to create or one this command made")
-    if not out.exists() or not any(out.iterdir()):
-        return None
+    if not out.exists() or not [p for p in out.iterdir() if p.name != PROGRESS_DIR or any(p.iterdir())]:
+        return None  # new, empty, or holding only the empty folder a run makes first
     owner, manifest = out / PROGRESS_DIR / OWNER_FILE, out / MANIFEST_NAME
     try:
         if owner.is_file():
@@ -564,10 +564,14 @@ def run(cfg: JobConfig) -> Manifest:
         with ray_connection(cfg.address, cfg.cpus, cfg.gpus, cfg.task_tries):
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = cfg.progress
+            saved_errored_blocks = context.max_errored_blocks
             context.max_errored_blocks = len(pending)  # a shard whose task failed every try: listed, not fatal
-            assembler = ShardAssembler(out, pending, shash, len(shards), len(done), cfg.task_tries)
-            for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
-                assembler.add(batch)
+            try:
+                assembler = ShardAssembler(out, pending, shash, len(shards), len(done), cfg.task_tries)
+                for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
+                    assembler.add(batch)
+            finally:
+                context.max_errored_blocks = saved_errored_blocks
             assembler.finish_lost()
             results.update(assembler.results)
     manifest = write_manifest(out, cfg, shards, results, settings, vq_fp)
