@@ -218,8 +218,8 @@ class CheckpointConfig(Section):
     keep_last: int = doc("complete checkpoints kept", 3)
     resume: str = doc("auto: the newest intact checkpoint in --output, if any; none; or a checkpoint path",
                       "auto")
-    trust_checkpoint: bool = doc("load checkpoints this code did not write (no file list in their COMPLETE): "
-                                 "DeepSpeed unpickles checkpoint files, so only ones you trust", False)
+    trust_checkpoint: bool = doc("load checkpoints this code did not write (no file list in their COMPLETE), "
+                                 "unverified; their files are still read as data only", False)
     allow_config_change: list[str] = doc("settings a resumed run may change on purpose, of "
                                          f"{', '.join(RESUME_GUARDED)}", [])
 
