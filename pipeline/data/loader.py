@@ -3,7 +3,9 @@
 Planning (which samples go in which row, reading the shards) runs in a thread of its own and records the state
 after each micro-batch, so the state is exact; decoding images and building tensors runs in a thread pool ahead of
 the step (PIL releases the GIL while decoding). The state saved with a checkpoint is the one after the last batch the
-trainer *consumed*, not the last one prefetched, so a resumed run continues with exactly the next batch.
+trainer *consumed*, not the last one prefetched, so a resumed run continues with exactly the next batch. It holds
+the coverage counts (coverage.py) too: how many times each sample entered a micro-batch handed out, so a resumed run
+continues counting.
 
 A run resumed on another number of ranks continues from every old rank's state (`continue_from`): within each
 epoch of each source, no row is trained twice and none is skipped. Which samples share a step then differs from
@@ -25,6 +27,7 @@ from model.batch import PackedBatch, pack_rows, sample_length
 from model.sample import GENERATION, TASKS, Sample
 from model.tokenizer import SpecialTokens
 from pipeline.config import DataConfig
+from pipeline.data.coverage import Coverage, coverage_summary
 from pipeline.data.mixer import Mixer
 from pipeline.data.packer import BufferedSample, Packer
 from pipeline.data.reader import Source, SourceSpec
@@ -77,6 +80,9 @@ class DataPipeline:
         self.too_long = dict.fromkeys(TASKS, 0)  # samples longer than seq_len, dropped: counted and logged
         self._too_long_in_a_row = dict.fromkeys(TASKS, 0)
         self._lengths_dropped: dict[str, list[int]] = {task: [] for task in TASKS}
+        # Only the thread that hands micro-batches out touches it (never the planner thread): no lock, and no copy
+        # of every source's counts with each planned micro-batch's state.
+        self.coverage = Coverage([s.task for s in self.sources], [s.size for s in self.sources])
         self._consumed_state = self._plan_state()
 
     # ---- planning (main thread) ----
@@ -115,7 +121,13 @@ class DataPipeline:
 
     def plan_rows(self) -> list[list[BufferedSample]]:
         """The next micro-batch's rows as packer entries: each sample with where it came from (source, epoch, row).
-        Without --pad-rows, one row: the micro-batch's flat stream."""
+        Without --pad-rows, one row: the micro-batch's flat stream. Handed out like a batch of the iterator: its
+        samples are counted in `coverage`, and `state_dict()` is the state after it."""
+        rows = self._next_rows()
+        self._hand_out(included(rows), self._plan_state())
+        return rows
+
+    def _next_rows(self) -> list[list[BufferedSample]]:
         rows = []
         for _ in range(self.rows):
             self._fill_buffer()
@@ -125,6 +137,18 @@ class DataPipeline:
     def plan_micro_batch(self) -> list[list[Sample]]:
         """The samples of the next micro-batch's rows, without decoding anything (benchmarks use it too)."""
         return [[e.sample for e in row] for row in self.plan_rows()]
+
+    def _hand_out(self, refs: list[tuple[int, int]], state: dict) -> None:
+        """A micro-batch leaves the pipeline (to the trainer, or to a plan_rows caller): its samples are counted and
+        the state to save is the one after it."""
+        self.coverage.add(refs)
+        self._consumed_state = state
+
+    def coverage_summary(self, coverage: Coverage | None = None) -> dict:
+        """coverage.coverage_summary of `coverage` (this rank's own by default; pass the counts summed over ranks for
+        the run's), the samples at the extremes named by their shards' keys."""
+        counts = self.coverage if coverage is None else coverage
+        return coverage_summary(counts, lambda source, row: self.sources[source].key(row))
 
     def _plan_state(self) -> dict:
         return copy.deepcopy({
@@ -150,19 +174,22 @@ class DataPipeline:
                     planned = ready.get()
                     if isinstance(planned, BaseException):  # TooLong, a damaged shard: the trainer's to handle
                         raise planned
-                    future, state = planned
+                    future, state, refs = planned
                     batch = future.result()
-                    self._consumed_state = state
+                    self._hand_out(refs, state)
                     yield batch
             finally:
                 stop.set()
                 planner.join()
 
     def _plan_ahead(self, pool: ThreadPoolExecutor, ready: queue.Queue, stop: threading.Event) -> None:
-        """The planner thread: plan, submit the tensors' build, queue (future, state after it) until stopped."""
+        """The planner thread: plan, submit the tensors' build, queue (future, state after it, its samples' (source,
+        row)) until stopped."""
         while not stop.is_set():
             try:
-                planned = (pool.submit(self._tensors, self.plan_micro_batch()), self._plan_state())
+                rows = self._next_rows()
+                planned = (pool.submit(self._tensors, [[e.sample for e in row] for row in rows]), self._plan_state(),
+                           included(rows))
             except BaseException as error:  # handed to the training thread, which raises it
                 planned = error
             while not stop.is_set():
@@ -181,8 +208,9 @@ class DataPipeline:
         return pack_rows(rows, pad_to, self.special, self.config.eoi_is_target).pin_memory()
 
     def state_dict(self) -> dict:
-        """The state after the last batch handed to the trainer (JSON-serialisable)."""
-        return copy.deepcopy(self._consumed_state)
+        """The state after the last batch handed out: plain containers, and the coverage counts as tensors (what
+        torch.save writes and torch.load with weights_only reads)."""
+        return {**copy.deepcopy(self._consumed_state), "coverage": self.coverage.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         for source, s in zip(self.sources, state["sources"], strict=True):
@@ -190,6 +218,7 @@ class DataPipeline:
         self.mixer.load_state_dict(state["mixer"])
         self.packer.buffer = [self._entry(*ref) for ref in state["buffer"]]
         self.too_long = dict(state["too_long"])
+        self.coverage.load_state_dict(state.get("coverage"))  # absent in checkpoints from before coverage
         self._consumed_state = self._plan_state()
 
     def continue_from(self, states: list[dict]) -> None:
@@ -200,7 +229,7 @@ class DataPipeline:
         (Source.continue_from), and the new ranks share the rest; the rows the old ranks had drawn but not yet
         packed (their packer buffers) are dealt out to the new ranks, oldest first, and packed by them. The task
         mix continues from the old ranks' mean of what each task was fed; the too-long counts, summed in every
-        log record, go to rank 0.
+        log record, and the coverage counts, summed over ranks when reported, go to rank 0.
         """
         for i, source in enumerate(self.sources):
             source.continue_from([s["sources"][i] for s in states])
@@ -208,4 +237,10 @@ class DataPipeline:
         waiting = sorted((ref for s in states for ref in s["buffer"]), key=lambda ref: -ref[3])  # ref[3]: its age
         self.packer.buffer = [self._entry(*ref) for ref in waiting[self.rank::self.world_size]]
         self.too_long = {t: sum(s["too_long"][t] for s in states) if self.rank == 0 else 0 for t in TASKS}
+        self.coverage.load_sum([s.get("coverage") for s in states] if self.rank == 0 else [])
         self._consumed_state = self._plan_state()
+
+
+def included(rows: list[list[BufferedSample]]) -> list[tuple[int, int]]:
+    """(source, row id) of every sample of a micro-batch's rows: what coverage counts."""
+    return [(e.source, e.row_id) for row in rows for e in row]

@@ -97,10 +97,20 @@ class Source:
         self.cursor += 1
         return ref
 
+    @property
+    def size(self) -> int:
+        """Rows in the whole source, every shard (every rank's rows)."""
+        return self._starts[-1]
+
     def sample(self, row_id: int) -> Sample:
         shard = bisect.bisect_right(self._starts, row_id) - 1
         table = self._table(shard)
         return Sample.from_row(table.slice(row_id - self._starts[shard], 1).to_pylist()[0])
+
+    def key(self, row_id: int) -> str:
+        """The sample's key alone (coverage names a few samples: no need to decode them)."""
+        shard = bisect.bisect_right(self._starts, row_id) - 1
+        return self._table(shard).column("key")[row_id - self._starts[shard]].as_py()
 
     def _table(self, shard: int) -> pa.Table:
         if shard not in self._tables:
