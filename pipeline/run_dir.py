@@ -8,6 +8,7 @@
       tensorboard/         TensorBoard event files
       samples/             sample grids (PNG)
       checkpoints/step-N/  ZeRO checkpoints; a COMPLETE file marks the finished ones
+        coverage.json      how many times each sample had been trained by then, summed over ranks (per task)
       consolidated/step-N/ a checkpoint merged into one safetensors file, for the next stage's --init
 
 These names are the on-disk format of every run ever written: renaming one breaks resume and export of older runs.
@@ -25,6 +26,7 @@ TENSORBOARD = "tensorboard"
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 CONSOLIDATED = "consolidated"
+COVERAGE = "coverage.json"
 
 
 def is_run_directory(path: str | Path) -> bool:
@@ -58,6 +60,11 @@ def samples_dir(run: str | Path) -> Path:
 
 def checkpoints_dir(run: str | Path) -> Path:
     return Path(run) / CHECKPOINTS
+
+
+def coverage_file(checkpoint: str | Path) -> Path:
+    """A checkpoint's coverage summary (RUN/checkpoints/step-N/coverage.json): saved and pruned with it."""
+    return Path(checkpoint) / COVERAGE
 
 
 def consolidated_dir(run: str | Path, checkpoint_name: str) -> Path:
