@@ -79,22 +79,30 @@ def summed_over_ranks(coverage: Coverage, device: torch.device) -> Coverage:
     return coverage.with_flat(flat)
 
 
-def coverage_summary(coverage: Coverage, key_of: Callable[[int, int], str], extremes: int = EXTREMES) -> dict:
-    """Per task that has data: samples, min / median / max count, how many samples sit at min and at max, and the
-    keys of the first `extremes` of each (by source, then row). A task of several sources is one population."""
+def coverage_extremes(coverage: Coverage) -> dict:
+    """Per task that has data: {"min", "max"} count, all a log line prints (no median: a sort of every row)."""
     summary = {}
     for task in TASKS:
+        counts = [coverage.counts[i] for i, t in enumerate(coverage.tasks) if t == task]
+        if counts:
+            summary[task] = {"min": min(int(c.min()) for c in counts), "max": max(int(c.max()) for c in counts)}
+    return summary
+
+
+def coverage_summary(coverage: Coverage, key_of: Callable[[int, int], str], extremes: int = EXTREMES) -> dict:
+    """coverage_extremes, and per task: samples, median count, how many samples sit at min and at max, and the keys
+    of the first `extremes` of each (by source, then row). A task of several sources is one population."""
+    summary = coverage_extremes(coverage)
+    for task, entry in summary.items():
         sources = [i for i, t in enumerate(coverage.tasks) if t == task]
-        if not sources:
-            continue
         counts = np.concatenate([coverage.counts[i].numpy() for i in sources])
-        least, most = int(counts.min()), int(counts.max())
-        summary[task] = {
-            "samples": len(counts), "min": least, "median": float(np.median(counts)), "max": most,
+        least, most = entry["min"], entry["max"]
+        entry.update({
+            "samples": len(counts), "median": float(np.median(counts)),
             "at_min": int((counts == least).sum()), "at_max": int((counts == most).sum()),
             "least_seen": _keys_at(coverage, sources, least, key_of, extremes),
             "most_seen": _keys_at(coverage, sources, most, key_of, extremes),
-        }
+        })
     return summary
 
 
@@ -111,7 +119,8 @@ def _keys_at(coverage: Coverage, sources: list[int], count: int, key_of: Callabl
 
 
 def coverage_line(summary: dict) -> str:
-    """The log line's part: each task's min-max count, e.g. 'cover und 3-4 gen 12-15'."""
+    """The log line's part (of coverage_extremes or coverage_summary): each task's min-max count, e.g.
+    'cover und 3-4 gen 12-15'."""
     return "cover " + " ".join(f"{SHORT[task]} {s['min']}-{s['max']}" for task, s in summary.items())
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.data import DataPipeline
-from pipeline.data.coverage import Coverage, coverage_line, summed_over_ranks, write_coverage
+from pipeline.data.coverage import Coverage, coverage_extremes, coverage_line, summed_over_ranks, write_coverage
 from tests.support import make_config
 
 Ref = tuple[int, int, int]  # (source, epoch, row id): a sample's identity in the data path
@@ -124,6 +124,6 @@ def test_summary_names_the_extremes_and_fits_a_log_line(shard_corpus, special, t
     assert set(generation["most_seen"]) == keys and all(k.startswith("g") for k in generation["least_seen"])
     assert len(generation["least_seen"]) == 3 and generation["median"] == 12.0
     assert summary["understanding"]["most_seen"] == [pipe.sources[0].key(7)]
-    assert coverage_line(summary) == "cover und 0-2 gen 12-15"
+    assert coverage_line(summary) == coverage_line(coverage_extremes(coverage)) == "cover und 0-2 gen 12-15"
     write_coverage(tmp_path / "coverage.json", summary)
     assert json.loads((tmp_path / "coverage.json").read_text()) == summary
