@@ -48,7 +48,7 @@ def read_image(path: str) -> Image.Image:
         image = open_encoded(Path(path).read_bytes())
         image.load()
     except Exception as exc:
-        usage_error(f"--image {path}: {type(exc).__name__}: {exc}")
+        usage_error(f"--image {path}: {exc} ({type(exc).__name__})")
     return image
 
 
