@@ -146,13 +146,17 @@ def test_an_output_directory_of_another_dataset_is_refused_untouched(tokenizer_d
     (other / ".progress").mkdir(parents=True)
     (other / ".progress" / "job.json").write_text(json.dumps({"task": "understanding", "settings_hash": "x"}))
     (other / ".in-abc.arrow.tmp-7").write_bytes(b"half")
+    unreadable = tmp_path / "unreadable"  # an owner file cut short
+    (unreadable / ".progress").mkdir(parents=True)
+    (unreadable / ".progress" / "job.json").write_text('{"task": "underst')
     foreign = tmp_path / "foreign"  # not a preprocess output at all
     foreign.mkdir()
     (foreign / ".notes.tmp-1").write_bytes(b"someone's")
     (tmp_path / "a-file").write_bytes(b"x")
     (tmp_path / "a-link").symlink_to(tmp_path / "foreign")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path}
-    for out, says in ((text, "a text job"), (other, "other settings"), (foreign, "not a preprocess output"),
+    for out, says in ((text, "a text job"), (other, "other settings"), (unreadable, "unreadable"),
+                      (foreign, "not a preprocess output"),
                       (tmp_path / "a-file", "not a directory"), (tmp_path / "a-link", "not a preprocess output")):
         with pytest.raises(SystemExit) as exited:
             main(["understanding", "--input", str(tar), "--output", str(out), "--tokenizer", str(tokenizer_dir)])

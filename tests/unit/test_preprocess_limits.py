@@ -287,3 +287,40 @@ def test_imagenet_reads_symlinked_class_folders_but_no_fifo(tmp_path, photos):
         shards = list_shards([str(root)], "imagenet", 10, class_names=str(names))
         got = {r["key"]: r["error"] for r in read_shard_records(shards[0])}
     assert got == {"n02123045/cat.JPEG": None, "n02123045/fifo.JPEG": BAD_RECORD}
+
+
+def test_a_line_or_record_over_the_json_cap_is_one_skip_and_the_lines_after_it_are_read(tmp_path, monkeypatch,
+                                                                                       tokenizer_dir, photos):
+    """A JSON line longer than MAX_JSON_BYTES is passed over in chunks (never held whole) and the next line starts
+    where it should; a key.json or line over the cap is a skip before json parses it."""
+    monkeypatch.setattr(sources, "MAX_JSON_BYTES", 1000)
+    monkeypatch.setattr(records, "MAX_JSON_BYTES", 1000)
+    long_doc = json.dumps({"text": "word " * 2000})  # 10 kB
+    (tmp_path / "docs.jsonl").write_text("\n".join([json.dumps({"text": "a"}), long_doc, json.dumps({"text": "b"})])
+                                         + "\n")
+    rows = converted([str(tmp_path / "docs.jsonl")], ConvertConfig(task="text", tokenizer=str(tokenizer_dir)))
+    assert rows["docs.jsonl#0:1"]["skip"] == TOO_LONG
+    assert rows["docs.jsonl#0:0#0"]["skip"] is None and rows["docs.jsonl#0:2#0"]["skip"] is None
+    photos["chelsea.png"].save(tmp_path / "chelsea.png")
+    lines = [{"id": "l0", "image": "chelsea.png", "conversations": CONVERSATION},
+             {"id": "l1", "image": "chelsea.png", "conversations": CONVERSATION, "pad": "x" * 5000},
+             {"id": "l2", "image": "chelsea.png", "conversations": CONVERSATION}]
+    (tmp_path / "llava.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = {r["key"]: r["error"] for r in read_all([str(tmp_path / "llava.jsonl")], str(tmp_path))}
+    assert got == {"l0": None, "llava.jsonl#0:1": BAD_RECORD, "l2": None}
+
+
+def test_an_image_behind_a_url_is_read_up_to_the_cap(monkeypatch):
+    """Image roots fsspec opens (here its in-memory filesystem) are read with the same byte cap as local files."""
+    import fsspec
+
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 100)
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/caps-test/small.png": b"x" * 100, "/caps-test/big.png": b"x" * 101})
+    try:
+        assert sources.read_file("memory://caps-test", "small.png", "image") == b"x" * 100
+        with pytest.raises(records.Skip) as skip:
+            sources.read_file("memory://caps-test", "big.png", "image")
+        assert skip.value.reason == IMAGE_TOO_LARGE
+    finally:
+        fs.rm("/caps-test", recursive=True)
