@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -251,30 +250,35 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
-def json_depth(data: bytes) -> int:
-    """How deeply the JSON text `data` nests (brackets inside strings not counted), without parsing it."""
-    brackets = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
-    steps = np.isin(brackets, (ord("["), ord("{"))).astype(np.int32) - np.isin(brackets, (ord("]"), ord("}")))
-    return int(steps.cumsum().max(initial=0))
+def nesting(value: object) -> int:
+    """How deeply a parsed JSON value nests, walked without recursion (code that recurses over it, json.dumps
+    included, would run out of stack where json.loads did not)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def parse_json(data: bytes | str, where: str) -> object:
-    """One JSON record, bounded: at most MAX_JSON_BYTES and MAX_JSON_DEPTH levels (json.loads recurses per level
-    and raises RecursionError deep down), any parse failure a BAD_RECORD naming `where` (json.loads raises plain
-    ValueError, not JSONDecodeError, on an integer of over 4300 digits)."""
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if len(raw) > MAX_JSON_BYTES:
-        raise Skip(BAD_RECORD, f"{where}: {len(raw)} bytes of JSON, more than {MAX_JSON_BYTES}")
-    depth = json_depth(raw)
+    """One JSON record, bounded: at most MAX_JSON_BYTES, nested at most MAX_JSON_DEPTH deep, any parse failure a
+    BAD_RECORD naming `where`. json.loads raises plain ValueError (not JSONDecodeError) on an integer of over 4300
+    digits, and RecursionError on nesting near Python's recursion limit (it recurses per level)."""
+    size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
+    if size > MAX_JSON_BYTES:
+        raise Skip(BAD_RECORD, f"{where}: {size} bytes of JSON, more than {MAX_JSON_BYTES}")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise Skip(BAD_RECORD, f"{where}: JSON nested deeper than Python's recursion limit") from None
+    except ValueError as exc:
+        raise Skip(BAD_RECORD, f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    depth = nesting(value)
     if depth > MAX_JSON_DEPTH:
         raise Skip(BAD_RECORD, f"{where}: JSON nested {depth} deep, more than {MAX_JSON_DEPTH}")
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise Skip(BAD_RECORD, f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return value
 
 
 def record_caption(record: dict) -> str:

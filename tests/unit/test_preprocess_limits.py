@@ -104,11 +104,14 @@ def test_json_too_deep_or_too_large_is_one_skip(tmp_path, jpeg, photos, und_cfg,
     100,000 deep a RecursionError, out of the task; a deep key.json or LLaVA line failed its whole file and the
     records after it were neither read nor counted (issue #27, defects 6 and 8)."""
     deep = "[" * 100_000 + "]" * 100_000
+    shallow_enough_for_json = "[" * 500 + "]" * 500  # parsed, but deeper than MAX_JSON_DEPTH
     text_cfg = ConvertConfig(task="text", tokenizer=str(tokenizer_dir))
-    (tmp_path / "docs.jsonl").write_text(f'{{"text": "a"}}\n{{"text": {"9" * 5000}}}\n{deep}\n{{"text": "b"}}\n')
+    (tmp_path / "docs.jsonl").write_text(f'{{"text": "a"}}\n{{"text": {"9" * 5000}}}\n{deep}\n{{"text": "b"}}\n'
+                                         f'{shallow_enough_for_json}\n')
     rows = converted([str(tmp_path / "docs.jsonl")], text_cfg)
-    assert [rows[f"docs.jsonl#0:{i}"]["skip"] for i in (1, 2)] == [BAD_RECORD, BAD_RECORD]
-    assert "digits" in rows["docs.jsonl#0:1"]["detail"] and "nested 100000 deep" in rows["docs.jsonl#0:2"]["detail"]
+    assert [rows[f"docs.jsonl#0:{i}"]["skip"] for i in (1, 2, 4)] == [BAD_RECORD, BAD_RECORD, BAD_RECORD]
+    assert "nested 500 deep" in rows["docs.jsonl#0:4"]["detail"]
+    assert "digits" in rows["docs.jsonl#0:1"]["detail"] and "nested deeper" in rows["docs.jsonl#0:2"]["detail"]
     assert rows["docs.jsonl#0:0#0"]["skip"] is None and rows["docs.jsonl#0:3#0"]["skip"] is None
 
     members = {**samples(["before"], jpeg), "deep.jpg": jpeg, "deep.json": deep.encode(),
