@@ -203,3 +203,22 @@ def test_a_planning_error_reaches_the_training_thread(shard_corpus, special):
     pipe = DataPipeline(make_config(shard_corpus, (0, 1, 0), seq_len=100, max_too_long_in_a_row=4), special)
     with pytest.raises(TooLong, match="longer than --seq-len 100"):
         next(iter(pipe))
+
+
+def test_planned_micro_batches_are_handed_out_and_iteration_continues_after_them(shard_corpus, special):
+    """plan_rows hands a micro-batch out as the iterator does: the state (and coverage) is the one after it, so an
+    iterator started afterwards continues with the next micro-batch, not the first one again."""
+    config = make_config(shard_corpus, (1, 1, 1), guidance_dropout=0.0, num_workers=1)
+    replay = DataPipeline(config, special)
+    for _ in range(3):
+        replay.plan_rows()
+    pipe = DataPipeline(config, special)
+    for _ in range(2):
+        pipe.plan_rows()
+    batches = iter(pipe)
+    next(batches)
+    batches.close()
+    state, expected = pipe.state_dict(), replay.state_dict()
+    assert [state[k] for k in ("sources", "mixer", "buffer")] == [expected[k] for k in ("sources", "mixer", "buffer")]
+    assert all(torch.equal(a, b) for a, b in zip(state["coverage"]["counts"], expected["coverage"]["counts"],
+                                                 strict=True))
