@@ -13,10 +13,12 @@ from tests.support import make_config
 
 Ref = tuple[int, int, int]  # (source, epoch, row id): a sample's identity in the data path
 
-# (ratio und:text:gen, --seq-len, rows per micro-batch, micro-batches planned). The first is Stage I's mix at the
-# memorisation run's row shape: 4 rows of 1300 tokens, generation samples ~590 tokens.
-CASES = [((1, 0, 3), 1300, 4, 400), ((1, 1, 1), 1300, 4, 400), ((1, 1, 1), 2048, 2, 400), ((3, 1, 0), 4096, 1, 400)]
-
+# (ratio und:text:gen, --seq-len, rows per micro-batch, packer buffer and max age, micro-batches planned). The first
+# two are Stage I's mix at the memorisation run's row shape: 4 rows of 1300 tokens, generation samples ~590 tokens;
+# the second with the config's default buffer (64 samples: more than an epoch of these 30-sample sources, so a
+# sample can wait in the buffer beside its own copy from the next epoch).
+CASES = [((1, 0, 3), 1300, 4, (16, 8), 400), ((1, 0, 3), 1300, 4, (64, 16), 400), ((1, 1, 1), 1300, 4, (16, 8), 400),
+         ((1, 1, 1), 2048, 2, (16, 8), 400), ((3, 1, 0), 4096, 1, (16, 8), 400)]
 
 def planned(pipe: DataPipeline, micro_batches: int) -> list[Ref]:
     return [(e.source, e.epoch, e.row_id) for _ in range(micro_batches) for row in pipe.plan_rows() for e in row]
@@ -31,10 +33,11 @@ def lag_epochs(pipe: DataPipeline, source: int, micro_batches: int) -> int:
     return math.ceil(wait_micro_batches * per_micro_batch / pipe.sources[source].size)
 
 
-@pytest.mark.parametrize(("ratio", "seq_len", "rows", "micro_batches"), CASES)
-def test_every_sample_is_seen_as_often_as_its_share_says(shard_corpus, special, ratio, seq_len, rows, micro_batches):
+@pytest.mark.parametrize(("ratio", "seq_len", "rows", "buffer", "micro_batches"), CASES)
+def test_every_sample_is_seen_as_often_as_its_share_says(shard_corpus, special, ratio, seq_len, rows, buffer,
+                                                         micro_batches):
     pipe = DataPipeline(make_config(shard_corpus, ratio, seq_len=seq_len, rows_per_micro_batch=rows,
-                                    guidance_dropout=0.0), special)
+                                    buffer_size=buffer[0], max_age=buffer[1], guidance_dropout=0.0), special)
     refs = planned(pipe, micro_batches)
     measured = {}
     for source, counts in enumerate(pipe.coverage.counts):
@@ -55,7 +58,7 @@ def test_every_sample_is_seen_as_often_as_its_share_says(shard_corpus, special, 
             assert sorted(r for s, e, r in refs if (s, e) == (source, epoch)) == list(range(len(counts)))
         assert torch.equal(counts, torch.bincount(torch.tensor([r for s, _, r in refs if s == source]),
                                                   minlength=len(counts)).to(torch.int32))
-    print(ratio, seq_len, rows, measured)  # -s shows what was measured: (min, max, expected) per task
+    print(ratio, seq_len, rows, buffer, measured)  # -s shows what was measured: (min, max, expected) per task
 
 
 def test_a_resumed_run_continues_counting(shard_corpus, special, tmp_path):
