@@ -53,6 +53,7 @@ from preprocess.records import (
     IMAGE_TOO_LARGE,
     MAX_IMAGE_BYTES,
     MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
     MAX_MEMBER_BYTES,
     MAX_RECORD_BYTES,
     MEMBER_NOT_FILE,
@@ -60,6 +61,7 @@ from preprocess.records import (
     TOO_LONG,
     UNKNOWN_FORMAT,
     Skip,
+    nesting,
     parse_json,
     printable,
     type_name,
@@ -193,6 +195,7 @@ def json_shards(path: str, fmt: str, shard_size: int, image_root: str, first: in
         if head.startswith(b"["):
             entries = json.load(f)
             kind = fmt if fmt != "auto" else (list_format(entries) or "llava")
+            entries = [shallow_entry(e) for e in entries]
             chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)] or [[]]
             return [InputShard(first + i, kind, f"{redact(path)}#{i}", path=path, start=i * shard_size,
                                count=len(chunk), entries=chunk, image_root=root) for i, chunk in enumerate(chunks)]
@@ -201,6 +204,22 @@ def json_shards(path: str, fmt: str, shard_size: int, image_root: str, first: in
     counts = [min(shard_size, lines - i * shard_size) for i in range(len(starts))]
     return [InputShard(first + i, kind, f"{redact(path)}#{i}", path=path, start=s, count=c, image_root=root,
                        lines=True) for i, (s, c) in enumerate(zip(starts, counts, strict=True))]
+
+
+# Stands in for a JSON-list entry nested deeper than MAX_JSON_DEPTH: the entry itself never leaves the driver (Ray
+# pickles what tasks get, and pickle recurses per level too).
+TOO_DEEP = "__entry_nested_too_deep__"
+
+
+def shallow_entry(entry: object) -> object:
+    """`entry`, or a TOO_DEEP marker in its place if it nests deeper than MAX_JSON_DEPTH."""
+    depth = nesting(entry)
+    return entry if depth <= MAX_JSON_DEPTH else {TOO_DEEP: depth}
+
+
+def check_entry(entry: object) -> None:
+    if isinstance(entry, dict) and TOO_DEEP in entry:
+        raise Skip(BAD_RECORD, f"entry: JSON nested {entry[TOO_DEEP]} deep, more than {MAX_JSON_DEPTH}")
 
 
 def record_format(record: object) -> str | None:
@@ -532,6 +551,7 @@ def chat_record(index: int, default_key: str, entry: object, kind: str, image_ro
     """A LLaVA or ShareGPT record with its image files read; a record not in `kind`'s shape is a skip."""
     key, chat = default_key, CHATS[kind]
     try:
+        check_entry(entry)
         key = record_key(entry, default_key)
         other = record_format(entry)
         if other != kind:
@@ -626,6 +646,7 @@ def read_jsonl(shard: InputShard) -> Iterator[dict]:
 
 def entry_document(index: int, key: str, entry: object) -> dict:
     """A JSON-list entry as the document line it stands for."""
+    check_entry(entry)
     return _record(index, key, text=json.dumps(entry).encode())
 
 

@@ -327,3 +327,23 @@ def test_an_image_behind_a_url_is_read_up_to_the_cap(monkeypatch):
         assert skip.value.reason == IMAGE_TOO_LARGE
     finally:
         fs.rm("/caps-test", recursive=True)
+
+
+def test_a_json_list_entry_too_deep_or_not_unicode_is_one_skip(tmp_path, photos, und_cfg, tokenizer_dir):
+    """A JSON-list file is parsed whole on the driver: an entry deeper than MAX_JSON_DEPTH never goes on to a task
+    (Ray pickles what a task gets, and pickle recurses per level); a surrogate in an id is that entry's skip."""
+    photos["chelsea.png"].save(tmp_path / "chelsea.png")
+    deep: object = "x"
+    for _ in range(500):
+        deep = [deep]
+    entries = [{"id": "good", "image": "chelsea.png", "conversations": CONVERSATION}, deep,
+               {"id": "\ud800", "image": "chelsea.png", "conversations": CONVERSATION}]
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    rows = converted([str(tmp_path / "llava.json")], und_cfg, str(tmp_path))
+    assert {k: r["skip"] for k, r in rows.items()} == {"good": None, "1": BAD_RECORD, "2": BAD_RECORD}
+    assert "nested 500 deep" in rows["1"]["detail"] and "id:" in rows["2"]["detail"]
+    (tmp_path / "docs.json").write_text(json.dumps([{"text": "a"}, deep]))
+    text_cfg = ConvertConfig(task="text", tokenizer=str(tokenizer_dir))
+    documents = [r for shard in list_shards([str(tmp_path / "docs.json")], "jsonl", 10) for r in
+                 read_shard_records(shard)]
+    assert [convert_record(r, text_cfg)[0].get("skip") for r in documents] == [None, BAD_RECORD]
