@@ -40,8 +40,11 @@ class Coverage:
             self.counts[source][row] += 1
 
     def state_dict(self) -> dict:
-        """Tensors, which checkpoints store (torch.save) and load with weights_only."""
-        return {"counts": [c.clone() for c in self.counts]}
+        """JSON-serialisable, as the rest of the data state: per source, the rows counted so far and their counts
+        (a rank's rows only, not a vector of the whole source)."""
+        rows = [torch.nonzero(c).flatten() for c in self.counts]
+        return {"sizes": [len(c) for c in self.counts], "rows": [r.tolist() for r in rows],
+                "counts": [c[r].tolist() for c, r in zip(self.counts, rows, strict=True)]}
 
     def load_state_dict(self, state: dict | None) -> None:
         """None (a checkpoint from before coverage was counted): every count starts at 0."""
@@ -52,11 +55,11 @@ class Coverage:
         sizes = [len(c) for c in self.counts]
         total = [torch.zeros(n, dtype=torch.int32) for n in sizes]
         for state in (s for s in states if s is not None):
-            saved = [len(c) for c in state["counts"]]
-            if saved != sizes:
-                raise ValueError(f"saved coverage counts rows per source {saved}, these sources have {sizes}: "
-                                 f"the run's --data changed")
-            total = [t + torch.as_tensor(c, dtype=torch.int32) for t, c in zip(total, state["counts"], strict=True)]
+            if state["sizes"] != sizes:
+                raise ValueError(f"saved coverage counts rows per source {state['sizes']}, these sources have "
+                                 f"{sizes}: the run's --data changed")
+            for counts, rows, saved in zip(total, state["rows"], state["counts"], strict=True):
+                counts[torch.tensor(rows, dtype=torch.int64)] += torch.tensor(saved, dtype=torch.int32)
         self.counts = total
 
     def flat(self) -> torch.Tensor:

@@ -208,8 +208,7 @@ class DataPipeline:
         return pack_rows(rows, pad_to, self.special, self.config.eoi_is_target).pin_memory()
 
     def state_dict(self) -> dict:
-        """The state after the last batch handed out: plain containers, and the coverage counts as tensors (what
-        torch.save writes and torch.load with weights_only reads)."""
+        """The state after the last batch handed out, coverage counts included (JSON-serialisable)."""
         return {**copy.deepcopy(self._consumed_state), "coverage": self.coverage.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
