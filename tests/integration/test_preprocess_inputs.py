@@ -197,6 +197,8 @@ def chat_kinds(root: Path, quoted: str) -> dict[str, list[tuple[object, str | No
             ({**sharegpt, "id": "l_sharegpt"}, UNKNOWN_FORMAT),
             ({"id": "l_caption", "caption": "A cat."}, UNKNOWN_FORMAT),
             ("a string", UNKNOWN_FORMAT),
+            ({"id": "\udc80", "image": "chelsea.png", "conversations": CONVERSATION}, BAD_RECORD),  # issue #27
+            (json.loads("[" * 200 + "]" * 200), BAD_RECORD),  # deeper than MAX_JSON_DEPTH: stays on the driver
         ],
         "llava.jsonl": [
             (llava("n_good", "coffee.png"), None),
