@@ -70,7 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task-tries", type=int, default=DEFAULT_TASK_TRIES,
                    help="runs of one input's task (its worker died, e.g. killed for memory) before the input is listed "
                         "in files_failed, its records counted as input_lost, and the job goes on")
-    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars (shown on a terminal only)")
+    p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between progress lines: shards done, rows read / written / skipped, rows/s, ETA "
+                        "(0: after every batch)")
     return p
 
 
@@ -98,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.vq_actors < 0:
         raise UsageError("--vq-actors must be >= 0 (0: --vq-actors-per-gpu on each GPU)")
+    if not args.progress_every >= 0:  # NaN too
+        raise UsageError("--progress-every must be >= 0 (seconds; 0: after every batch)")
     if not 0 <= args.max_skip_fraction <= 1:
         raise UsageError(f"--max-skip-fraction {args.max_skip_fraction:g}: give a fraction from 0 to 1")
     convert = ConvertConfig(task=args.task, tokenizer=args.tokenizer, context=args.context,
@@ -109,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      vq=args.vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
                      vq_actors=args.vq_actors, vq_actors_per_gpu=args.vq_actors_per_gpu,
                      vq_channels_last=args.vq_channels_last, cpus=args.cpus, gpus=args.gpus, address=args.address,
-                     progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction,
+                     progress=not args.no_progress, progress_every_s=args.progress_every,
+                     max_skip_fraction=args.max_skip_fraction,
                      task_tries=args.task_tries)
 
 

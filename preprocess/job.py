@@ -120,7 +120,8 @@ class JobConfig:
     gpus: int | None = None
     address: str = ""
     convert_batch_size: int = 16
-    progress: bool = True
+    progress: bool = True  # Ray Data's progress bars, on a terminal only (without one they log "0/?" lines)
+    progress_every_s: float = 60.0  # seconds between progress lines (counts, rate, ETA); 0: after every batch
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # not in the settings hash: it decides no bytes
     task_tries: int = DEFAULT_TASK_TRIES  # nor this: it decides whether an input is given up on, like the above
 
@@ -381,7 +382,7 @@ class ShardAssembler:
     """Regroups streamed rows by input shard and writes each shard once all of its rows have arrived."""
 
     def __init__(self, out: Path, pending: list[InputShard], shash: str, n_total: int, n_done: int,
-                 task_tries: int = DEFAULT_TASK_TRIES) -> None:
+                 task_tries: int = DEFAULT_TASK_TRIES, progress_every_s: float = 60.0) -> None:
         self.out, self.shash, self.task_tries = out, shash, task_tries
         self.shards = {s.index: s for s in pending}
         self.rows: dict[int, list[dict]] = {s.index: [] for s in pending}
@@ -391,6 +392,26 @@ class ShardAssembler:
         self.kill_at = int(os.environ.get(KILL_ENV, "0"))
         self.skip_examples: Counter = Counter()
         self.start = time.time()
+        self.progress_every_s, self.last_progress = progress_every_s, self.start
+
+    def progress_line(self, now: float) -> str:
+        """Rows read so far (written and skipped: of the finished shards), the rate and an ETA from the shards
+        this run has finished: the one line a log without a terminal gets."""
+        finished = list(self.results.values())
+        read = sum(r.rows_in for r in finished) + sum(len(rows) for rows in self.rows.values())
+        written = sum(r.rows_written for r in finished)
+        skipped = sum(sum(r.skipped.values()) for r in finished)
+        elapsed = max(now - self.start, 1e-9)
+        left = len(self.shards) - len(finished)
+        eta = f"{elapsed / len(finished) * left / 60:.1f} min" if finished else "unknown (no shard finished yet)"
+        return (f"progress: {self.n_done}/{self.n_total} shards, {read:,} rows read ({written:,} written, "
+                f"{skipped:,} skipped in finished shards), {read / elapsed:.1f} rows/s, ETA {eta}")
+
+    def report_progress(self) -> None:
+        now = time.time()
+        if now - self.last_progress >= self.progress_every_s:
+            self.last_progress = now
+            print(self.progress_line(now), flush=True)
 
     def add(self, batch: pa.Table) -> None:
         touched = set()
@@ -563,13 +584,15 @@ def run(cfg: JobConfig) -> Manifest:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # until this run ends, the shards do not match it
         with ray_connection(cfg.address, cfg.cpus, cfg.gpus, cfg.task_tries):
             context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = cfg.progress
+            context.enable_progress_bars = cfg.progress and sys.stderr.isatty()
             saved_errored_blocks = context.max_errored_blocks
             context.max_errored_blocks = len(pending)  # a shard whose task failed every try: listed, not fatal
             try:
-                assembler = ShardAssembler(out, pending, shash, len(shards), len(done), cfg.task_tries)
+                assembler = ShardAssembler(out, pending, shash, len(shards), len(done), cfg.task_tries,
+                                           cfg.progress_every_s)
                 for batch in build_dataset(cfg, pending).iter_batches(batch_format="pyarrow", batch_size=None):
                     assembler.add(batch)
+                    assembler.report_progress()
             finally:
                 context.max_errored_blocks = saved_errored_blocks
             assembler.finish_lost()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,6 +274,12 @@ def test_no_rows_or_too_many_skips_exit_3(ray_client, und_inputs, photos, tokeni
     assert exited.value.code == EXIT_REJECTED
     accepted = main(args("most", "--max-skip-fraction", "1.0"))
     assert "1 already done, 0 to do" in capsys.readouterr().out
+    # Without a terminal (pytest's captured output), progress comes as lines with counts, here after every batch.
+    main(["understanding", "--input", str(runs["most"]), "--output", str(tmp_path / "again"), "--tokenizer",
+          str(tokenizer_dir), "--no-progress", "--max-skip-fraction", "1.0", "--progress-every", "0"])
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("progress: ")]
+    assert progress and re.search(r"^progress: 1/1 shards, \d+ rows read \(\d+ written, \d+ skipped in finished "
+                                  r"shards\), [\d.]+ rows/s, ETA 0\.0 min$", progress[-1]), progress
     assert accepted.rows_written == len(expected) - n_skipped
     assert accepted.shards == Manifest.read(outs["most"]).shards
 

@@ -94,7 +94,8 @@ def test_usage_mistakes_exit_2_in_one_line(tokenizer_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(("flag", "value", "least"), [("--vq-batch-size", "0", 1), ("--vq-actors-per-gpu", "0", 1),
                                                      ("--shard-size", "0", 1), ("--vq-actors", "-2", 0),
-                                                     ("--task-tries", "0", 1)])
+                                                     ("--task-tries", "0", 1), ("--progress-every", "-1", 0),
+                                                     ("--progress-every", "nan", 0)])
 def test_counts_below_their_least_are_refused_at_once(flag, value, least):
     from preprocess.cli import config_from_args, parser
 
