@@ -87,7 +87,7 @@ def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int
     failed = _failure(lambda: engine.save_checkpoint(str(checkpoints_dir(output)), tag=tag,
                                                      client_state={"step": step}, save_latest=False))
     if failed:
-        dist.barrier()  # DeepSpeed's save_checkpoint ends with one, which the raise skipped on this rank only
+        _after_a_failed_save(engine)
     state = {**rank_state, "step": step, "world_size": world, "rng": rng_state()}
     failed = failed or _failure(lambda: _write_atomically(path / f"rank-{rank}.pt", lambda f: torch.save(state, f)))
     _all_written(path, failed)
@@ -120,6 +120,17 @@ def _failure(write) -> str:
     except Exception as error:  # noqa: BLE001 - whatever it is, the other ranks must stop too
         traceback.print_exc()
         return f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
+
+
+def _after_a_failed_save(engine) -> None:
+    """The collectives DeepSpeed's save_checkpoint runs after its writes, which its raise skipped on this rank only:
+    ZeRO-3's epilogue re-gathers the persistent parameters (an all-gather), then a barrier. Without them, a rank
+    whose write succeeded waits in that all-gather while this one waits in the barrier, both until the collective
+    timeout (seen with deepspeed 0.19.8: a full disk failing one rank's model-states file)."""
+    optimizer = engine.optimizer
+    if optimizer is not None and hasattr(optimizer, "checkpoint_event_epilogue"):
+        optimizer.checkpoint_event_epilogue()
+    dist.barrier()
 
 
 def _write_atomically(target: Path, write) -> None:
