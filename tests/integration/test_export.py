@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.forged import forged_run, relisted
-from tests.support import REPO, Ranks, run_ranks
+from tests.support import REPO, Ranks, forged_run, relisted, run_ranks
 
 pytestmark = pytest.mark.integration  # every test uses the checkpoints the ranks write
 

@@ -73,7 +73,7 @@ def test_checkpoint_files_load_as_data_and_a_payload_is_refused_unrun(tmp_path):
     from deepspeed.utils.tensor_fragment import fragment_address
 
     from pipeline.safe_load import UnsafeCheckpoint, WeightsOnlyCheckpointEngine, weights_only_loads
-    from tests.forged import with_payload
+    from tests.support import with_payload
 
     file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     saved = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "step": torch.tensor(3.0),
