@@ -299,3 +299,7 @@ def cli(argv: list[str] | None = None) -> None:
     """`janus-train --stage N [flags]`: the stage launchers as one installed command (the stage may also come from
     the --config file's `stage:`)."""
     main(None, argv)
+
+
+if __name__ == "__main__":  # `python -m pipeline.train --stage N ...`, as janus-train
+    cli()
