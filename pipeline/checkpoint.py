@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.run_dir import checkpoints_dir, consolidated_dir
+from pipeline.data.coverage import write_coverage
+from pipeline.run_dir import checkpoints_dir, consolidated_dir, coverage_file
 from pipeline.safe_load import UnsafeCheckpoint, weights_only_loads
 
 COMPLETE = "COMPLETE"
@@ -75,7 +76,8 @@ def rng_state() -> dict:
     return state
 
 
-def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int, keep: Path | None = None) -> Path:
+def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int, keep: Path | None = None,
+         coverage: dict | None = None) -> Path:
     """Collective: every rank writes its part; the checkpoint counts only once all have and every file is listed
     in its COMPLETE. Pruning keeps the `keep_last` newest and `keep` (the checkpoint the run resumed from)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -90,6 +92,8 @@ def save(engine, output: str | Path, step: int, rank_state: dict, keep_last: int
         _after_a_failed_save(engine)
     state = {**rank_state, "step": step, "world_size": world, "rng": rng_state()}
     failed = failed or _failure(lambda: _write_atomically(path / f"rank-{rank}.pt", lambda f: torch.save(state, f)))
+    if rank == 0 and coverage is not None:  # before COMPLETE lists the files: an unlisted file fails verification
+        failed = failed or _failure(lambda: write_coverage(coverage_file(path), coverage))
     _all_written(path, failed)
     files = file_records(path)
     failed = ""

@@ -34,6 +34,7 @@ from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
 from pipeline.config import CheckpointConfig, ConfigError, TrainConfig, resolve
 from pipeline.data import DataPipeline, TooLong
+from pipeline.data.coverage import coverage_extremes, coverage_line, summed_over_ranks
 from pipeline.data.reader import shard_problems
 from pipeline.ds_config import BatchPlan
 from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
@@ -63,12 +64,15 @@ def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, s
         nonfinite.check(step, applied, task_loss)
         monitor.maybe_log(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started, applied,
                           data.too_long)
+        if monitor.due(step):  # collective: every rank's counts summed
+            log(coverage_line(coverage_extremes(summed_over_ranks(data.coverage, device))))
         validator.maybe_run(engine, step)
         sampler.maybe_run(engine, step)
         stopping = stop.any_rank(device)
         if stopping or checkpoint.due(step, config.checkpoint.save_every, last_step):
+            coverage = data.coverage_summary(summed_over_ranks(data.coverage, device))  # collective
             path = checkpoint.save(engine, config.checkpoint.output, step, {"data": data.state_dict()},
-                                   config.checkpoint.keep_last, keep=resumed_from)
+                                   config.checkpoint.keep_last, keep=resumed_from, coverage=coverage)
             log(f"saved {path}")
         if stopping:
             log(f"stop signal: checkpointed step {step}, exiting")
