@@ -135,7 +135,9 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
         # A rank that raised and then waited in the interpreter's teardown (threads still running, the process
         # group alive) would leave its peers in their next collective until the collective timeout: a fault seen
         # as a hang. Ending the process now closes its connections, so the peers' collectives fail at once.
-        traceback.print_exc()
+        # Each line prefixed with the rank, as torch's own hook prints an uncaught error of a distributed rank.
+        print("".join(f"[rank{dist.get_rank()}]: {line}\n" for line in traceback.format_exc().splitlines()),
+              file=sys.stderr, end="", flush=True)
         exit_now(1)
 
 

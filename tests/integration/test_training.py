@@ -4,6 +4,7 @@ Tests that start processes or take long here; the in-process ones are in tests/u
 """
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,18 @@ LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
 @pytest.mark.integration
 def test_three_stages_train_and_hand_off(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
     runs = [tmp_path / f"stage{s}" for s in (1, 2, 3)]
-    run_ranks(stage_args(1, shard_corpus, tokenizer_dir, runs[0], init_checkpoint, "--train-steps", "50",
-                         "--learning-rate", "3e-3", "--warmup-steps", "5", "--save-every", "50"), timeout=600)
+    out = run_ranks(stage_args(1, shard_corpus, tokenizer_dir, runs[0], init_checkpoint, "--train-steps", "50",
+                               "--learning-rate", "3e-3", "--warmup-steps", "5", "--save-every", "50"),
+                    timeout=600)[0]
     curve = losses(runs[0])
     assert len(curve) == 50
+    # Coverage (issue 30): min-max inclusions per task at log steps, and a summary beside the checkpoint, of the
+    # counts summed over both ranks.
+    assert re.search(r"^cover (und|text|gen) \d+-\d+", out, re.M), out[-3000:]
+    coverage = json.loads((latest_checkpoint(runs[0]) / "coverage.json").read_text())
+    assert coverage and all(0 <= c["min"] <= c["median"] <= c["max"] and c["samples"] > 0 and c["least_seen"]
+                            for c in coverage.values()), coverage
+    assert sum(c["median"] * c["samples"] for c in coverage.values()) > 0  # 50 steps were counted
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(46, 51)) / 5
     assert last < first - 0.05, (first, last)
     # Only Stage I's parts moved (the LLM, SigLIP, the LM head and the VQ stayed frozen).
