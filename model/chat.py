@@ -39,6 +39,45 @@ def answer(model: JanusForConditionalGeneration, tokenizer: PreTrainedTokenizerB
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def greedy_answer_ids(model: JanusForConditionalGeneration, prompt_ids: list[int], pixels: torch.Tensor, eos: int,
+                      max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+    """The greedy answer's ids (up to, not including, EOS) to an understanding prompt whose image placeholders take
+    the SigLIP features of `pixels` [n_images, 3, H, W] in [-1, 1]; `answer` without sampling, token for token.
+
+    A loop of our own with a KV cache, as generation's `cfg_image_ids` is: it also runs on model/janus.py's training
+    subclass, whose packed `forward` transformers' `generate` cannot drive. stop_at_eos=False runs all
+    `max_new_tokens` forwards whatever comes out: under ZeRO-3 every forward is collective, so every rank must run
+    as many of them, and ranks whose greedy tokens differ in the last bit would otherwise stop apart.
+    """
+    from transformers import DynamicCache
+
+    from model.generate import check_transformers_version
+
+    check_transformers_version()
+    device = model.device
+    ids = torch.tensor([prompt_ids], device=device)
+    embeds = model.get_input_embeddings()(ids)
+    if pixels.shape[0]:
+        features = model.model.aligner(model.model.vision_model(pixels.to(device, embeds.dtype)).last_hidden_state)
+        at = (ids[0] == model.config.image_token_id).nonzero().squeeze(-1)
+        embeds = embeds.index_copy(1, at, features.flatten(0, 1)[None].to(embeds.dtype))
+    cache = DynamicCache(config=model.config.text_config)
+    positions = torch.arange(ids.shape[1], device=device)[None]
+    tokens = []
+    for _ in range(max_new_tokens):
+        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions, cache=cache,
+                                            use_cache=True).last_hidden_state[:, -1]
+        token = model.lm_head(hidden).argmax(-1)
+        tokens.append(token)
+        if stop_at_eos and token.item() == eos:
+            break
+        embeds = model.get_input_embeddings()(token[:, None])
+        positions = positions[:, -1:] + 1
+    out = torch.cat(tokens).tolist() if tokens else []
+    return out[:out.index(eos)] if eos in out else out
+
+
 def read_image(path: str) -> Image.Image:
     """The `--image` file decoded, or one `error:` line: missing, unreadable, not an accepted format, truncated,
     a decompression bomb (Pillow's DecompressionBombError is no OSError), or whatever else a decoder raises."""

@@ -243,6 +243,10 @@ class LoggingConfig(Section):
     sample_every: int = doc("steps between PNG grids from --sample-prompts (0: never); all ranks take part", 2000)
     sample_prompts: list[str] = doc("prompts of the sample grid", SAMPLE_PROMPTS)
     sample_cfg: float = doc("classifier-free guidance weight of the sample grid", 5.0)
+    qa_every: int | None = doc("steps between answers to held-out understanding questions of --val-data (TensorBoard "
+                               "text, W&B; 0: never; unset: --sample-every); all ranks take part", None)
+    qa_samples: int = doc("held-out understanding samples each Q&A asks: the first ones of --val-data", 4)
+    qa_max_new_tokens: int = doc("longest Q&A answer, in tokens (greedy; every rank runs this many forwards)", 64)
     wandb_project: str | None = doc("also log to this Weights & Biases project (pip install '.[wandb]')", None)
 
     def check(self) -> None:
@@ -251,6 +255,9 @@ class LoggingConfig(Section):
         need(self.val_batches >= 1, "val_batches", "must be at least 1")
         need(self.sample_every >= 0, "sample_every", "must be 0 (never) or more")
         need(self.sample_cfg > 0, "sample_cfg", "must be positive")
+        need(self.qa_every is None or self.qa_every >= 0, "qa_every", "must be 0 (never) or more")
+        need(self.qa_samples >= 1, "qa_samples", "must be at least 1")
+        need(self.qa_max_new_tokens >= 1, "qa_max_new_tokens", "must be at least 1")
 
 
 @dataclass(kw_only=True)

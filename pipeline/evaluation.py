@@ -1,7 +1,9 @@
-"""What a run checks as it goes, each deciding when it runs: validation losses and the sample grid.
+"""What a run checks as it goes, each deciding when it runs: validation losses, the sample grid and the answers to
+held-out questions.
 
-Both are collective under ZeRO-3 (every forward gathers weights on every rank), so every rank calls them at
-the same steps; rank 0 prints and saves.
+All are collective under ZeRO-3 (every forward gathers weights on every rank), so every rank calls them at
+the same steps; rank 0 prints and saves. Grids and answers go where people look: TensorBoard (an event file of
+their own, in the samples folder under the run's TensorBoard directory) and W&B when the run logs there.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ from itertools import islice
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from PIL import Image
 
+from model.chat import greedy_answer_ids
 from model.generate import decode_images, generate_image_ids, image_grid
-from model.manifest import Manifest
-from model.sample import TASKS
-from model.tokenizer import SpecialTokens
+from model.images import decode_image, pixel_values
+from model.manifest import Manifest, read_shard
+from model.sample import TASKS, UNDERSTANDING, Sample, samples_from_table
+from model.tokenizer import ASSISTANT, USER, SpecialTokens
 from pipeline.attention import transformers_attention
 from pipeline.config import DataConfig, LoggingConfig
 from pipeline.data import DataPipeline
 from pipeline.monitor import log
-from pipeline.run_dir import samples_dir
+from pipeline.run_dir import SAMPLES, samples_dir, tensorboard_dir
 
 
 class Validator:
@@ -68,18 +73,91 @@ class Validator:
         return {t: (s / c).item() if c > 0 else math.nan for t, s, c in zip(TASKS, sums, counts, strict=True)}
 
 
-class Sampler:
-    """A PNG grid from --sample-prompts every --sample-every steps, with guidance."""
+def samples_tensorboard_dir(run: str | Path) -> Path:
+    """Where the Sampler's TensorBoard events go: a folder of their own under the run's TensorBoard directory.
 
-    def __init__(self, logging: LoggingConfig, output: str | Path, tokenizer):
+    Not beside the Monitor's event file: a live TensorBoard (--reload_multifile false, its default) polls only the
+    newest event file of a folder, so a second writer there would freeze the scalar curves until TensorBoard
+    restarts. `tensorboard --logdir RUN/tensorboard` shows this folder as a run of its own."""
+    return tensorboard_dir(run) / SAMPLES
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A held-out understanding sample asked at every Q&A: its prompt (through the first `<|Assistant|>:`), the
+    images that prompt holds, and the texts shown beside the model's answer."""
+
+    key: str
+    prompt_ids: list[int]
+    images: list[bytes]
+    question: str
+    reference: str
+
+
+def held_out_questions(val_data: list[str], count: int, tokenizer) -> list[Question]:
+    """The first `count` understanding samples with an image in --val-data's understanding manifests, in manifest
+    and shard order: the same on every rank and at every Q&A, so a sample's answers can be read along the run."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    found: list[Question] = []
+    for path in map(Path, val_data):
+        manifest = Manifest.read(path)
+        if manifest.task != UNDERSTANDING:
+            continue
+        root = path if path.is_dir() else path.parent
+        for shard in manifest.shards:
+            table = read_shard(root / shard.file)
+            for offset in range(0, table.num_rows, count):  # rows turned into Python a few at a time
+                for sample in samples_from_table(table.slice(offset, count)):
+                    if sample.images and sample.loss_spans:
+                        found.append(question_of(sample, tokenizer, special))
+                    if len(found) == count:
+                        return found
+    return found
+
+
+def question_of(sample: Sample, tokenizer, special: SpecialTokens) -> Question:
+    """The first exchange of an understanding sample: the prompt as training saw it (its system prompt included)."""
+    start, end = sample.loss_spans[0]
+    prompt = sample.input_ids[:start]
+    image_marks = {special.begin_of_image, special.image_placeholder, special.end_of_image}
+    after_images = max((i + 1 for i, t in enumerate(prompt) if t == special.end_of_image), default=0)
+    shown = [t for t in prompt[after_images:] if t not in image_marks]
+    # The roles may be plain tokens to this tokenizer, which skip_special_tokens keeps; the answer's colon ends it.
+    question = tokenizer.decode(shown, skip_special_tokens=True).replace(ASSISTANT, "").replace(USER, "")
+    return Question(key=sample.key, prompt_ids=prompt, images=sample.images[:prompt.count(special.begin_of_image)],
+                    question=question.strip().removesuffix(":").strip(),
+                    reference=tokenizer.decode(sample.input_ids[start:end], skip_special_tokens=True).strip())
+
+
+class Sampler:
+    """A PNG grid from --sample-prompts every --sample-every steps, with guidance; and the model's greedy answers to
+    --qa-samples held-out understanding questions of --val-data every --qa-every steps. Each also to TensorBoard
+    and, when the run logs there, W&B (at the step it was made); rank 0 writes.
+
+    `val_data`: the run's --val-data manifests (DataConfig.val_data); without an understanding one there are no
+    questions to ask."""
+
+    def __init__(self, logging: LoggingConfig, output: str | Path, tokenizer, val_data: list[str] | None = None):
         self.every, self.prompts, self.cfg = logging.sample_every, logging.sample_prompts, logging.sample_cfg
         self.tokenizer, self.folder = tokenizer, samples_dir(output)
+        self.events_dir, self.wandb_wanted = samples_tensorboard_dir(output), bool(logging.wandb_project)
+        self.qa_every = logging.sample_every if logging.qa_every is None else logging.qa_every
+        self.max_new_tokens = logging.qa_max_new_tokens
+        self.questions = held_out_questions(val_data or [], logging.qa_samples, tokenizer) if self.qa_every else []
+        if self.qa_every and not self.questions:
+            log("Q&A samples skipped: --val-data holds no understanding sample with an image")
+        self._writer = None
+        self._images_shown = False
 
     def maybe_run(self, engine, step: int) -> Path | None:
-        if not (self.every and step % self.every == 0):
-            return None
-        path = self.grid(engine, step)
-        log(f"step {step:7d}  samples {path}")
+        """The grid's path on a grid step; answers on a Q&A step (both on one step when the cadences meet)."""
+        path = None
+        if self.every and step % self.every == 0:
+            path = self.grid(engine, step)
+            log(f"step {step:7d}  samples {path}")
+        if self.questions and self.qa_every and step % self.qa_every == 0:
+            for question, reply in zip(self.questions, self.answers(engine, step), strict=True):
+                log(f"step {step:7d}  Q&A {question.key}: {question.question!r} -> {reply!r}")
         return path
 
     @torch.no_grad()
@@ -92,8 +170,88 @@ class Sampler:
         path = self.folder / f"step-{step:08d}.png"
         if dist.get_rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(images, columns=len(images)).save(path)
+            grid = image_grid(images, columns=len(images))
+            grid.save(path)
+            self.writer().add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
+            self.writer().flush()
+            if run := self.wandb_run():
+                import wandb
+
+                run.log({"samples/grid": wandb.Image(grid, caption=" | ".join(self.prompts))}, step=step)
         return path
+
+    @torch.no_grad()
+    def answers(self, engine, step: int) -> list[str]:
+        """Every rank asks every question, as many forwards each (collective under ZeRO-3); rank 0 writes."""
+        engine.eval()
+        with transformers_attention(engine.module):
+            replies = answer_questions(engine.module, self.tokenizer, self.questions, self.max_new_tokens)
+        engine.train()
+        if dist.get_rank() == 0:
+            self.record_answers(step, replies)
+        return replies
+
+    def record_answers(self, step: int, replies: list[str]) -> None:
+        writer, first = self.writer(), not self._images_shown
+        for i, (question, reply) in enumerate(zip(self.questions, replies, strict=True)):
+            writer.add_text(f"qa/{i}", f"**{question.key}**\n\n**question:** {question.question}\n\n"
+                                       f"**model:** {reply}\n\n**reference:** {question.reference}", step)
+            if first:  # the images never change: once is enough
+                for k, data in enumerate(question.images):
+                    writer.add_image(f"qa/{i}/image-{k}", np.asarray(decode_image(data)), step, dataformats="HWC")
+        writer.flush()
+        self._images_shown = True
+        if run := self.wandb_run():
+            import wandb
+
+            columns = ["key", "question", "model", "reference"]
+            rows = [[q.key, q.question, r, q.reference] for q, r in zip(self.questions, replies, strict=True)]
+            logged = {"qa/answers": wandb.Table(columns=columns, data=rows)}
+            if first:
+                logged["qa/images"] = [wandb.Image(decode_image(q.images[0]), caption=q.key) for q in self.questions]
+            run.log(logged, step=step)
+
+    def writer(self):
+        """Rank 0's SummaryWriter, made on first use (no event file for a run that never samples)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.events_dir))
+        return self._writer
+
+    def wandb_run(self):
+        """The W&B run the Monitor started on rank 0 (wandb.init), or None."""
+        if not self.wandb_wanted:
+            return None
+        import wandb  # pip install '.[wandb]': the Monitor imported it already
+
+        return wandb.run
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def understanding_modules(model) -> list[torch.nn.Module]:
+    """What an answer runs: SigLIP and its aligner, the LLM (with its input embedding) and the LM head."""
+    m = model.model
+    return [m.vision_model, m.aligner, m.language_model, model.lm_head]
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens: int) -> list[str]:
+    """Greedy answers, on every rank alike (collective under ZeRO-3): the understanding modules gathered once for all
+    questions, and every question runs exactly `max_new_tokens` forwards, EOS or not, so no rank stops early."""
+    eos = SpecialTokens.from_tokenizer(tokenizer).eos
+    replies = []
+    with gathered_once(understanding_modules(model)) as gathered:
+        if not gathered and any(hasattr(p, "ds_id") for p in model.lm_head.parameters()):
+            log("Q&A samples: the understanding modules do not fit a rank's free memory whole; gathering per call")
+        for question in questions:
+            pixels = pixel_values([decode_image(data) for data in question.images])
+            ids = greedy_answer_ids(model, question.prompt_ids, pixels, eos, max_new_tokens, stop_at_eos=False)
+            replies.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return replies
 
 
 # ZeRO-3's post-forward hook frees a gathered parameter unless some module still holds it (its
