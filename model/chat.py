@@ -1,6 +1,7 @@
-"""Ask a question about an image, on an exported transformers checkpoint (the understanding path).
+"""Ask questions about an image, on an export or released weights (a folder or a hub id): the understanding path.
 
-    python -m model.chat --checkpoint DIR --image photo.jpg --question "What is in this image?" [--device cuda]
+    python -m model.chat --checkpoint DIR|deepseek-ai/Janus-Pro-1B --image photo.jpg --question "What is in it?"
+                         [--interactive] [--device cuda]
 
 The prompt is built by model/chat_format.py exactly as training built its samples (system prompt, the image as
 <boi> 576 x <image_placeholder> <eoi>, question, `<|Assistant|>:`), the image by model/images.py's
@@ -11,7 +12,10 @@ into the placeholder positions by `JanusForConditionalGeneration` itself.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from PIL import Image
@@ -92,12 +96,23 @@ def read_image(path: str) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from model.generate import add_device_arguments, checked_text, inference_device, load_exported
+    from model.generate import (
+        add_checkpoint_argument,
+        add_device_arguments,
+        checked_checkpoint,
+        checked_text,
+        inference_device,
+        load_exported,
+        usage_error,
+    )
 
     parser = argparse.ArgumentParser(description="Janus-Pro: answer a question about an image.")
-    parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
+    add_checkpoint_argument(parser)
     parser.add_argument("--image", required=True)
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--question", help="the question; with --interactive, the first one (optional)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="then read questions about the same image from stdin, one a line, each answered on its "
+                             "own (no history), until end of input, an empty line or `exit`")
     parser.add_argument("--system", default=JANUS_SYSTEM_PROMPT, help="system prompt; '' for none")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample (with --temperature) instead of greedy")
@@ -105,12 +120,43 @@ def main(argv: list[str] | None = None) -> None:
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     device, dtype = inference_device(parser, args)
-    question, system = checked_text(args.question, "--question"), checked_text(args.system, "--system")
+    if args.question is None and not args.interactive:
+        usage_error("--question: give one, or --interactive to read questions from stdin")
+    question = None if args.question is None else checked_text(args.question, "--question")
+    system = checked_text(args.system, "--system")
     image = read_image(args.image)  # before loading the model: a wrong file is said at once
-    model, tokenizer = load_exported(args.checkpoint, dtype, device)
-    reply = answer(model, tokenizer, image, question, system or None, args.max_new_tokens,
-                   greedy=not args.sample, temperature=args.temperature)
-    print(reply)
+    model, tokenizer = load_exported(checked_checkpoint(args.checkpoint), dtype, device)
+
+    def reply(text: str) -> None:
+        print(answer(model, tokenizer, image, text, system or None, args.max_new_tokens, greedy=not args.sample,
+                     temperature=args.temperature), flush=True)
+
+    if question is not None:
+        reply(question)
+    if args.interactive:
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 must not end the chat
+        for text in questions(sys.stdin):
+            reply(text)
+
+
+def questions(lines: TextIO) -> Iterator[str]:
+    """The questions of an interactive chat: one a line until end of input, an empty line or `exit`. A line that is
+    not UTF-8 is said on stderr and skipped: the model stays loaded for the next one."""
+    prompt = lines.isatty()
+    while True:
+        if prompt:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = lines.readline()
+        text = line.strip()
+        if not text or text == "exit":
+            return
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"error: {text.encode('utf-8', 'backslashreplace').decode()[:80]!r} is not valid UTF-8 text; "
+                  "ask again", file=sys.stderr, flush=True)
+            continue
+        yield text
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Text to image with classifier-free guidance, on an exported transformers checkpoint.
+"""Text to image with classifier-free guidance, on an export or released weights (a folder or a hub id).
 
-    python -m model.generate --checkpoint DIR --prompt "a cat" ["a rocket" ...] [--cfg 5 --temperature 1 -n 4
-                             --seed 0 --greedy --device cuda --dtype bf16] --out grid.png
+    python -m model.generate --checkpoint DIR|deepseek-ai/Janus-Pro-1B --prompt "a cat" ["a rocket" ...]
+                             [--cfg 5 --temperature 1 -n 4 --seed 0 --greedy --device cuda --dtype bf16] --out grid.png
 
 Each prompt is `<bos><|User|>: {prompt}\\n\\n<|Assistant|>:<begin_of_image>` (model/chat_format.py, as in
 training); its unconditional twin keeps only BOS and BOI, every token between them becoming pad, which is
@@ -26,11 +26,20 @@ from typing import NoReturn
 import torch
 import transformers
 from PIL import Image
-from transformers import DynamicCache, JanusForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+from transformers.initialization import no_init_weights
 
 from model.chat_format import generation_prompt_ids
-from model.config import DTYPES, num_image_tokens
+from model.config import DTYPES, model_config, num_image_tokens
+from model.hub import HubError, resolve_weights
 from model.tokenizer import SpecialTokens, load_tokenizer
+from model.weights import detect_layout, load_checkpoint, read_entries
 
 MIN_TRANSFORMERS = (5, 24)
 
@@ -46,11 +55,58 @@ def check_transformers_version() -> None:
                            f" (older ones ignore the KV cache it passes): pip install 'transformers>={needed},<6'")
 
 
+GUIDANCE_SCALE = 5.0  # the paper's and the official code's classifier-free guidance weight
+
+
+def generation_config(config: JanusConfig, special: SpecialTokens) -> GenerationConfig:
+    """What transformers' image-mode `generate` reads besides the weights: guidance 5, the bos/eos/pad ids and
+    `generation_kwargs` {boi_token_id, num_image_tokens} (it raises without them). An export saves it; released
+    weights in deepseek-ai's layout carry none, so inference gives them this one."""
+    return GenerationConfig(
+        bos_token_id=special.bos, eos_token_id=special.eos, pad_token_id=special.pad,
+        guidance_scale=GUIDANCE_SCALE, max_new_tokens=512,
+        generation_kwargs={"boi_token_id": special.begin_of_image, "num_image_tokens": num_image_tokens(config)},
+    )
+
+
+def checked_checkpoint(spec: str, flag: str = "--checkpoint") -> Path:
+    """The local folder of `spec` (an export, released weights, or a hub id such as deepseek-ai/Janus-Pro-1B,
+    fetched through the Hugging Face cache: model/hub.py), or one `error:` line said before anything loads."""
+    try:
+        folder = resolve_weights(spec, flag)
+    except HubError as error:
+        usage_error(str(error))
+    if not folder.is_dir():
+        usage_error(f"{flag} {spec}: no such folder (a Hugging Face hub id is owner/name)")
+    return folder
+
+
 def load_exported(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                   ) -> tuple[JanusForConditionalGeneration, PreTrainedTokenizerBase]:
-    """An exported transformers-layout checkpoint and its tokenizer, in eval mode, on `device`."""
-    model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    return model, load_tokenizer(path)
+    """A checkpoint and its tokenizer, in eval mode, on `device`: an export of ours or transformers' converted
+    release (`from_pretrained`), or deepseek-ai's original release (model/weights.py maps its names)."""
+    tokenizer = load_tokenizer(path)
+    entries = read_entries(path)
+    if detect_layout(entries) == "transformers":
+        model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        return model, tokenizer
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    janus = model_config(path, special.image_placeholder)
+    # Built on the device, in the dtype, without random initialisation: load_checkpoint then fills every tensor of
+    # the state dict (strictly), and the buffers outside it (rotary frequencies) are computed in the constructor.
+    with no_init_weights(), torch.device(device):
+        model = JanusForConditionalGeneration._from_config(janus, dtype=dtype)
+    load_checkpoint(model, path, "original")  # strict: every tensor of the model, no key left over
+    model.generation_config = generation_config(janus, special)
+    return model.eval(), tokenizer
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """`--checkpoint` (or `--model`) of the inference commands."""
+    parser.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                        help="an export of this pipeline, or released Janus-Pro weights in either layout: a folder, "
+                             "or a Hugging Face hub id such as deepseek-ai/Janus-Pro-1B (from the cache; downloaded "
+                             "unless HF_HUB_OFFLINE is set)")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +258,7 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Janus-Pro text to image (classifier-free guidance).")
-    parser.add_argument("--checkpoint", required=True, help="an exported transformers-layout checkpoint")
+    add_checkpoint_argument(parser)
     parser.add_argument("--prompt", nargs="+", required=True, help="one or more prompts: one grid row each")
     parser.add_argument("--cfg", type=float, default=5.0, help="guidance weight; 1 turns guidance off")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -211,12 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     parser.add_argument("--backend", choices=("auto", "transformers", "loop"), default="auto")
     add_device_arguments(parser)
-    parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--out", default="grid.png",
+                        help="the image file of the grid (.png, .jpg, .webp; folders made as needed)")
     args = parser.parse_args(argv)
     device, dtype = inference_device(parser, args)
     prompts = [checked_text(p, "--prompt") for p in args.prompt for _ in range(args.n)]
     out = checked_output(args.out)
-    model, tokenizer = load_exported(args.checkpoint, dtype, device)
+    model, tokenizer = load_exported(checked_checkpoint(args.checkpoint), dtype, device)
     ids = generate_image_ids(model, tokenizer, prompts, args.cfg, args.temperature, args.seed, args.greedy,
                              args.backend)
     out.parent.mkdir(parents=True, exist_ok=True)

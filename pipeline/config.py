@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser, JanusConfig
 
 from model.config import PRESETS, model_config, model_size
+from model.hub import HubError, is_repo_id, resolve_weights
 from model.stages import STAGES, TRAINABLE_PARTS, Stage, stage_for
 from pipeline.attention import Backend, default_attention
 from pipeline.run_dir import config_file, is_run_directory
@@ -108,7 +109,9 @@ class ModelConfig(Section):
     title: ClassVar[str] = "model"
     model: str | None = doc(f"a preset ({', '.join(PRESETS)}) or a checkpoint directory (config.json); unset: "
                             "the model --init holds", None)
-    init: str | None = doc("released weights (either layout) or a previous stage's run directory", None)
+    init: str | None = doc("released weights (either layout: a folder, or a Hugging Face hub id such as "
+                           "deepseek-ai/Janus-Pro-1B, cached or downloaded) or a previous stage's run directory",
+                           None)
     tokenizer: str | None = doc("tokenizer directory; unset: --init's (of a run directory: the tokenizer it used)",
                                 None)
     attention: Backend | None = doc(
@@ -357,6 +360,17 @@ def init_defaults(init: str | None) -> dict[str, str]:
     config.json and tokenizer)."""
     if not init:
         return {}
+def resolved_init(init: str | None) -> str | None:
+    """--init as a local folder: a hub id becomes the path of its cached (or, online, downloaded) snapshot, which is
+    what the run then records and every later reader (the engine, export, the next stage) opens."""
+    if not init or Path(init).exists() or not is_repo_id(init):
+        return init
+    try:
+        return str(resolve_weights(init, "--init"))
+    except HubError as error:
+        raise ConfigError(str(error)) from None
+
+
     path = Path(init)
     if is_run_directory(path):
         previous = yaml.safe_load(config_file(path).read_text()).get("model")
@@ -368,7 +382,9 @@ def init_defaults(init: str | None) -> dict[str, str]:
     if path.is_dir() and any(path.glob("*.safetensors")):  # bare weights: --model names their architecture
         return {"tokenizer": str(path)}
     raise ConfigError(f"--init {init}: neither a training run directory (config.yaml and checkpoints/) nor "
-                      "weights (config.json, *.safetensors)" + ("" if path.exists() else "; it does not exist"))
+                      "weights (config.json, *.safetensors)" + ("" if path.exists() else
+                                                                  "; it does not exist (a Hugging Face hub id is "
+                                                                  "owner/name)"))
 
 
 def read_model_config(spec: str) -> JanusConfig:
@@ -508,7 +524,7 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # what decides the defaults
     from_file = yaml_values(known.config) if known.config else {}
     stage = chosen_stage(stage, known.stage, from_file.pop("stage", None), known.config)
-    init = flag_or(known, from_file, "init")
+    init = resolved_init(flag_or(known, from_file, "init"))
     held = init_defaults(init)
     model = chosen_model(flag_or(known, from_file, "model"), held.get("model"), init)
     size = model_size(model[1]) if model else "1b"  # Table 2's column; --help needs no model
@@ -524,6 +540,7 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
                 for name, kind in PARSED.items()}
     args.cluster = sections.pop("cluster")
     return TrainConfig(stage=stage, **sections), args
+    values["init"] = init  # the hub id's local snapshot, resolved once above
 
 
 def flag_or(args: Any, from_file: dict, name: str) -> Any:

@@ -1,0 +1,211 @@
+"""Released weights named by a Hugging Face hub id (model/hub.py): training's --init and the inference commands'
+--checkpoint take `owner/name` as well as a folder. Before: `--init deepseek-ai/Janus-Pro-1B` was refused as a
+folder that does not exist, and the inference commands took only a folder.
+
+The hub is never asked: each test builds the cache layout huggingface_hub writes (models--owner--name/ with
+blobs/, snapshots/<commit>/ of symlinks to the blobs, refs/main) in a temporary folder, and points huggingface_hub
+at it with offline mode on; a download that fails is injected by pointing it at a closed port on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from model import hub
+from model.hub import HubError, download_command, hub_source, is_repo_id, resolve_weights
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo_id: str, *folders: Path, commit: str = COMMIT) -> Path:
+    """`folders`' files as hub repository `repo_id` in the cache at `cache`, laid out as huggingface_hub lays it
+    out (file names are symlinks into blobs/); returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for folder in folders:
+        for file in sorted(folder.iterdir()):
+            if file.is_file():
+                blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+                shutil.copyfile(file, blob)
+                (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty hub cache that huggingface_hub, already imported, uses with offline mode on (it reads its
+    environment once, at import: the subprocess tests show the variables themselves are honoured)."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: a connection there is refused at once
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("deepseek-ai/Janus-Pro-1B", True), ("deepseek-ai/Janus-Pro-7B", True), ("owner/name", True),
+    ("Janus-Pro-1B", False), ("/abs/path", False), ("./weights/x", False), ("a/b/c", False), ("~/x", False),
+    ("owner/na--me", False), ("owner/..", False), ("owner/", False),
+])
+def test_repo_id_shape(spec, expected):
+    assert is_repo_id(spec) is expected
+
+
+def test_download_command_is_the_installed_cli(monkeypatch):
+    import importlib.util
+
+    assert download_command("deepseek-ai/Janus-Pro-1B") == "hf download deepseek-ai/Janus-Pro-1B"  # hub >= 0.34
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # an older huggingface_hub: no `hf`
+    assert download_command("o/n") == "huggingface-cli download o/n"
+
+
+def test_cached_repo_resolves_to_its_snapshot(hf_cache, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text('{"a": 1}')
+    snapshot = cache_repo(hf_cache, "deepseek-ai/Janus-Pro-1B", tmp_path / "src")
+    found = resolve_weights("deepseek-ai/Janus-Pro-1B", "--init")
+    assert found == snapshot
+    assert (found / "config.json").read_text() == '{"a": 1}'  # through the blob symlink
+    assert hub_source(found) == f"deepseek-ai/Janus-Pro-1B@{COMMIT}"
+    assert hub_source(tmp_path / "src") is None
+
+
+def test_local_folder_wins_over_a_cached_repo_of_that_name(hf_cache, tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    cache_repo(hf_cache, "weights/Janus-Pro-1B", tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights" / "Janus-Pro-1B").mkdir(parents=True)
+    assert resolve_weights("weights/Janus-Pro-1B", "--init") == Path("weights/Janus-Pro-1B")
+
+
+def test_a_missing_path_that_is_no_repo_id_is_left_to_the_caller(hf_cache, tmp_path):
+    missing = tmp_path / "nowhere" / "weights"
+    assert resolve_weights(str(missing), "--init") == missing
+
+
+def test_offline_and_not_cached_says_the_download_command(hf_cache):
+    with pytest.raises(HubError) as caught:
+        resolve_weights("deepseek-ai/Janus-Pro-7B", "--init")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("--init deepseek-ai/Janus-Pro-7B: no such folder here")
+    assert str(hf_cache) in message and "HF_HUB_OFFLINE is set" in message
+    assert "`hf download deepseek-ai/Janus-Pro-7B`" in message
+
+
+def test_a_failed_download_says_why_and_the_download_command(hf_cache, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # the hub, unreachable
+    with pytest.raises(HubError) as caught:
+        resolve_weights("deepseek-ai/Janus-Pro-1B", "--checkpoint")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "downloading it failed" in message and "ConnectError" in message
+    assert "`hf download deepseek-ai/Janus-Pro-1B`" in message
+    assert not (hf_cache / "models--deepseek-ai--Janus-Pro-1B" / "snapshots").exists()
+
+
+def test_offline_is_huggingface_hubs_setting(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.offline()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert not hub.offline()
+
+
+# --- training: --init takes a hub id ---
+
+def test_training_init_takes_a_cached_hub_id(hf_cache, original_checkpoint, tokenizer_dir, tmp_path):
+    from pipeline.config import resolve
+
+    snapshot = cache_repo(hf_cache, "deepseek-ai/Janus-Pro-1B", original_checkpoint, tokenizer_dir)
+    config, args = resolve(2, ["--init", "deepseek-ai/Janus-Pro-1B", "--output", str(tmp_path / "run")])
+    assert config.model.init == str(snapshot)  # what the engine, the export and the next stage open
+    assert config.model.model == str(snapshot) and config.model.tokenizer == str(snapshot)
+    assert args.model_config.text_config.hidden_size == 64  # the tiny model's own config.json, read from the cache
+
+
+def test_training_init_hub_id_not_cached_offline_is_one_config_error(hf_cache, tmp_path):
+    from pipeline.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError) as caught:
+        resolve(2, ["--init", "deepseek-ai/Janus-Pro-1B", "--output", str(tmp_path / "run")])
+    assert str(caught.value).startswith("--init deepseek-ai/Janus-Pro-1B: no such folder here")
+    assert "hf download deepseek-ai/Janus-Pro-1B" in str(caught.value)
+
+
+def test_training_init_missing_folder_still_says_it_does_not_exist(hf_cache, tmp_path):
+    from pipeline.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="it does not exist"):
+        resolve(2, ["--init", str(tmp_path / "no" / "such"), "--output", str(tmp_path / "run")])
+
+
+# --- inference: --checkpoint (or --model) takes a hub id ---
+
+@pytest.fixture
+def cached_release(hf_cache, original_checkpoint, tokenizer_dir) -> Path:
+    """The tiny original-layout (deepseek-ai) release with its tokenizer, cached as deepseek-ai/Janus-Pro-1B."""
+    return cache_repo(hf_cache, "deepseek-ai/Janus-Pro-1B", original_checkpoint, tokenizer_dir)
+
+
+def test_generate_loads_the_cached_snapshot_of_a_hub_id(cached_release, tmp_path, monkeypatch):
+    import model.generate
+
+    loaded = []
+
+    def load_exported(path, dtype, device):  # stops before 576 tokens (tests/integration/test_inference_cli.py)
+        loaded.append(path)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(model.generate, "load_exported", load_exported)
+    with pytest.raises(SystemExit):
+        model.generate.main(["--model", "deepseek-ai/Janus-Pro-1B", "--prompt", "a cat", "--out",
+                             str(tmp_path / "g.png"), "--device", "cpu"])
+    assert loaded == [cached_release]
+
+
+def test_chat_from_a_cached_hub_id(cached_release, tmp_path, capsys):
+    from PIL import Image
+
+    from model.chat import main
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "photo.png")
+    main(["--checkpoint", "deepseek-ai/Janus-Pro-1B", "--image", str(tmp_path / "photo.png"), "--question",
+          "What is this?", "--max-new-tokens", "3", "--device", "cpu"])
+    assert len(capsys.readouterr().out.splitlines()) == 1  # one answer line (random weights: any text)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_inference_hub_id_not_cached_offline_is_one_error_line(command, hf_cache, tmp_path, capsys):
+    from PIL import Image
+
+    from model import chat, generate
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    argv = {"generate": ["--prompt", "a cat", "--out", str(tmp_path / "g.png")],
+            "chat": ["--image", str(tmp_path / "photo.png"), "--question", "What?"]}[command]
+    main = {"generate": generate.main, "chat": chat.main}[command]
+    with pytest.raises(SystemExit) as caught:
+        main(["--checkpoint", "deepseek-ai/Janus-Pro-7B", "--device", "cpu", *argv])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --checkpoint deepseek-ai/Janus-Pro-7B: no such folder")
+    assert "hf download deepseek-ai/Janus-Pro-7B" in err[0]
+    assert not (tmp_path / "g.png").exists()
