@@ -2,16 +2,22 @@
 
 Stages are laid end to end on one step axis (each stage's steps after the previous stage's last), one line per
 task, a dashed divider where a stage begins.
+
+    python -m pipeline.plot RUN... [--out loss.png]     (RUN: a training run's --output, Stage I first)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from PIL import Image, ImageDraw
 
 from model.sample import TASKS
+from pipeline.run_dir import metrics_file
 
 COLOURS = {"understanding": (31, 119, 180), "text": (44, 160, 44), "generation": (214, 39, 40)}
 
@@ -75,3 +81,36 @@ def loss_curve_png(paths: list[Path], out: str | Path, size: tuple[int, int] = (
     out = Path(out)
     image.save(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.plot",
+        description="Training loss per task from runs' metrics.jsonl, as one PNG. Several runs (Stage I, II, III) "
+                    "are laid end to end on one step axis, in the order given.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="a training run's directory (its --output)")
+    parser.add_argument("--out", default="loss.png", help="the PNG to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    paths = [metrics_file(run) for run in args.runs]
+    for run, path in zip(args.runs, paths, strict=True):
+        if not path.is_file():
+            fail(f"{run}: no {path.name} (not a training run's --output, or it has not logged a step yet)")
+    out = Path(args.out)
+    if out.is_dir():
+        fail(f"--out {out}: a directory; name the PNG file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        loss_curve_png(paths, out)
+    except ValueError as error:  # no loss record, a line that is not JSON, or --out not an image file name
+        fail(str(error))
+    print(f"wrote {out}")
+
+
+def fail(message: str) -> NoReturn:
+    """A mistake in the arguments or the files they name: one `error:` line, exit 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
