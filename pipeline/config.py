@@ -251,6 +251,10 @@ class LoggingConfig(Section):
     qa_samples: int = doc("held-out understanding samples each Q&A asks: the first ones of --val-data", 4)
     qa_max_new_tokens: int = doc("longest Q&A answer, in tokens (greedy; every rank runs this many forwards)", 64)
     wandb_project: str | None = doc("also log to this Weights & Biases project (pip install '.[wandb]')", None)
+    heartbeat_seconds: float = doc("while a start-up phase (checks, shard hashing, engine build, resume, first batch) "
+                                   "runs, a log line naming it every this many seconds (0: never)", 30.0)
+    deepspeed_log_level: Literal["debug", "info", "warning", "error"] = doc(
+        "DeepSpeed's own log messages shown from this level up (info: its start-up and per-step reports)", "warning")
 
     def check(self) -> None:
         need(self.log_every >= 1, "log_every", "must be at least 1")
@@ -258,6 +262,7 @@ class LoggingConfig(Section):
         need(self.val_batches >= 1, "val_batches", "must be at least 1")
         need(self.sample_every >= 0, "sample_every", "must be 0 (never) or more")
         need(self.sample_cfg > 0, "sample_cfg", "must be positive")
+        need(self.heartbeat_seconds >= 0, "heartbeat_seconds", "must be 0 (never) or more")
         need(self.qa_every is None or self.qa_every >= 0, "qa_every", "must be 0 (never) or more")
         need(self.qa_samples >= 1, "qa_samples", "must be at least 1")
         need(self.qa_max_new_tokens >= 1, "qa_max_new_tokens", "must be at least 1")

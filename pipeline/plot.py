@@ -34,7 +34,8 @@ def read_metrics(paths: list[Path]) -> tuple[dict[str, list[tuple[int, float]]],
         starts.append(offset)
         for step in sorted(records):
             for task, value in records[step]["loss"].items():
-                if value > 0:  # 0 means the task had no targets in that step (e.g. text in Stage I)
+                # null (0 in older runs' records): the task had no targets in that step (e.g. text in Stage I)
+                if value is not None and value > 0:
                     curves[task].append((offset + step, value))
         offset += max(records, default=0)
     return curves, starts
