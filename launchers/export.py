@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
-from pipeline.export import main  # noqa: E402
+from launchers.extras import call  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    call("pipeline.export:main")  # without the [train] extra: one line naming the pip install

@@ -153,7 +153,8 @@ def questions(lines: TextIO) -> Iterator[str]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            print(f"error: {text.encode('utf-8', 'backslashreplace').decode()[:80]!r} is not valid UTF-8 text; "
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # the bytes as read
+            print(f"error: {shown[:80]!r} is not valid UTF-8 text; "
                   "ask again", file=sys.stderr, flush=True)
             continue
         yield text
