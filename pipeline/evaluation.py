@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import numpy as np
@@ -33,6 +34,9 @@ from pipeline.config import DataConfig, LoggingConfig
 from pipeline.data import DataPipeline
 from pipeline.monitor import log
 from pipeline.run_dir import SAMPLES, samples_dir, tensorboard_dir
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class Validator:
@@ -211,7 +215,7 @@ class Sampler:
                 logged["qa/images"] = [wandb.Image(decode_image(q.images[0]), caption=q.key) for q in self.questions]
             run.log(logged, step=step)
 
-    def writer(self):
+    def writer(self) -> SummaryWriter:
         """Rank 0's SummaryWriter, made on first use (no event file for a run that never samples)."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -219,7 +223,7 @@ class Sampler:
             self._writer = SummaryWriter(str(self.events_dir))
         return self._writer
 
-    def wandb_run(self):
+    def wandb_run(self) -> Any:
         """The W&B run the Monitor started on rank 0 (wandb.init), or None."""
         if not self.wandb_wanted:
             return None
