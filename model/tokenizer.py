@@ -69,6 +69,41 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether encoding with special tokens puts one BOS in front of the text and adds nothing else, as DeepSeek's
+    tokenizer does. Read from an encoding: transformers' `add_bos_token` attribute says False for a tokenizer whose
+    tokenizer.json adds BOS."""
+    bos = SpecialTokens.from_tokenizer(tokenizer).bos
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    return list(tokenizer("a")["input_ids"]) == [bos, *plain]
+
+
+def with_bos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer`, made to add BOS when encoding if it adds no special token at all (in place; its own
+    post-processing kept, BOS after it). Training inserts BOS by id whatever the tokenizer does, but transformers'
+    JanusProcessor and DeepSeek's inference code leave BOS to the tokenizer, and the processor prepends the default
+    system prompt to what the chat template wrote: only the tokenizer can put BOS in front of it. Raises ValueError
+    for a tokenizer that adds something else (it cannot be given BOS without changing the rest)."""
+    if adds_bos(tokenizer):
+        return tokenizer
+    from tokenizers import processors
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    if backend is None or list(tokenizer("a")["input_ids"]) != plain:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} adds special tokens other than one "
+                         f"BOS when encoding, and its prompts would not be training's: use one that adds BOS "
+                         f"{tokenizer.bos_token or BOS!r} or nothing")
+    bos_token = tokenizer.bos_token or BOS
+    bos = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B",
+                                        special_tokens=[(bos_token, SpecialTokens.from_tokenizer(tokenizer).bos)])
+    backend.post_processor = bos if backend.post_processor is None else processors.Sequence(
+        [backend.post_processor, bos])
+    if "add_bos_token" in tokenizer.init_kwargs:  # saved, and then rebuilds the post-processor when loaded
+        tokenizer.init_kwargs["add_bos_token"] = True
+    return tokenizer
+
+
 DEFAULT_CORPUS = (
     "A photograph of a cat sitting on a wooden table next to a window.",
     "An astronaut floating in space above the blue earth.",
@@ -82,11 +117,12 @@ DEFAULT_CORPUS = (
 
 
 def build_tokenizer(out_dir: str | Path, corpus: tuple[str, ...] | list[str] = DEFAULT_CORPUS,
-                    vocab_size: int = 512) -> PreTrainedTokenizerFast:
+                    vocab_size: int = 512, add_bos: bool = True) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer with the Janus special tokens and save it to `out_dir`.
 
     It is a real tokenizer (merges, offsets, special-token splitting), only small: the tiny model's
-    vocabulary must hold `len(tokenizer)` ids.
+    vocabulary must hold `len(tokenizer)` ids. add_bos=False: encoding adds no BOS, as many tokenizers other than
+    DeepSeek's do (training inserts BOS by id either way; an export must make up for it).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -103,9 +139,10 @@ def build_tokenizer(out_dir: str | Path, corpus: tuple[str, ...] | list[str] = D
     )
     bpe.train_from_iterator(list(corpus), trainer=trainer)
     # Encoding with special tokens adds BOS, as DeepSeek's tokenizer does: an exported processor relies on it.
-    bos = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                        special_tokens=[(BOS, bpe.token_to_id(BOS))])
-    bpe.post_processor = processors.Sequence([bpe.post_processor, bos])
+    if add_bos:
+        bos = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                            special_tokens=[(BOS, bpe.token_to_id(BOS))])
+        bpe.post_processor = processors.Sequence([bpe.post_processor, bos])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,

@@ -35,9 +35,19 @@ import torch
 from model.chat_format import CHAT_TEMPLATE, generation_prompt_ids, understanding_prompt_ids
 from model.config import DTYPES, num_image_tokens
 from model.config import model_config as resolve_model_config
+from model.generate import generation_config
+from model.hub import hub_source
 from model.janus import JanusProForTraining
 from model.manifest import MANIFEST_NAME, Manifest, file_sha256, tokenizer_fingerprint
-from model.tokenizer import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, SpecialTokens, load_tokenizer
+from model.tokenizer import (
+    BEGIN_OF_IMAGE,
+    END_OF_IMAGE,
+    IMAGE_PLACEHOLDER,
+    SpecialTokens,
+    adds_bos,
+    load_tokenizer,
+    with_bos,
+)
 from model.weights import (
     LAYOUTS,
     Entry,
@@ -53,7 +63,7 @@ from model.weights import (
 )
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
-from pipeline.run_dir import CONFIG, config_file, is_run_directory
+from pipeline.run_dir import CONFIG, config_file, fingerprints_file, is_run_directory
 
 CHECKSUMS = "SHA256SUMS"
 MODEL_CARD = "README.md"
@@ -93,7 +103,6 @@ janus-pipeline converts its weights to the transformers layout:
 `python -m model.weights THIS_DIR OUT --to transformers`.
 """,
 }
-GUIDANCE_SCALE = 5.0  # the paper's and the official code's classifier-free guidance weight
 
 
 @dataclass(frozen=True)
@@ -164,9 +173,9 @@ def check_chat_template(processor) -> None:
 
 def write_inference_files(out: Path, model_config, tokenizer_dir: str | Path) -> None:
     """Tokenizer, processor and generation config of a transformers-layout export."""
-    from transformers import GenerationConfig, JanusImageProcessor, JanusProcessor
+    from transformers import JanusImageProcessor, JanusProcessor
 
-    tokenizer = processor_tokenizer(tokenizer_dir)
+    tokenizer = with_bos(processor_tokenizer(tokenizer_dir))
     special = SpecialTokens.from_tokenizer(tokenizer)
     size = model_config.vision_config.image_size
     # Janus' images: long side to 384, padded with grey 127 (= 0.5 * 255), scaled to [-1, 1] (mean = std = 0.5).
@@ -179,11 +188,7 @@ def write_inference_files(out: Path, model_config, tokenizer_dir: str | Path) ->
     processor.save_pretrained(str(out))  # processor_config.json (with the image processor inside)
     check_chat_template(JanusProcessor.from_pretrained(str(out)))
     image_processor.save_pretrained(str(out))  # preprocessor_config.json, which older readers look for
-    GenerationConfig(
-        bos_token_id=special.bos, eos_token_id=special.eos, pad_token_id=special.pad,
-        guidance_scale=GUIDANCE_SCALE, max_new_tokens=512,
-        generation_kwargs={"boi_token_id": special.begin_of_image, "num_image_tokens": num_image_tokens(model_config)},
-    ).save_pretrained(str(out))
+    generation_config(model_config, special).save_pretrained(str(out))
 
 
 def _checkpoint_step(source: Path) -> int:
@@ -216,9 +221,19 @@ def _manifest_row(stage: int, path: str) -> str:
             f" | `{m.vq_fingerprint or '-'}` |")
 
 
-def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenizer_fp: str) -> str:
-    """README.md of an export: what it was trained from, on which data, and how to load it."""
+def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenizer_fp: str,
+               trained_fp: str | None = None) -> str:
+    """README.md of an export: what it was trained from, on which data, and how to load it. `trained_fp`: the
+    fingerprint of the tokenizer as training had it, where the export made it add BOS (so `tokenizer_fp` differs)."""
     runs, root = _lineage(run_dir, source)
+    started = f"`{root}`" if root else "random weights"
+    if root and hub_source(root):
+        started = f"`{hub_source(root)}` (from the Hugging Face cache, `{root}`)"
+    tokenizer_line = f"The tokenizer exported here has the fingerprint `{tokenizer_fp}`."
+    if trained_fp:
+        tokenizer_line = (f"The tokenizer exported here has the fingerprint `{tokenizer_fp}`: the one training used "
+                          f"(`{trained_fp}`), made to add BOS when encoding, which transformers' processor and "
+                          "DeepSeek's code leave to the tokenizer (training inserted it itself).")
     last = runs[-1]
     rows = [f"| {r['stage']} | `{r['run']}` | {r['step']} |" for r in runs]
     data = [_manifest_row(r["stage"], m) for r in runs for m in r["data"]]
@@ -231,7 +246,7 @@ def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenize
         "",
         "## Training",
         "",
-        f"Started from {f'`{root}`' if root else 'random weights'}, then these runs, oldest first "
+        f"Started from {started}, then these runs, oldest first "
         "(each started from the one before it):",
         "",
         "| stage | run | step |", "|---|---|---|", *rows,
@@ -243,7 +258,7 @@ def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenize
         "| stage | manifest | task | rows | manifest sha256 | tokenizer fingerprint | VQ fingerprint |",
         "|---|---|---|---|---|---|---|", *data,
         "",
-        f"The tokenizer exported here has the fingerprint `{tokenizer_fp}`.",
+        tokenizer_line,
         "",
         "## Use",
         "",
@@ -255,10 +270,32 @@ def model_card(run_dir: Path, source: Path, layout: Layout, dtype: str, tokenize
     ])
 
 
+def check_run_tokenizer(run_dir: Path, tokenizer, tokenizer_dir: str | Path, given: bool) -> None:
+    """Refuse a tokenizer other than the one the run trained with (its fingerprint in the run's fingerprints.json):
+    the export would pair the weights with other token ids. A run from before fingerprints were kept is not
+    checked. `given`: named by --tokenizer (else the run's own path, whose tokenizer may have changed since)."""
+    recorded = fingerprints_file(run_dir)
+    try:
+        theirs = json.loads(recorded.read_text()).get("tokenizer_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    ours = tokenizer_fingerprint(tokenizer)
+    if not theirs or theirs == ours:
+        return
+    which = f"--tokenizer {tokenizer_dir}" if given else f"the run's tokenizer {tokenizer_dir} (changed since)"
+    fix = ("leave --tokenizer out to export the run's own" if given else
+           "pass --tokenizer with the tokenizer the run trained with")
+    raise ValueError(f"{which}: not the tokenizer {run_dir} trained with (fingerprint {ours[:12]}, the run's "
+                     f"{theirs[:12]} in {recorded.name}): {fix}, or --allow-other-tokenizer if it encodes text to "
+                     "the same ids")
+
+
 def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers", step: int | None = None,
-           dtype: str = "bf16", tokenizer_dir: str | Path | None = None, trust: bool = False) -> Exported:
+           dtype: str = "bf16", tokenizer_dir: str | Path | None = None, trust: bool = False,
+           allow_other_tokenizer: bool = False) -> Exported:
     """A run's checkpoint at `step` (default: its latest complete one) as a release in `layout`; `trust`: export
-    a checkpoint this code did not write (unverified; still read as data only)."""
+    a checkpoint this code did not write (unverified; still read as data only); `allow_other_tokenizer`: export
+    with a `tokenizer_dir` whose fingerprint is not the one the run recorded."""
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -274,8 +311,11 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
         raise ValueError(f"{source}: {damaged[0]}")
     if damaged:
         raise ValueError(f"{source} is damaged: {'; '.join(damaged[:3])}; export another --step")
+    given = tokenizer_dir is not None
     tokenizer_dir = tokenizer_dir or facts["tokenizer"] or facts["init"]
     tokenizer = load_tokenizer(tokenizer_dir)
+    if not allow_other_tokenizer:
+        check_run_tokenizer(run_dir, tokenizer, tokenizer_dir, given)
     special = SpecialTokens.from_tokenizer(tokenizer)
     model_config = resolve_model_config(config.model.model, special.image_placeholder)
 
@@ -290,13 +330,15 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
 
     aside = _aside_for(_lineage(run_dir, source)[1], model_config, DTYPES[dtype]) if layout == "original" else None
     out.parent.mkdir(parents=True, exist_ok=True)
+    trained_fp = None if adds_bos(tokenizer) else tokenizer_fingerprint(tokenizer)  # before the export adds BOS
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # new: this command's own
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a release is read by others
         written = _write_release(model, tmp, layout, aside, expected, model_config, tokenizer, tokenizer_dir)
         (tmp / "export.json").write_text(json.dumps({"source": str(source.resolve()), "layout": layout,
                                                      "dtype": dtype, "stage": facts["stage"]}, indent=2) + "\n")
-        (tmp / MODEL_CARD).write_text(model_card(run_dir, source, layout, dtype, tokenizer_fingerprint(tokenizer)))
+        card = model_card(run_dir, source, layout, dtype, tokenizer_fingerprint(with_bos(tokenizer)), trained_fp)
+        (tmp / MODEL_CARD).write_text(card)
         files = write_checksums(tmp)
         _move_into_place(tmp, out)
     except BaseException:
@@ -318,7 +360,7 @@ def _write_release(model, tmp: Path, layout: Layout, aside, expected: dict, mode
     if layout == "transformers":
         write_inference_files(tmp, model_config, tokenizer_dir)
     else:
-        tokenizer.save_pretrained(str(tmp))
+        with_bos(tokenizer).save_pretrained(str(tmp))  # DeepSeek's code encodes prompts with the tokenizer's BOS
     return len(written)
 
 
@@ -365,13 +407,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="transformers")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--tokenizer", default=None, help="default: the run's --tokenizer or --init")
+    parser.add_argument("--allow-other-tokenizer", action="store_true",
+                        help="export with a --tokenizer other than the one the run trained with (its fingerprint "
+                             "differs): only one that encodes text to the same ids")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="export a checkpoint this code did not write (its files unverified, still read as "
                              "data only)")
     args = parser.parse_args(argv)
     try:
         result = export(args.checkpoint, args.out, args.layout, args.step, args.dtype, args.tokenizer,
-                        args.trust_checkpoint)
+                        args.trust_checkpoint, args.allow_other_tokenizer)
     except (ValueError, FileNotFoundError) as error:  # a wrong path or an unfit checkpoint: say it in one line
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None  # as training's refusals: a person must act, a retry fails the same way

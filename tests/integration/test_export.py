@@ -356,3 +356,95 @@ def test_resume_init_and_universal_conversion_refuse_a_forged_checkpoint(runs, s
             name, ranks.output(0)[-3000:])
         assert "Traceback" not in ranks.output(0), name
         assert not marker.exists(), name
+
+
+# --- #28: the run's tokenizer only, and BOS whatever the tokenizer does ---
+
+@pytest.fixture(scope="module")
+def no_bos_tokenizer_dir(tmp_path_factory) -> Path:
+    """The session tokenizer's vocabulary and merges, but encoding adds no BOS (many tokenizers do not)."""
+    from model.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("no-bos-tokenizer")
+    build_tokenizer(path, add_bos=False)
+    return path
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_exported_processor_gives_the_training_prompts_whether_the_tokenizer_adds_bos(add_bos, tmp_path):
+    """Before: a tokenizer adding no BOS trained fine (training inserts BOS by id) and the export then refused it."""
+    from transformers import JanusProcessor
+
+    from model.chat_format import generation_prompt_ids, understanding_prompt_ids
+    from model.config import preset_config
+    from model.tokenizer import SpecialTokens, adds_bos, build_tokenizer, load_tokenizer
+    from pipeline.export import write_inference_files
+
+    build_tokenizer(tmp_path / "tok", add_bos=add_bos)
+    trained = load_tokenizer(tmp_path / "tok")
+    assert adds_bos(trained) is add_bos
+    write_inference_files(tmp_path / "out", preset_config("tiny"), tmp_path / "tok")
+    processor = JanusProcessor.from_pretrained(str(tmp_path / "out"))
+    bos = SpecialTokens.from_tokenizer(trained).bos
+    asked = [{"role": "user", "content": [{"type": "text", "text": "What is a cat?"}]}]
+
+    def ids(**kwargs) -> list[int]:
+        return processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             **kwargs)["input_ids"][0].tolist()
+
+    understanding, generation = ids(), ids(processor_kwargs={"generation_mode": "image"})
+    assert understanding == understanding_prompt_ids(trained, "What is a cat?", n_images=0)
+    assert generation == generation_prompt_ids(trained, "What is a cat?")
+    assert understanding.count(bos) == generation.count(bos) == 1 and understanding[0] == generation[0] == bos
+    assert adds_bos(load_tokenizer(tmp_path / "out"))  # DeepSeek's own code encodes with it too
+
+
+def test_export_refuses_another_tokenizer_unless_allowed(runs, no_bos_tokenizer_dir, tmp_path, capsys):
+    from transformers import JanusProcessor
+
+    from model.chat_format import generation_prompt_ids
+    from model.manifest import tokenizer_fingerprint
+    from model.tokenizer import adds_bos, load_tokenizer
+    from pipeline.export import export, main
+
+    args = ["--checkpoint", str(runs[1]), "--out", str(tmp_path / "out"), "--dtype", "fp32",
+            "--tokenizer", str(no_bos_tokenizer_dir)]
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --tokenizer {no_bos_tokenizer_dir}: not the tokenizer "
+                                               f"{runs[1]} trained with (fingerprint ")
+    assert "leave --tokenizer out" in err[0] and "--allow-other-tokenizer" in err[0]
+    assert not (tmp_path / "out").exists()
+
+    # Told: exported, and the tokenizer that adds no BOS is made to, so the processor gives training's prompts.
+    other = load_tokenizer(no_bos_tokenizer_dir)
+    for layout in ("transformers", "original"):
+        out = export(runs[1], tmp_path / layout, layout, dtype="fp32", tokenizer_dir=no_bos_tokenizer_dir,
+                     allow_other_tokenizer=True).path
+        assert adds_bos(load_tokenizer(out)), layout
+        card = (out / "README.md").read_text()
+        assert f"the one training used (`{tokenizer_fingerprint(other)}`), made to add BOS" in card, layout
+    processor = JanusProcessor.from_pretrained(str(tmp_path / "transformers"))
+    drawn = [{"role": "user", "content": [{"type": "text", "text": "A red apple."}]}]
+    ids = processor.apply_chat_template(drawn, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        processor_kwargs={"generation_mode": "image"})["input_ids"][0].tolist()
+    assert ids == generation_prompt_ids(other, "A red apple.")
+
+
+def test_export_refuses_a_run_tokenizer_changed_since_training(runs, tmp_path):
+    import json
+    import shutil
+
+    from pipeline.export import export
+    from pipeline.run_dir import fingerprints_file
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    recorded = json.loads(fingerprints_file(run).read_text())
+    fingerprints_file(run).write_text(json.dumps({**recorded, "tokenizer_fingerprint": "ab" * 32}))
+    with pytest.raises(ValueError, match=r"the run's tokenizer .* \(changed since\): not the tokenizer .* the run's "
+                                         r"abababababab in fingerprints.json\): pass --tokenizer"):
+        export(run, tmp_path / "out", "transformers", dtype="fp32")
+    assert not (tmp_path / "out").exists()
