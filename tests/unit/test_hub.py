@@ -110,6 +110,25 @@ def test_offline_and_not_cached_says_the_download_command(hf_cache):
     assert "`hf download deepseek-ai/Janus-Pro-7B`" in message
 
 
+def test_an_interrupted_download_offline_says_what_is_missing(hf_cache, tmp_path):
+    """A download cut short leaves a snapshot without some files; huggingface_hub knows from the file list it
+    kept (trees/<commit>.json) and refuses the snapshot: the message says so and how to finish it."""
+    import json
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    snapshot = cache_repo(hf_cache, "deepseek-ai/Janus-Pro-1B", tmp_path / "src")
+    trees = snapshot.parents[1] / "trees"
+    trees.mkdir()
+    listed = {name: {"size": 2, "blob_id": "ab" * 20} for name in ("config.json", "pytorch_model.bin")}
+    (trees / f"{COMMIT}.json").write_text(json.dumps({"format_version": 1, "files": listed}))
+    with pytest.raises(HubError) as caught:
+        resolve_weights("deepseek-ai/Janus-Pro-1B", "--init")
+    message = str(caught.value)
+    assert "\n" not in message and "IncompleteSnapshotError" in message and "pytorch_model.bin" in message
+    assert "HF_HUB_OFFLINE is set" in message and "`hf download deepseek-ai/Janus-Pro-1B`" in message
+
+
 def test_a_failed_download_says_why_and_the_download_command(hf_cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # the hub, unreachable
