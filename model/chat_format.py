@@ -28,10 +28,12 @@ JANUS_SYSTEM_PROMPT = (
 )
 
 # This format as the Jinja chat template of an exported JanusProcessor, for `processor.apply_chat_template`. Built
-# like transformers' own Janus template: it writes neither BOS (the tokenizer adds it) nor the default system prompt
-# (the processor prepends it in text mode when `use_default_system_prompt` is on, and image mode appends
-# <begin_of_image> instead). Unlike that template, the images of a turn stay adjacent, as understanding_prompt_ids
-# puts them. A first "system" message is written as "{text}\n\n": with the default turned off, it replaces it.
+# like transformers' own Janus template: it writes neither BOS nor the default system prompt (the processor prepends
+# it in text mode when `use_default_system_prompt` is on, and image mode appends <begin_of_image> instead). BOS is the
+# tokenizer's to add, before that system prompt, which a template cannot reach: an export makes a tokenizer that adds
+# none add it (model/tokenizer.py `with_bos`). Unlike that template, the images of a turn stay adjacent, as
+# understanding_prompt_ids puts them. A first "system" message is written as "{text}\n\n": with the default turned
+# off, it replaces it.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- set role = message['role'] | lower -%}"

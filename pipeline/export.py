@@ -16,6 +16,11 @@ checkpoint against its COMPLETE and loads one this code did not write only with 
 unless it holds every tensor of the model, frozen ones included, and ends with a model card (README.md: what it
 was trained from, its data's fingerprints, how to load it) and SHA256SUMS over every file it wrote.
 
+The tokenizer is the run's own (its fingerprint in the run's fingerprints.json; another only with
+--allow-other-tokenizer). One that adds no BOS when encoding is exported made to add it: JanusProcessor prepends the
+default system prompt to what the chat template writes, and DeepSeek's code encodes its prompts with the tokenizer's
+special tokens, so only the tokenizer can put BOS first, as training did (model/tokenizer.py `with_bos`).
+
 It writes into a folder of its own making beside --out (a fresh name, never an existing folder), then moves it
 into place: the only folders it removes are that one and an earlier export at --out (its export.json says so).
 """
