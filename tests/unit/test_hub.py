@@ -10,6 +10,7 @@ at it with offline mode on; a download that fails is injected by pointing it at 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -44,7 +45,7 @@ def cache_repo(cache: Path, repo_id: str, *folders: Path, commit: str = COMMIT) 
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> Path:
     """An empty hub cache that huggingface_hub, already imported, uses with offline mode on (it reads its
-    environment once, at import: the subprocess tests show the variables themselves are honoured)."""
+    environment once, at import; test_the_cache_is_where_huggingface_hubs_variables_put_it sets the variables)."""
     cache = tmp_path / "hub-cache"
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
@@ -139,6 +140,38 @@ def test_a_failed_download_says_why_and_the_download_command(hf_cache, monkeypat
     assert "downloading it failed" in message and "ConnectError" in message
     assert "`hf download deepseek-ai/Janus-Pro-1B`" in message
     assert not (hf_cache / "models--deepseek-ai--Janus-Pro-1B" / "snapshots").exists()
+
+
+@pytest.fixture
+def hub_environment(monkeypatch):
+    """Sets huggingface_hub's environment variables as a user would, and has it read them again (it reads them once,
+    at import); afterwards the real environment is read back."""
+    import importlib
+
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def read(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        importlib.reload(constants)
+
+    yield read
+    monkeypatch.undo()
+    importlib.reload(constants)
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_the_cache_is_where_huggingface_hubs_variables_put_it(variable, hub_environment, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    hub_environment(**{variable: str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    cache = tmp_path / "hf" / ("hub" if variable == "HF_HOME" else "")
+    snapshot = cache_repo(cache, "deepseek-ai/Janus-Pro-1B", tmp_path / "src")
+    assert resolve_weights("deepseek-ai/Janus-Pro-1B", "--init") == snapshot
+    with pytest.raises(HubError, match=re.escape(f"not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE is set")):
+        resolve_weights("deepseek-ai/Janus-Pro-7B", "--init")
 
 
 def test_offline_is_huggingface_hubs_setting(monkeypatch):
