@@ -360,11 +360,6 @@ def table2(stage: Stage) -> dict[str, Any]:
 
 # ---- where defaults come from: the model --init holds, Table 2 for its size ----
 
-def init_defaults(init: str | None) -> dict[str, str]:
-    """What --init holds: the model and tokenizer of a previous stage's run, or released weights (their own
-    config.json and tokenizer)."""
-    if not init:
-        return {}
 def resolved_init(init: str | None) -> str | None:
     """--init as a local folder: a hub id becomes the path of its cached (or, online, downloaded) snapshot, which is
     what the run then records and every later reader (the engine, export, the next stage) opens."""
@@ -376,6 +371,11 @@ def resolved_init(init: str | None) -> str | None:
         raise ConfigError(str(error)) from None
 
 
+def init_defaults(init: str | None) -> dict[str, str]:
+    """What --init holds: the model and tokenizer of a previous stage's run, or released weights (their own
+    config.json and tokenizer)."""
+    if not init:
+        return {}
     path = Path(init)
     if is_run_directory(path):
         previous = yaml.safe_load(config_file(path).read_text()).get("model")
@@ -540,12 +540,12 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
         raise ConfigError(f"--model: give a preset ({', '.join(PRESETS)}) or a checkpoint directory, or --init "
                           "weights whose config.json names the model")
     values["model"], args.model_config = model
+    values["init"] = init  # the hub id's local snapshot, resolved once above
     values["tokenizer"] = values["tokenizer"] or held.get("tokenizer")
     sections = {name: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind)})
                 for name, kind in PARSED.items()}
     args.cluster = sections.pop("cluster")
     return TrainConfig(stage=stage, **sections), args
-    values["init"] = init  # the hub id's local snapshot, resolved once above
 
 
 def flag_or(args: Any, from_file: dict, name: str) -> Any:
