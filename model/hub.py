@@ -31,7 +31,7 @@ def is_repo_id(spec: str) -> bool:
 
 def download_command(repo_id: str) -> str:
     """The command that puts `repo_id` into the cache, with the CLI the installed huggingface_hub provides
-    (`hf` since 0.34; `huggingface-cli`, removed in 1.0, before)."""
+    (`hf` since 0.34, `huggingface-cli` before it)."""
     try:
         has_hf = importlib.util.find_spec("huggingface_hub.cli.hf") is not None
     except ModuleNotFoundError:  # huggingface_hub.cli itself is missing in releases before `hf`
