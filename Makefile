@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Everything: tests/unit and tests/integration (ranks, Ray, Slurm, the demo); prints the 25 slowest tests.
+# TEST_WORKERS pytest-xdist processes: a single pytest process leaves one of two cores idle for most of the suite
+# (unit tests and single-process checks run on one thread). A module runs whole on one worker (its module fixtures
+# are built once), the longest modules first (tests/conftest.py orders them).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The unit tests only (tests/unit: no ranks, Ray, Slurm or demo): 1.5 to 2 minutes on 2 CPU cores (measured
 # 84 s and 120 s of wall time on a 2-core machine others were also using). tests/conftest.py marks all of

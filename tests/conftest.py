@@ -25,18 +25,33 @@ from model.tokenizer import SpecialTokens, build_tokenizer
 TESTS = Path(__file__).resolve().parent
 
 
+# The longest integration modules, longest first (`--durations` on a 2-core machine). Under `make test`'s
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` a module runs whole on one worker (its module fixtures built
+# once) and modules are handed out in collection order: longest first keeps the two workers busy to the end. The demo
+# leads: the memorisation run that its tests start trains beside everything else.
+LONGEST_FIRST = ("test_demo.py", "test_slurm.py", "test_training.py", "test_plan.py", "test_preprocess_inputs.py",
+                 "test_bench.py", "test_levers.py", "test_faults.py", "test_preprocess.py", "test_sample_grid.py",
+                 "test_gpu_check.py", "test_export.py", "test_config.py")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Every test under tests/integration/ is an integration test (`make test-fast` leaves it out by the mark); a
     test marked integration under tests/unit/ is misplaced: stop, naming it, rather than run it with the unit tests.
-    Tests marked `last` move to the end of the session, in their order: each waits for a run a session fixture
-    started in the background, which the other tests' time hides."""
+    Integration modules come first, the longest first (LONGEST_FIRST)."""
     for item in items:
         where = Path(str(item.path)).resolve()
         if where.is_relative_to(TESTS / "integration"):
             item.add_marker(pytest.mark.integration)
         elif where.is_relative_to(TESTS / "unit") and item.get_closest_marker("integration"):
             raise pytest.UsageError(f"{item.nodeid} is marked integration: move it to tests/integration/")
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: the rest keep their order
+
+    def order(item) -> int:
+        name, integration = Path(str(item.path)).name, item.get_closest_marker("integration") is not None
+        if integration and name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (0 if integration else 1)
+
+    items.sort(key=order)  # stable: within a rank, collection order
 
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

@@ -76,8 +76,7 @@ def free_port() -> int:
 class Ranks:
     """N rank processes of one job; output goes to files (a rank blocked on a full pipe would stall its peers)."""
 
-    def __init__(self, args: list[str], world_size: int = 2, env: dict | None = None, niceness: int = 0):
-        """niceness > 0: the ranks yield the CPU to everything else (a run kept in the background)."""
+    def __init__(self, args: list[str], world_size: int = 2, env: dict | None = None):
         port = free_port()
         self.procs, self.logs = [], []
         self.finished: list[str] | None = None  # every rank's output, kept once the job has ended
@@ -89,8 +88,7 @@ class Ranks:
                         **(env or {})}
             self.logs.append(tempfile.NamedTemporaryFile(mode="w+", suffix=f".rank{rank}.log"))
             self.procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=self.logs[-1],
-                                               stderr=subprocess.STDOUT, text=True,
-                                               preexec_fn=(lambda: os.nice(niceness)) if niceness else None))
+                                               stderr=subprocess.STDOUT, text=True))
 
     def output(self, rank: int) -> str:
         if self.finished is not None:

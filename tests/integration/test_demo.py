@@ -2,11 +2,9 @@
 preprocess on Ray -> ZeRO-3 training on 2 CPU ranks through the launchers -> export -> generation and chat.
 
 The memorisation test reuses the demo's preprocessed shards, tokenizer and initial weights (one Ray run for
-both tests) and trains Stage II on 4 of its photographs, on one rank. That training (minutes) starts in the
-background as soon as the demo is done and runs beside the rest of the suite, most of which keeps one of the two CPU
-cores idle (unit tests and single-process checks run on one thread), at a low priority (nice 10), so that it takes
-only CPU time the other tests leave; the test that checks it is marked `last`, so it waits for the run only at the
-end of the session.
+both tests) and trains Stage II on 4 of its photographs, on one rank. That training (minutes, one thread) starts as
+soon as the demo is done, and the module's last test waits for it; `make test` runs this module first, on one of its
+two workers (tests/conftest.py), so the rest of the suite runs beside it.
 """
 
 import os
@@ -44,7 +42,7 @@ MEMORISE_FLAGS = ["--seq-len", "1300", "--rows-per-step", "4", "--rows-per-micro
                   "--guidance-dropout", "0"]
 
 
-@pytest.fixture(scope="session")  # session: the memorisation test runs at the session's end, after other modules
+@pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "DEMO_STEPS": str(DEMO_STEPS), "DEMO_OUTPUT": str(out)}
@@ -109,9 +107,9 @@ class Memorisation:
     started: float
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def memorisation(demo, tmp_path_factory) -> Memorisation:
-    """The memorisation run, started in the background (see the module docstring); killed if the session ends
+    """The memorisation run, started in the background (see the module docstring); killed if the module ends
     first. Stage II only: it trains everything the chain's later stages do but SigLIP."""
     out, work = demo["out"], tmp_path_factory.mktemp("memorise")
     data, run = subset(out / "data", work / "data", MEMORISE), work / "stage2"
@@ -121,7 +119,7 @@ def memorisation(demo, tmp_path_factory) -> Memorisation:
                        str(out / "init"), "--tokenizer", str(out / "tokenizer"), "--output", str(run), "--data",
                        str(data["understanding"]), str(data["generation"]), *MEMORISE_FLAGS,
                        "--train-steps", str(MEMORISE_STEPS), "--save-every", str(MEMORISE_STEPS),
-                       "--log-every", "50", "--num-workers", "1"], world_size=MEMORISE_RANKS, niceness=10)
+                       "--log-every", "50", "--num-workers", "1"], world_size=MEMORISE_RANKS)
     yield Memorisation(data=data, run=run, ranks=ranks, started=time.time())
     if ranks is not None and ranks.finished is None:
         ranks.kill()
@@ -148,7 +146,6 @@ def test_memorise_settings_feed_every_photo_every_step(demo, memorisation):
             assert set(keys) == set(MEMORISE), (step, keys)
 
 
-@pytest.mark.last
 @pytest.mark.skipif(MEMORISE_STEPS <= 0, reason="MEMORISE_STEPS=0")
 def test_the_whole_chain_learns(memorisation, tmp_path):
     from model.chat import answer
