@@ -13,6 +13,8 @@ fits one screen. The pieces live in modules of their own, each deciding when it 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import socket
@@ -32,7 +34,7 @@ from model.manifest import tokenizer_fingerprint
 from model.sample import TASKS
 from model.tokenizer import SpecialTokens
 from pipeline import checkpoint
-from pipeline.config import CheckpointConfig, ConfigError, TrainConfig, resolve
+from pipeline.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, resolve
 from pipeline.data import DataPipeline, TooLong
 from pipeline.data.coverage import coverage_extremes, coverage_line, summed_over_ranks
 from pipeline.data.reader import shard_problems
@@ -40,7 +42,17 @@ from pipeline.ds_config import BatchPlan
 from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
 from pipeline.evaluation import Sampler, Validator
 from pipeline.loss import step_loss
-from pipeline.monitor import Monitor, NonfiniteSteps, StopFlag, Watchdog, log
+from pipeline.monitor import (
+    Monitor,
+    NonfiniteSteps,
+    Phases,
+    StopFlag,
+    Watchdog,
+    config_summary,
+    log,
+    quiet_libraries,
+    seconds_since_launch,
+)
 from pipeline.planning import dry_run
 from pipeline.preflight import Checked, manifest_digests, preflight
 from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, fingerprints_file, is_run_directory
@@ -48,14 +60,17 @@ from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, finge
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,
           resumed_from: Path | None, device: torch.device, stop: StopFlag, validator: Validator,
-          sampler: Sampler) -> int:
+          sampler: Sampler, phases: Phases | None = None) -> int:
     weights = torch.tensor(config.optim.task_loss_weights, dtype=torch.float32, device=device)
     watchdog, batches = Watchdog(config.system.watchdog_seconds), iter(data)
+    with phases.phase("first batch") if phases else contextlib.nullcontext():
+        batches = itertools.chain([next(batches)], batches)
     monitor, nonfinite = Monitor(config, dist.get_rank(), start_step), NonfiniteSteps(config.optim.max_nonfinite_steps)
     step, last_step = start_step, config.optim.train_steps
     while step < last_step:
         started, lr = time.perf_counter(), engine.get_lr()[0]  # the rate this step uses
         micro_batches = [next(batches).to(device) for _ in range(plan.accumulation_steps)]
+        waited = time.perf_counter() - started  # for the data path: what the step spent waiting for it
         loss_sums, step_counts, applied = optimizer_step(engine, micro_batches, weights,
                                                          config.optim.loss_normalisation)
         step += 1
@@ -63,7 +78,7 @@ def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, s
         task_loss = loss_sums / step_counts.clamp(min=1)  # left on the device: read on log steps only
         nonfinite.check(step, applied, task_loss)
         monitor.maybe_log(step, task_loss, lr, engine, micro_batches, time.perf_counter() - started, applied,
-                          data.too_long)
+                          data.too_long, targets=step_counts, data_wait=waited)
         if monitor.due(step):  # collective: every rank's counts summed
             log(coverage_line(coverage_extremes(summed_over_ranks(data.coverage, device))))
         validator.maybe_run(engine, step)
@@ -73,7 +88,7 @@ def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, s
             coverage = data.coverage_summary(summed_over_ranks(data.coverage, device))  # collective
             path = checkpoint.save(engine, config.checkpoint.output, step, {"data": data.state_dict()},
                                    config.checkpoint.keep_last, keep=resumed_from, coverage=coverage)
-            log(f"saved {path}")
+            monitor.checkpointed(path)
         if stopping:
             log(f"stop signal: checkpointed step {step}, exiting")
             break
@@ -115,22 +130,30 @@ NEEDS_A_PERSON = (checkpoint.CheckpointNotWritten, TooLong, FloatingPointError)
 
 def main(stage: int | None, argv: list[str] | None = None) -> None:
     """`stage`: the launcher's (launchers/stageN.py), or None to take --stage."""
+    imports, checking = seconds_since_launch(), time.monotonic()
     stop = StopFlag()  # first: a pre-emption signal during start-up must not kill the rank
+    quiet_libraries()
+    # The run's own logging settings apply once it is set up (run_stage); until then, their defaults.
+    phases = Phases(LoggingConfig.heartbeat_seconds)
     try:
         config, args = resolve(stage, argv)
         if args.dry_run:
             return print(dry_run(config, args.cluster, args.model_config))
-        checked = preflight(config, world_size=launcher_world_size())
-        device = bind_device()  # before the first collective: NCCL's communicator is made on the current device
+        if imports is not None:
+            phases.ended("imports", imports)
+        with phases.phase("checks", started=checking):
+            checked = preflight(config, world_size=launcher_world_size())
+            device = bind_device()  # before the first collective: NCCL's communicator is made on the current device
     except ConfigError as error:  # a user's mistake: one line, no traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     # Every collective of the run's default group waits at most the run's collective timeout (DeepSpeed's default
     # would be 10 minutes).
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=timedelta(seconds=config.system.collective_timeout_seconds))
+    with phases.phase("rendezvous"):
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=timedelta(seconds=config.system.collective_timeout_seconds))
     try:
-        run_stage(config, args, checked, device, stop)
+        run_stage(config, args, checked, device, stop, phases)
     except Exception:  # noqa: BLE001 - whatever it is, this rank must not outlive it
         # A rank that raised and then waited in the interpreter's teardown (threads still running, the process
         # group alive) would leave its peers in their next collective until the collective timeout: a fault seen
@@ -142,10 +165,12 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
 
 
 def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, device: torch.device,
-              stop: StopFlag) -> None:
+              stop: StopFlag, phases: Phases) -> None:
     """Everything a rank does once torch.distributed is up: set-up, resume, training."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.data.seed)
+    quiet_libraries(config.logging.deepspeed_log_level)
+    phases.heartbeat = config.logging.heartbeat_seconds
 
     tokenizer, plan = checked.tokenizer, checked.plan
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -155,35 +180,39 @@ def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, d
         output.mkdir(parents=True, exist_ok=True)
         config.save(config_file(output))
         ds_config_file(output).write_text(json.dumps(ds, indent=2))
-        print(f"Stage {config.stage}, {world} ranks, {plan.accumulation_steps} micro-batch(es) of "
-              f"{plan.rows_per_micro_batch} row(s) per step\n{json.dumps(config.as_dict(), indent=1)}", flush=True)
-    check_shards_once(config.data.data + config.data.val_data)
-    resume_from = intact_checkpoints(config.model.init, config.checkpoint)
-    try:
-        loading = checkpoint.loading_config(ds, resume_from)
-    except ConfigError as error:
-        refuse(str(error))
-    try:
-        engine = build_engine(config, loading, args.model_config, special.image_placeholder)
-    except checkpoint.UnsafeCheckpoint as error:  # --init's checkpoint holds more than data
-        refuse(f"--init {config.model.init}: {error}")
+        plan_line = f"{plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) per step"
+        print("\n".join(config_summary(config, args.model_config, world, plan_line)), flush=True)
+    with phases.phase("shard hashing"):
+        check_shards_once(config.data.data + config.data.val_data)
+    with phases.phase("checkpoint checks"):
+        resume_from = intact_checkpoints(config.model.init, config.checkpoint)
+    with phases.phase("engine build"):
+        try:
+            loading = checkpoint.loading_config(ds, resume_from)
+        except ConfigError as error:
+            refuse(str(error))
+        try:
+            engine = build_engine(config, loading, args.model_config, special.image_placeholder)
+        except checkpoint.UnsafeCheckpoint as error:  # --init's checkpoint holds more than data
+            refuse(f"--init {config.model.init}: {error}")
+        fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                        "vq_fingerprint": vq_fingerprint(engine.module)}
 
-    fingerprints = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                    "vq_fingerprint": vq_fingerprint(engine.module)}
     pipeline_options = {**fingerprints, "verified": True}  # every data pipeline's: shards checked at start
     if rank == 0:
         fingerprints_file(output).write_text(json.dumps({**fingerprints, "manifests": manifest_digests(
             config.data.data)}, indent=1) + "\n")
-    data = DataPipeline(config.data, special, rank, world, **pipeline_options)
-    try:
-        start_step = resume(config, engine, data, resume_from)
-    except checkpoint.UnsafeCheckpoint as error:  # the checkpoint holds more than data
-        refuse(f"--resume {config.checkpoint.resume}: {error}")
+    with phases.phase("resume"):
+        data = DataPipeline(config.data, special, rank, world, **pipeline_options)
+        try:
+            start_step = resume(config, engine, data, resume_from)
+        except checkpoint.UnsafeCheckpoint as error:  # the checkpoint holds more than data
+            refuse(f"--resume {config.checkpoint.resume}: {error}")
     validator = Validator(config.data, config.logging, special, device, **pipeline_options)
     sampler = Sampler(config.logging, config.checkpoint.output, tokenizer)
     try:
         step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
-                     device=device, stop=stop, validator=validator, sampler=sampler)
+                     device=device, stop=stop, validator=validator, sampler=sampler, phases=phases)
     except NEEDS_A_PERSON as error:  # a requeue would fail the same way: exit 2, which Slurm does not requeue
         print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
         exit_needing_a_person()
