@@ -33,7 +33,7 @@ from pipeline.attention import transformers_attention
 from pipeline.config import DataConfig, LoggingConfig
 from pipeline.data import DataPipeline
 from pipeline.monitor import log
-from pipeline.run_dir import SAMPLES, samples_dir, tensorboard_dir
+from pipeline.run_dir import samples_dir, samples_tensorboard_dir
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -75,15 +75,6 @@ class Validator:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
         return {t: (s / c).item() if c > 0 else math.nan for t, s, c in zip(TASKS, sums, counts, strict=True)}
-
-
-def samples_tensorboard_dir(run: str | Path) -> Path:
-    """Where the Sampler's TensorBoard events go: a folder of their own under the run's TensorBoard directory.
-
-    Not beside the Monitor's event file: a live TensorBoard (--reload_multifile false, its default) polls only the
-    newest event file of a folder, so a second writer there would freeze the scalar curves until TensorBoard
-    restarts. `tensorboard --logdir RUN/tensorboard` shows this folder as a run of its own."""
-    return tensorboard_dir(run) / SAMPLES
 
 
 @dataclasses.dataclass(frozen=True)

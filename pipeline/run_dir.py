@@ -5,7 +5,8 @@
       ds_config.json       the DeepSpeed config the engine was built with
       fingerprints.json    the tokenizer and VQ fingerprints, and the sha256 of every --data manifest
       metrics.jsonl        one JSON line per log step (rank 0)
-      tensorboard/         TensorBoard event files
+      tensorboard/         TensorBoard event files: the log's scalars
+        samples/           the sample grids and Q&A samples
       samples/             sample grids (PNG)
       checkpoints/step-N/  ZeRO checkpoints; a COMPLETE file marks the finished ones
         coverage.json      how many times each sample had been trained by then, summed over ranks (per task)
@@ -56,6 +57,15 @@ def tensorboard_dir(run: str | Path) -> Path:
 
 def samples_dir(run: str | Path) -> Path:
     return Path(run) / SAMPLES
+
+
+def samples_tensorboard_dir(run: str | Path) -> Path:
+    """Where the Sampler's TensorBoard events go: a folder of their own under the run's TensorBoard directory.
+
+    Not beside the Monitor's event file: a live TensorBoard (--reload_multifile false, its default) polls only the
+    newest event file of a folder, so a second writer there would freeze the scalar curves until TensorBoard
+    restarts. `tensorboard --logdir RUN/tensorboard` shows this folder as a run of its own."""
+    return tensorboard_dir(run) / SAMPLES
 
 
 def checkpoints_dir(run: str | Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from pipeline.evaluation import samples_tensorboard_dir
+from pipeline.run_dir import samples_tensorboard_dir
 from tests.support import rank_script, run_ranks
 
 pytestmark = pytest.mark.integration

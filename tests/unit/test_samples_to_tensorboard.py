@@ -25,8 +25,8 @@ from model.janus import JanusProForTraining
 from model.manifest import Manifest, tokenizer_fingerprint, write_shard
 from model.sample import samples_to_table
 from pipeline.config import LoggingConfig
-from pipeline.evaluation import Sampler, held_out_questions, samples_tensorboard_dir
-from pipeline.run_dir import tensorboard_dir
+from pipeline.evaluation import Sampler, held_out_questions
+from pipeline.run_dir import samples_tensorboard_dir, tensorboard_dir
 from tests.support import free_port
 
 QUESTIONS = [("chelsea.png", "What animal is this?", "A cat on a red carpet.", None),
