@@ -448,3 +448,24 @@ def test_export_refuses_a_run_tokenizer_changed_since_training(runs, tmp_path):
                                          r"abababababab in fingerprints.json\): pass --tokenizer"):
         export(run, tmp_path / "out", "transformers", dtype="fp32")
     assert not (tmp_path / "out").exists()
+
+
+def test_model_card_names_a_hub_release_the_run_started_from(runs, init_weights, tmp_path):
+    """A run whose --init was a hub id records the snapshot folder; the card says which release and commit."""
+    import shutil
+
+    import yaml
+
+    from pipeline.export import export
+    from pipeline.run_dir import config_file
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--deepseek-ai--Janus-Pro-1B" / "snapshots" / commit
+    shutil.copytree(init_weights, snapshot)
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    saved = yaml.safe_load(config_file(run).read_text())
+    saved["model"]["init"] = str(snapshot)  # what resolve() records for --init deepseek-ai/Janus-Pro-1B
+    config_file(run).write_text(yaml.safe_dump(saved))
+    card = (export(run, tmp_path / "out", "transformers", dtype="fp32").path / "README.md").read_text()
+    assert f"Started from `deepseek-ai/Janus-Pro-1B@{commit}` (from the Hugging Face cache, `{snapshot}`)" in card
