@@ -104,7 +104,33 @@ def deprecated_collective() -> None:
         dist.reduce_scatter_tensor(torch.zeros(1), torch.zeros(2))
 
 
-def test_a_warning_shows_once_per_run_on_rank_0_and_library_noise_not_at_all():
+@pytest.fixture
+def library_loggers():
+    """DeepSpeed's and transformers' log handlers as they were, after the test (quiet_libraries changes them)."""
+    import logging
+
+    handlers = [h for name in ("DeepSpeed", "transformers") for h in logging.getLogger(name).handlers]
+    saved = [(h, h.level, list(h.filters)) for h in handlers]
+    deepspeed_level = logging.getLogger("DeepSpeed").level
+    yield logging.getLogger("DeepSpeed")
+    logging.getLogger("DeepSpeed").setLevel(deepspeed_level)
+    for handler, level, filters in saved:
+        handler.setLevel(level)
+        handler.filters[:] = filters
+
+
+def test_deepspeed_logs_from_the_level_asked(library_loggers):
+    import logging
+
+    with warnings.catch_warnings():
+        quiet_libraries()
+        assert not library_loggers.isEnabledFor(logging.INFO)  # its start-up and per-step reports
+        quiet_libraries("info")
+        assert library_loggers.isEnabledFor(logging.INFO)
+        assert all(h.level <= logging.INFO for h in library_loggers.handlers)  # its handler has a level of its own
+
+
+def test_a_warning_shows_once_per_run_on_rank_0_and_library_noise_not_at_all(library_loggers):
     shown: list[str] = []
 
     def to(message, *_):
