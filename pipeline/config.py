@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, JanusConfig
 from model.config import PRESETS, model_config, model_size
 from model.hub import HubError, is_repo_id, resolve_weights
 from model.stages import STAGES, TRAINABLE_PARTS, Stage, stage_for
+from pipeline import epochs
 from pipeline.attention import Backend, default_attention
 from pipeline.run_dir import config_file, is_run_directory
 
@@ -163,12 +164,33 @@ class DataConfig(Section):
             need(getattr(self, name) >= 1, name, "must be at least 1")
 
 
+# A fine-tune's warm-up, as a share of its steps: Table 2's warm-ups are 3% (Stage I) and 2% (Stage II) of theirs.
+WARMUP_SHARE = 0.03
+
+
+def fine_tune_warmup(table_warmup: int, train_steps: int) -> int:
+    """The warm-up of a run shorter or longer than its stage's Table 2 length, when --warmup-steps is unset: Table
+    2's 5,000 steps would outlast a 1,000-step fine-tune. Never longer than Table 2's (Stage III has none), and a
+    one-step run has none: the warm-up must end before the run does."""
+    return min(table_warmup, max(1, round(WARMUP_SHARE * train_steps)), train_steps - 1)
+
+
+def check_warmup(optim: OptimConfig) -> None:
+    """At launch, not in OptimConfig.check: run directories saved before this rule must still load (export, resume
+    checks)."""
+    need(optim.warmup_steps < optim.train_steps, "warmup_steps",
+         f"{optim.warmup_steps} is not below --train-steps {optim.train_steps}: the learning rate would never reach "
+         f"--learning-rate; give --warmup-steps below {optim.train_steps} (e.g. "
+         f"{fine_tune_warmup(optim.warmup_steps, optim.train_steps)}) or more --train-steps")
+
+
 @dataclass(kw_only=True)
 class OptimConfig(Section):
     title: ClassVar[str] = "optimiser and schedule"
     learning_rate: float = doc("Table 2: the stage's peak learning rate")
-    warmup_steps: int = doc("Table 2: linear warm-up steps")
-    train_steps: int = doc("Table 2: optimizer steps of the stage")
+    warmup_steps: int = doc("linear warm-up steps, below --train-steps; unset: Table 2's for the stage's own length, "
+                            f"else (a fine-tune) {WARMUP_SHARE:.0%} of --train-steps, at least 1, at most Table 2's")
+    train_steps: int = doc("Table 2: optimizer steps of the stage (or give --epochs)")
     rows_per_step: int = doc("Table 2's batch size: packed rows of --seq-len tokens per optimizer step, global")
     trainable: list[str] = doc(f"Table 2: the parts that train, of {', '.join(TRAINABLE_PARTS)}")
     lr_decay_style: Literal["constant", "linear", "cosine"] = doc(
@@ -454,6 +476,13 @@ class Parser(HfArgumentParser):
                                "--config file's `stage:`)")
         self.add_argument("--config", help="YAML file of settings (sections as in OUTPUT/config.yaml, or flat); "
                                            "flags override it")
+        self.add_argument("--epochs", type=float,
+                          help="train this many passes over --data (0.5 and 3 both work) instead of --train-steps: "
+                               "an epoch is every row of every source --ratio draws seen once, so the source slowest "
+                               "to go through at its share of the mix sets it; its steps are printed at start")
+        self.add_argument("--write-ds-config", metavar="PATH",
+                          help="write the DeepSpeed JSON this run would use (for --world-size, else the launcher's "
+                               "world) to PATH and exit, training nothing")
         self.add_argument("--dry-run", action="store_true",
                           help="print the batch plan, per-GPU memory and the performance plan for --world-size "
                                "(or --nodes x --gpus-per-node) on --gpu, build nothing")
@@ -501,7 +530,7 @@ def yaml_values(path: str) -> dict[str, Any]:
         else:
             values[key] = value
     hints = {name: hint for kind in PARSED.values() for name, hint in typing.get_type_hints(kind).items()
-             if name != "title"} | {"stage": int}
+             if name != "title"} | {"stage": int, "epochs": int | float}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         close = {u: difflib.get_close_matches(u, hints, 1) for u in unknown}
@@ -514,7 +543,7 @@ def yaml_values(path: str) -> dict[str, Any]:
 
 
 # What the command line asks beyond the run's settings: not saved in config.yaml.
-INVOCATION = ("stage", "config", "dry_run", "local_rank")
+INVOCATION = ("stage", "config", "dry_run", "local_rank", "epochs", "write_ds_config")
 
 
 def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -542,10 +571,45 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     values["model"], args.model_config = model
     values["init"] = init  # the hub id's local snapshot, resolved once above
     values["tokenizer"] = values["tokenizer"] or held.get("tokenizer")
-    sections = {name: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind)})
-                for name, kind in PARSED.items()}
+    def section(kind: type) -> Section:
+        return kind(**{f.name: values[f.name] for f in dataclasses.fields(kind)})
+
+    sections = {name: section(kind) for name, kind in PARSED.items() if kind is not OptimConfig}
+    values.update(run_length(stage_for(stage, size), values, given_names(parser, argv), set(from_file), args,
+                             sections["data"]))
+    sections["optim"] = section(OptimConfig)
+    check_warmup(sections["optim"])
     args.cluster = sections.pop("cluster")
     return TrainConfig(stage=stage, **sections), args
+
+
+def given_names(parser: Parser, argv: list[str]) -> set[str]:
+    """The settings argv sets: argparse fills a default only where the namespace lacks the name, so every name
+    still holding the marker afterwards was not given."""
+    unset = object()
+    probe = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parser.parse_known_args(argv, namespace=probe)
+    return {name for name, value in vars(probe).items() if value is not unset}
+
+
+def run_length(table: Stage, values: dict, flags: set[str], in_file: set[str], args: argparse.Namespace,
+               data: DataConfig) -> dict[str, int]:
+    """--train-steps (from --epochs when given) and --warmup-steps (scaled to a fine-tune's length when unset);
+    sets `args.epoch`, the data's epoch, when --epochs asked for it. A flag overrides the --config file's
+    --epochs or --train-steps; the two given at the same level are refused."""
+    steps, args.epoch = values["train_steps"], None
+    if "train_steps" in flags and "epochs" not in flags:
+        args.epochs = None
+    if args.epochs is not None:
+        need("train_steps" not in flags and ("train_steps" not in in_file or "epochs" in flags), "epochs",
+             "give --epochs or --train-steps, not both")
+        need(args.epochs > 0, "epochs", f"{args.epochs:g}: must be positive")
+        args.epoch = epochs.epoch(data, values["rows_per_step"])
+        steps = epochs.steps_for(args.epochs, args.epoch)
+    warmup = values["warmup_steps"]
+    if not {"warmup_steps"} & (flags | in_file) and steps != table.train_steps:
+        warmup = fine_tune_warmup(table.warmup_steps, steps)
+    return {"train_steps": steps, "warmup_steps": warmup}
 
 
 def flag_or(args: Any, from_file: dict, name: str) -> Any:
