@@ -1,8 +1,10 @@
-"""--epochs becomes --train-steps from the manifests' rows and tokens; a fine-tune's warm-up scales with its length,
-and a warm-up that would outlast the run is refused."""
+"""Fine-tuning settings: --epochs becomes --train-steps from the manifests' rows and tokens; a fine-tune's warm-up
+scales with its length, and a warm-up that would outlast the run is refused; --write-ds-config writes the DeepSpeed
+config the run would use."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from model.manifest import Manifest, write_shard
 from model.sample import GENERATION, TEXT, UNDERSTANDING, Sample, samples_to_table
 from model.stages import STAGES
 from pipeline.config import WARMUP_SHARE, ConfigError, resolve
+from pipeline.ds_config import batch_plan, write_run_config
+from pipeline.engine import run_deepspeed_config
 from pipeline.epochs import epoch, source_sizes
 
 
@@ -106,3 +110,42 @@ def test_a_warmup_as_long_as_the_run_is_refused_naming_both(tmp_path):
         resolve(2, ["--model", "tiny", "--config", str(file), "--train-steps", "1000"])
     just_below = resolve(2, ["--model", "tiny", "--train-steps", "1000", "--warmup-steps", "999"])[0]
     assert just_below.optim.warmup_steps == 999
+
+
+@pytest.mark.parametrize("flags, world, micro_batches", [
+    (["--model", "1b", "--world-size", "8", "--rows-per-step", "64", "--rows-per-micro-batch", "2"], 8, 4),
+    (["--model", "tiny", "--ds-config", "zero3_offload", "--rows-per-step", "16"], 1, 16),  # WORLD_SIZE unset
+])
+def test_write_ds_config_writes_what_the_run_would_use(tmp_path, monkeypatch, flags, world, micro_batches):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path / "configs" / "ds.json"
+    config, args = resolve(2, [*flags, "--write-ds-config", str(path)])
+    line = write_run_config(config, args)
+    written = json.loads(path.read_text())
+    plan = batch_plan(config.optim.rows_per_step, world, config.data.rows_per_micro_batch)
+    assert written == run_deepspeed_config(config, plan, args.model_config)
+    assert (written["train_batch_size"], written["gradient_accumulation_steps"]) == (
+        config.optim.rows_per_step, micro_batches)
+    assert written["optimizer"]["params"]["lr"] == config.optim.learning_rate
+    assert line.startswith(f"wrote {path} for {world} rank(s)")
+    assert args.write_ds_config not in json.dumps(config.as_dict())  # an invocation, not a setting of the run
+
+
+def test_write_ds_config_takes_the_launchers_world_and_refuses_an_impossible_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    path = tmp_path / "ds.json"
+    config, args = resolve(2, ["--model", "tiny", "--rows-per-step", "8", "--write-ds-config", str(path)])
+    write_run_config(config, args)
+    assert json.loads(path.read_text())["gradient_accumulation_steps"] == 2
+    config, args = resolve(2, ["--model", "tiny", "--rows-per-step", "6", "--write-ds-config", str(path)])
+    with pytest.raises(ConfigError, match="--rows-per-step 6: 6 rows per step do not split evenly over 4 ranks"):
+        write_run_config(config, args)
+    config, args = resolve(2, ["--model", "tiny", "--rows-per-step", "8", "--ds-config", "zero3_gpu",
+                               "--write-ds-config", str(path)])
+    with pytest.raises(ConfigError, match="--ds-config zero3_gpu: neither a JSON file"):
+        write_run_config(config, args)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    config, args = resolve(2, ["--model", "tiny", "--rows-per-step", "8", "--write-ds-config", str(blocked / "x")])
+    with pytest.raises(ConfigError, match=f"--write-ds-config {blocked / 'x'}: "):
+        write_run_config(config, args)
