@@ -188,8 +188,9 @@ def check_warmup(optim: OptimConfig) -> None:
 class OptimConfig(Section):
     title: ClassVar[str] = "optimiser and schedule"
     learning_rate: float = doc("Table 2: the stage's peak learning rate")
-    warmup_steps: int = doc("linear warm-up steps, below --train-steps; unset: Table 2's for the stage's own length, "
-                            f"else (a fine-tune) {WARMUP_SHARE:.0%} of --train-steps, at least 1, at most Table 2's")
+    warmup_steps: int = doc("linear warm-up steps, below --train-steps; unset: Table 2's at the stage's Table 2 "
+                            f"length, else (a fine-tune) {WARMUP_SHARE:g} x --train-steps rounded, at least 1, at "
+                            "most Table 2's")
     train_steps: int = doc("Table 2: optimizer steps of the stage (or give --epochs)")
     rows_per_step: int = doc("Table 2's batch size: packed rows of --seq-len tokens per optimizer step, global")
     trainable: list[str] = doc(f"Table 2: the parts that train, of {', '.join(TRAINABLE_PARTS)}")

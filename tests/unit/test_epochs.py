@@ -13,7 +13,7 @@ import yaml
 from model.manifest import Manifest, write_shard
 from model.sample import GENERATION, TEXT, UNDERSTANDING, Sample, samples_to_table
 from model.stages import STAGES
-from pipeline.config import WARMUP_SHARE, ConfigError, resolve
+from pipeline.config import WARMUP_SHARE, ConfigError, Parser, resolve
 from pipeline.ds_config import batch_plan, write_run_config
 from pipeline.engine import run_deepspeed_config
 from pipeline.epochs import epoch, source_sizes
@@ -149,3 +149,8 @@ def test_write_ds_config_takes_the_launchers_world_and_refuses_an_impossible_bat
     config, args = resolve(2, ["--model", "tiny", "--rows-per-step", "8", "--write-ds-config", str(blocked / "x")])
     with pytest.raises(ConfigError, match=f"--write-ds-config {blocked / 'x'}: "):
         write_run_config(config, args)
+
+
+def test_help_shows_the_new_flags():
+    text = Parser(2).format_help()  # argparse %-formats help strings: a bare % in one breaks --help
+    assert "0.03 x --train-steps rounded" in text and "--epochs" in text and "--write-ds-config PATH" in text
