@@ -67,7 +67,7 @@ def source_sizes(data: DataConfig) -> list[SourceSize]:
             manifest = Manifest.read(path)
             root = path if path.is_dir() else path.parent
             tokens = manifest.rows_written * row_tokens(manifest, root, data.eoi_is_target)
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             from pipeline.config import ConfigError  # the config imports this module
             raise ConfigError(f"--data {spec}: cannot count its rows for --epochs ({error})") from None
         sizes.append(SourceSize(spec, manifest.task, manifest.rows_written, tokens))
