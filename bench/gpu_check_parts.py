@@ -292,7 +292,8 @@ def cmd_stage2(args) -> None:
     done = subprocess.run(stage2, env=env)
     if done.returncode != 0:
         fail(f"Stage II exited {done.returncode}")
-    losses = [sum(json.loads(line)["loss"].values()) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [sum(v for v in json.loads(line)["loss"].values() if v is not None)  # null: a task not trained
+              for line in (run / "metrics.jsonl").read_text().splitlines()]
     checkpoint = latest_checkpoint(run)
     if not losses or not all(math.isfinite(x) for x in losses):
         fail(f"Stage II losses not finite: {losses}")

@@ -605,7 +605,10 @@ def run_length(table: Stage, values: dict, flags: set[str], in_file: set[str], a
         need("train_steps" not in flags and ("train_steps" not in in_file or "epochs" in flags), "epochs",
              "give --epochs or --train-steps, not both")
         need(args.epochs > 0, "epochs", f"{args.epochs:g}: must be positive")
-        args.epoch = epochs.epoch(data, values["rows_per_step"])
+        try:
+            args.epoch = epochs.epoch(data, values["rows_per_step"])
+        except epochs.EpochError as error:
+            raise ConfigError(str(error)) from None
         steps = epochs.steps_for(args.epochs, args.epoch)
     warmup = values["warmup_steps"]
     if not {"warmup_steps"} & (flags | in_file) and steps != table.train_steps:

@@ -8,17 +8,9 @@ sizes from the stage's rows per step and the world size, after checking the comb
 from __future__ import annotations
 
 import json
-import os
-from argparse import Namespace
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
-
-if TYPE_CHECKING:
-    from pipeline.config import TrainConfig
 
 # The templates are package data of `ds_configs`: found the same way from a checkout and from an installed wheel.
 DS_CONFIGS = Path(str(files("ds_configs")))
@@ -148,34 +140,3 @@ def deepspeed_config(template: str | Path, plan: BatchPlan, *, hidden_size: int,
     params = config.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})["params"]
     params.update(lr=learning_rate, betas=list(betas), weight_decay=weight_decay, eps=eps)
     return config
-
-
-def write_run_config(config: TrainConfig, args: Namespace) -> str:
-    """--write-ds-config: the DeepSpeed config this run would start with (the one it saves in its run directory),
-    written to the flag's path; for --world-size (or --nodes) where given, else the launcher's WORLD_SIZE, else 1.
-    Returns the line to print."""
-    # Imported here: both import this module.
-    from pipeline.config import ConfigError
-    from pipeline.engine import run_deepspeed_config
-    from pipeline.planning.dry_run import planned_world_size
-    from pipeline.preflight import checked_plan
-
-    planned = args.cluster.world_size or args.cluster.nodes
-    world = planned_world_size(args.cluster, config.system.gpus_per_node) if planned else \
-        int(os.environ.get("WORLD_SIZE", "1"))
-    plan = checked_plan(config, world)
-    try:
-        ds = run_deepspeed_config(config, plan, args.model_config)
-    except FileNotFoundError as error:
-        raise ConfigError(f"--ds-config {error}") from None
-    path = Path(args.write_ds_config)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(ds, indent=2) + "\n")
-    except OSError as error:
-        raise ConfigError(f"--write-ds-config {path}: {error.strerror or error}") from None
-    # The run's default template depends on the machine (engine.run_deepspeed_config): say so where that matters.
-    cpu = "" if config.system.ds_config or torch.cuda.is_available() else \
-        "; no GPU here, so the CPU template: give --ds-config zero3_bf16 for a GPU run"
-    return (f"wrote {path} for {world} rank(s): {plan.accumulation_steps} micro-batch(es) of "
-            f"{plan.rows_per_micro_batch} row(s) per rank per step{cpu}")

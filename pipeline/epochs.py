@@ -12,15 +12,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import pyarrow.compute as pc
 
 from model.manifest import Manifest, read_shard
 from model.sample import GENERATION, TASKS
 
-if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+
+class DataConfig(Protocol):
+    """What an epoch depends on, of the run's data section (pipeline/config.py's DataConfig, which imports this
+    module)."""
+
+    data: list[str]
+    data_weights: list[float]
+    ratio: list[float]
+    ratio_unit: Literal["samples", "tokens"]
+    seq_len: int
+    eoi_is_target: bool
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,10 @@ class Epoch:
     def line(self) -> str:
         return (f"1 epoch = {math.ceil(self.steps)} steps (every row of {self.slowest.manifest} once: "
                 f"{self.slowest.rows:,} {self.slowest.task} rows)")
+
+
+class EpochError(ValueError):
+    """The --data manifests cannot say how long an epoch is (pipeline/config.py reports it as a ConfigError)."""
 
 
 def row_tokens(manifest: Manifest, root: Path, eoi_is_target: bool) -> float:
@@ -68,8 +81,7 @@ def source_sizes(data: DataConfig) -> list[SourceSize]:
             root = path if path.is_dir() else path.parent
             tokens = manifest.rows_written * row_tokens(manifest, root, data.eoi_is_target)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            from pipeline.config import ConfigError  # the config imports this module
-            raise ConfigError(f"--data {spec}: cannot count its rows for --epochs ({error})") from None
+            raise EpochError(f"--data {spec}: cannot count its rows for --epochs ({error})") from None
         sizes.append(SourceSize(spec, manifest.task, manifest.rows_written, tokens))
     return sizes
 
@@ -77,8 +89,6 @@ def source_sizes(data: DataConfig) -> list[SourceSize]:
 def epoch(data: DataConfig, rows_per_step: int, sizes: list[SourceSize] | None = None) -> Epoch:
     """Steps per epoch: for each drawn source, its rows (or tokens, with --ratio-unit tokens) over what a step takes
     of it; the largest."""
-    from pipeline.config import ConfigError
-
     sizes = source_sizes(data) if sizes is None else sizes
     weights = data.data_weights or [1.0] * len(sizes)
     share = {task: r / sum(data.ratio) for task, r in zip(TASKS, data.ratio, strict=True)}
@@ -96,7 +106,7 @@ def epoch(data: DataConfig, rows_per_step: int, sizes: list[SourceSize] | None =
         amounts = [float(s.rows) for s in sizes]
     steps = [(amount / rate, s) for amount, rate, s in zip(amounts, per_step, sizes, strict=True) if rate > 0]
     if not steps or not any(s.rows for _, s in steps):
-        raise ConfigError("--epochs: the --data manifests the --ratio draws from hold no rows")
+        raise EpochError("--epochs: the --data manifests the --ratio draws from hold no rows")
     length, slowest = max(steps, key=lambda pair: pair[0])
     return Epoch(length, slowest)
 

@@ -53,7 +53,7 @@ from pipeline.monitor import (
     quiet_libraries,
     seconds_since_launch,
 )
-from pipeline.planning import dry_run
+from pipeline.planning import dry_run, write_run_config
 from pipeline.preflight import Checked, manifest_digests, preflight
 from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, fingerprints_file, is_run_directory
 
@@ -139,6 +139,8 @@ def main(stage: int | None, argv: list[str] | None = None) -> None:
         config, args = resolve(stage, argv)
         if args.dry_run:
             return print(dry_run(config, args.cluster, args.model_config))
+        if args.write_ds_config:
+            return print(write_run_config(config, args))
         if imports is not None:
             phases.ended("imports", imports)
         with phases.phase("checks", started=checking):
@@ -182,6 +184,8 @@ def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, d
         ds_config_file(output).write_text(json.dumps(ds, indent=2))
         plan_line = f"{plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) per step"
         print("\n".join(config_summary(config, args.model_config, world, plan_line)), flush=True)
+        if args.epoch:
+            print(args.epoch.line(), flush=True)
     with phases.phase("shard hashing"):
         check_shards_once(config.data.data + config.data.val_data)
     with phases.phase("checkpoint checks"):
@@ -209,7 +213,7 @@ def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, d
         except checkpoint.UnsafeCheckpoint as error:  # the checkpoint holds more than data
             refuse(f"--resume {config.checkpoint.resume}: {error}")
     validator = Validator(config.data, config.logging, special, device, **pipeline_options)
-    sampler = Sampler(config.logging, config.checkpoint.output, tokenizer)
+    sampler = Sampler(config.logging, config.checkpoint.output, tokenizer, val_data=config.data.val_data)
     try:
         step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
                      device=device, stop=stop, validator=validator, sampler=sampler, phases=phases)

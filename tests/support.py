@@ -229,11 +229,12 @@ def stage_args(stage: int, corpus, tokenizer_dir, output, init, *extra: str, tas
 
 
 def losses(output: Path) -> dict[int, float]:
-    """Total loss per step from metrics.jsonl (the last record of a step wins, as after a resume)."""
+    """Total loss per step from metrics.jsonl (the last record of a step wins, as after a resume); a task the step
+    did not train is null there."""
     out = {}
     for line in (output / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out[r["step"]] = sum(v for v in r["loss"].values())
+        out[r["step"]] = sum(v for v in r["loss"].values() if v is not None)
     return out
 
 

@@ -4,6 +4,6 @@ step-time model for any dense decoder. Imports go one way: the memory model (mem
 model (step_time.py) <- a generic decoder (decoder.py) and the performance plan (report.py) <- a measured step
 (measured.py) and `dry_run` (dry_run.py), the entries, with __main__.py."""
 
-from pipeline.planning.dry_run import dry_run
+from pipeline.planning.dry_run import dry_run, write_run_config
 
-__all__ = ["dry_run"]
+__all__ = ["dry_run", "write_run_config"]

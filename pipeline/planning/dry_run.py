@@ -9,8 +9,12 @@ them (pipeline/ds_config.py). The memory table is that setting's, and so is the 
 from __future__ import annotations
 
 import json
+import os
+from argparse import Namespace
 from dataclasses import replace
+from pathlib import Path
 
+import torch
 from transformers import JanusConfig
 
 from model.config import model_size
@@ -105,3 +109,30 @@ def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig, mea
             f"{config.data.seq_len} tokens per rank\n" + format_memory(this_run.memory, deepspeed_gpu, deepspeed_table)
             + "\n\n" + format_performance_plan(rows, cluster, f"Stage {config.stage} {config.model.model}",
                                                this_run if system.ds_config else None))
+
+
+def write_run_config(config: TrainConfig, args: Namespace) -> str:
+    """--write-ds-config: the DeepSpeed config this run would start with (the one it saves in its run directory),
+    written to the flag's path; for --world-size (or --nodes) where given, else the launcher's WORLD_SIZE, else 1.
+    Returns the line to print."""
+    from pipeline.engine import run_deepspeed_config  # here: the planner itself never needs DeepSpeed
+
+    planned = args.cluster.world_size or args.cluster.nodes
+    world = planned_world_size(args.cluster, config.system.gpus_per_node) if planned else \
+        int(os.environ.get("WORLD_SIZE", "1"))
+    plan = checked_plan(config, world)
+    try:
+        ds = run_deepspeed_config(config, plan, args.model_config)
+    except FileNotFoundError as error:
+        raise ConfigError(f"--ds-config {error}") from None
+    path = Path(args.write_ds_config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ds, indent=2) + "\n")
+    except OSError as error:
+        raise ConfigError(f"--write-ds-config {path}: {error.strerror or error}") from None
+    # The run's default template depends on the machine (engine.run_deepspeed_config): say so where that matters.
+    cpu = "" if config.system.ds_config or torch.cuda.is_available() else \
+        "; no GPU here, so the CPU template: give --ds-config zero3_bf16 for a GPU run"
+    return (f"wrote {path} for {world} rank(s): {plan.accumulation_steps} micro-batch(es) of "
+            f"{plan.rows_per_micro_batch} row(s) per rank per step{cpu}")

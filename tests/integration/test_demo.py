@@ -99,43 +99,51 @@ def subset(source: Path, out: Path, keys: tuple[str, ...]) -> dict[str, Path]:
     return dirs
 
 
+# The two ways a micro-batch is laid out: one flat stream of whole samples (the default), and rows padded to --seq-len
+# (--pad-rows, the layout before flat micro-batches). Each must memorise every photo.
+ROW_LAYOUTS = {"flat": [], "padded rows": ["--pad-rows"]}
+
+
 @dataclass
 class Memorisation:
     data: dict[str, Path]  # the 4 photographs' manifests, per task
-    run: Path
-    ranks: Ranks | None  # None with MEMORISE_STEPS=0
+    runs: dict[str, Path]  # per row layout
+    ranks: dict[str, Ranks]  # per row layout; empty with MEMORISE_STEPS=0
     started: float
 
 
 @pytest.fixture(scope="module")
 def memorisation(demo, tmp_path_factory) -> Memorisation:
-    """The memorisation run, started in the background (see the module docstring); killed if the module ends
-    first. Stage II only: it trains everything the chain's later stages do but SigLIP."""
+    """The memorisation runs, one per row layout, started in the background (see the module docstring); killed if
+    the module ends first. Stage II only: it trains everything the chain's later stages do but SigLIP."""
     out, work = demo["out"], tmp_path_factory.mktemp("memorise")
-    data, run = subset(out / "data", work / "data", MEMORISE), work / "stage2"
-    ranks = None
-    if MEMORISE_STEPS > 0:
-        ranks = Ranks([str(Path(REPO) / "launchers" / "stage2.py"), "--model", str(out / "init"), "--init",
-                       str(out / "init"), "--tokenizer", str(out / "tokenizer"), "--output", str(run), "--data",
-                       str(data["understanding"]), str(data["generation"]), *MEMORISE_FLAGS,
-                       "--train-steps", str(MEMORISE_STEPS), "--save-every", str(MEMORISE_STEPS),
-                       "--log-every", "50", "--num-workers", "1"], world_size=MEMORISE_RANKS)
-    yield Memorisation(data=data, run=run, ranks=ranks, started=time.time())
-    if ranks is not None and ranks.finished is None:
-        ranks.kill()
+    data = subset(out / "data", work / "data", MEMORISE)
+    runs = {layout: work / layout.replace(" ", "-") for layout in ROW_LAYOUTS}
+    ranks = {}
+    for layout, flags in ROW_LAYOUTS.items() if MEMORISE_STEPS > 0 else ():
+        ranks[layout] = Ranks([str(Path(REPO) / "launchers" / "stage2.py"), "--model", str(out / "init"), "--init",
+                               str(out / "init"), "--tokenizer", str(out / "tokenizer"), "--output", str(runs[layout]),
+                               "--data", str(data["understanding"]), str(data["generation"]), *MEMORISE_FLAGS, *flags,
+                               "--train-steps", str(MEMORISE_STEPS), "--save-every", str(MEMORISE_STEPS),
+                               "--log-every", "50", "--num-workers", "1"], world_size=MEMORISE_RANKS)
+    yield Memorisation(data=data, runs=runs, ranks=ranks, started=time.time())
+    for run in ranks.values():
+        if run.finished is None:
+            run.kill()
 
 
-def test_memorise_settings_feed_every_photo_every_step(demo, memorisation):
-    """The memorisation run's data plan, without training: after the packer's buffer settles, every optimizer
-    step (all ranks together) holds every photo's generation sample; the run learns nothing from a photo it
-    does not see. (Requesting `memorisation` here starts that run right after the demo.)"""
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
+def test_memorise_settings_feed_every_photo_every_step(demo, memorisation, layout):
+    """The memorisation runs' data plan, without training: after the packer's buffer settles, every optimizer
+    step (all ranks together) holds every photo's generation sample; a run learns nothing from a photo it
+    does not see. (Requesting `memorisation` here starts the runs right after the demo.)"""
     from model.tokenizer import SpecialTokens, load_tokenizer
     from pipeline.config import resolve
     from pipeline.data import DataPipeline
 
     data = memorisation.data
-    config, _ = resolve(2, [*MEMORISE_FLAGS, "--model", "tiny", "--data", str(data["understanding"]),
-                            str(data["generation"])])
+    config, _ = resolve(2, [*MEMORISE_FLAGS, *ROW_LAYOUTS[layout], "--model", "tiny", "--data",
+                            str(data["understanding"]), str(data["generation"])])
     special = SpecialTokens.from_tokenizer(load_tokenizer(demo["out"] / "tokenizer"))
     pipes = [DataPipeline(config.data, special, rank, MEMORISE_RANKS) for rank in range(MEMORISE_RANKS)]
     per_rank = config.optim.rows_per_step // MEMORISE_RANKS // config.data.rows_per_micro_batch
@@ -147,15 +155,16 @@ def test_memorise_settings_feed_every_photo_every_step(demo, memorisation):
 
 
 @pytest.mark.skipif(MEMORISE_STEPS <= 0, reason="MEMORISE_STEPS=0")
-def test_the_whole_chain_learns(memorisation, tmp_path):
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
+def test_the_whole_chain_learns(memorisation, layout, tmp_path):
     from model.chat import answer
     from model.generate import generate_image_ids, load_exported
     from model.manifest import read_shard
     from model.sample import samples_from_table
     from pipeline.export import export
 
-    data, run = memorisation.data, memorisation.run
-    memorisation.ranks.wait(timeout=max(900, 2 * MEMORISE_STEPS))
+    data, run = memorisation.data, memorisation.runs[layout]
+    memorisation.ranks[layout].wait(timeout=max(900, 2 * MEMORISE_STEPS))
     trained = time.time() - memorisation.started  # beside other tests: their time is in it
     exported = export(run, tmp_path / "export", "transformers", dtype="fp32").path
     model, tokenizer = load_exported(exported)
@@ -168,7 +177,8 @@ def test_the_whole_chain_learns(memorisation, tmp_path):
     truth = [torch.tensor(generation[k].image_ids) for k in keys]
     match = [[(ids[i] == truth[j]).float().mean().item() for j in range(len(keys))] for i in range(len(keys))]
     report = {k: [round(m, 3) for m in row] for k, row in zip(keys, match, strict=True)}
-    print(f"memorisation after {MEMORISE_STEPS} steps ({trained:.0f}s from start to end): own/other id match {report}")
+    print(f"memorisation ({layout}) after {MEMORISE_STEPS} steps ({trained:.0f}s from start to end): own/other id "
+          f"match {report}")
     for i in range(len(keys)):
         assert match[i][i] >= 0.98, report  # every photo, not an average
         assert match[i][i] > max(m for j, m in enumerate(match[i]) if j != i), report

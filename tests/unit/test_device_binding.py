@@ -36,7 +36,8 @@ def cuda(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
     config = SimpleNamespace(system=SimpleNamespace(collective_timeout_seconds=60))
-    monkeypatch.setattr(train, "resolve", lambda stage, argv: (config, SimpleNamespace(dry_run=False)))
+    args = SimpleNamespace(dry_run=False, write_ds_config=None)
+    monkeypatch.setattr(train, "resolve", lambda stage, argv: (config, args))
     monkeypatch.setattr(train, "preflight", lambda config, world_size: SimpleNamespace())
     monkeypatch.setattr(train, "launcher_world_size", lambda: 16)
     return visible

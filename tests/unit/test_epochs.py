@@ -14,9 +14,10 @@ from model.manifest import Manifest, write_shard
 from model.sample import GENERATION, TEXT, UNDERSTANDING, Sample, samples_to_table
 from model.stages import STAGES
 from pipeline.config import WARMUP_SHARE, ConfigError, Parser, resolve
-from pipeline.ds_config import batch_plan, write_run_config
+from pipeline.ds_config import batch_plan
 from pipeline.engine import run_deepspeed_config
-from pipeline.epochs import epoch, source_sizes
+from pipeline.epochs import source_sizes
+from pipeline.planning.dry_run import write_run_config
 
 
 def manifest(root: Path, task: str, rows: int, length: int) -> Path:
@@ -82,7 +83,7 @@ def test_epochs_of_an_empty_source_are_refused(tmp_path):
     empty.mkdir()
     Manifest(task=UNDERSTANDING, tokenizer_fingerprint="t").write(empty)
     with pytest.raises(ConfigError, match="hold no rows"):
-        epoch(resolve(2, ["--model", "tiny", "--data", str(empty), "--ratio", "1", "0", "0"])[0].data, 4)
+        resolve(2, ["--model", "tiny", "--data", str(empty), "--ratio", "1", "0", "0", "--epochs", "1"])
     with pytest.raises(ConfigError, match="--data .*nope: cannot count its rows"):
         resolve(2, ["--model", "tiny", "--data", str(tmp_path / "nope"), "--ratio", "1", "0", "0", "--epochs", "1"])
 
