@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("task", choices=TASKS)
     p.add_argument("--input", nargs="+", required=True,
-                   help="tars (paths, fsspec URLs, {000..099} patterns), LLaVA .json, .jsonl, or an ImageNet root")
+                   help="tars (paths, fsspec URLs, {000..099} patterns), LLaVA/ShareGPT/captions .json or .jsonl, "
+                        "captions .csv, text .jsonl, or an ImageNet root")
     p.add_argument("--output", required=True, help="output directory (absolute under `ray job submit`)")
     p.add_argument("--tokenizer", required=True, help="what AutoTokenizer.from_pretrained loads, with Janus tokens")
     p.add_argument("--input-format", default="auto", choices=("auto", *FORMATS))
@@ -47,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="VQ actors in all; 0: --vq-actors-per-gpu on each GPU, else a quarter of the CPUs")
     p.add_argument("--vq-actors-per-gpu", type=int, default=1, help="VQ actors sharing one GPU (bench/vq.py)")
     p.add_argument("--vq-channels-last", action="store_true", help="run the VQ's convolutions channels-last")
-    p.add_argument("--image-root", default="", help="LLaVA: the directory image paths are relative to")
+    p.add_argument("--image-root", default="",
+                   help="LLaVA/ShareGPT/captions: the directory image paths are relative to ('': the input's folder)")
     p.add_argument("--class-names", default="", help="ImageNet: wnid -> name (.txt lines or .json)")
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the document")
     p.add_argument("--instructions", default="",

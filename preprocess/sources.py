@@ -8,9 +8,13 @@ An input shard is the unit of work and of output: one output `.arrow` file per i
 - sharegpt: ShareGPT/LLaMA-Factory records (`messages` of role/content, `images`), cut the same way.
 - jsonl:    JSON lines with a text field, cut into `--shard-size` lines per shard (by byte offset).
 - imagenet: class folders `ROOT/<wnid>/*.JPEG` plus a class-name file, cut into `--shard-size` images.
+- captions: image-caption pairs, `{"image": path, "caption": text}` records (JSON lines or a JSON list) or a `.csv`
+            with header columns image,caption (read whole on the driver, as a JSON list is), image paths relative
+            to `--image-root` (else to the file's folder), cut into `--shard-size` records.
 
 A `.json`/`.jsonl` file is one JSON list or JSON lines (its first character decides), and its first record that
-is a JSON object decides its format: `conversations` -> llava, `messages` -> sharegpt, else (lines) jsonl text.
+is a JSON object decides its format: `conversations` -> llava, `messages` -> sharegpt, `image` and `caption` ->
+captions, else (lines) jsonl text. A `.csv` file is captions.
 `--input-format` overrides that for every input. A record not in its file's format is a skip, never reread as
 another format.
 
@@ -22,9 +26,11 @@ manifest, logs and skip records name) never holds credentials: see `redact`.
 from __future__ import annotations
 
 import bz2
+import csv
 import glob
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -69,7 +75,9 @@ from preprocess.records import (
     valid_text,
 )
 
-FORMATS = ("wds", "llava", "sharegpt", "imagenet", "jsonl")
+FORMATS = ("wds", "llava", "sharegpt", "imagenet", "jsonl", "captions")
+CAPTIONS = "captions"
+CAPTION_FIELDS = ("image", "caption")  # a captions record's fields; a CSV's header names them
 CHATS = {chat.name: chat for chat in CHAT_FORMATS}
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILE = re.compile(r"\.(jpe?g|png|webp|bmp|gif|tiff?)$", re.IGNORECASE)
@@ -109,7 +117,7 @@ class InputShard:
     def output_name(self) -> str:
         """Deterministic and stable when other inputs are added: readable stem + hash of the source."""
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(file_part(self.source.split("#")[0])).name)
-        stem = re.sub(r"\.(tar|json|jsonl)$", "", stem)[:60]
+        stem = re.sub(r"\.(tar|json|jsonl|csv)$", "", stem)[:60]
         digest = hashlib.sha256(self.source.encode()).hexdigest()[:10]
         return f"{stem}-{digest}.arrow"
 
@@ -130,12 +138,14 @@ def fault(exc: BaseException) -> str:
 # --- listing (driver) ---
 
 def path_kind(path: str, fmt: str) -> str:
-    """wds, imagenet, or json (a JSON list or JSON lines, whose records decide llava/sharegpt/jsonl)."""
+    """wds, imagenet, csv, or json (a JSON list or JSON lines, whose records decide llava/sharegpt/captions/jsonl)."""
     if fmt in ("wds", "imagenet"):
         return fmt
+    name = file_part(path)
+    if name.lower().endswith(".csv"):
+        return "csv"
     if fmt != "auto":
         return "json"
-    name = file_part(path)
     if TAR_FILE.search(name) or "{" in name:
         return "wds"
     if name.endswith((".json", ".jsonl")):
@@ -180,7 +190,8 @@ def list_shards(inputs: list[str], fmt: str, shard_size: int, image_root: str = 
             shards += imagenet_shards(path, shard_size, class_names, len(shards))
         else:
             try:
-                shards += json_shards(path, fmt, shard_size, image_root, len(shards))
+                read = csv_shards if kind == "csv" else json_shards
+                shards += read(path, fmt, shard_size, image_root, len(shards))
             except Exception as exc:  # unreadable or not JSON: the job goes on, the manifest lists the file
                 shards.append(InputShard(len(shards), "failed", f"{redact(path)}#0", path=path, failure=fault(exc)))
     return shards
@@ -206,6 +217,26 @@ def json_shards(path: str, fmt: str, shard_size: int, image_root: str, first: in
                        lines=True) for i, (s, c) in enumerate(zip(starts, counts, strict=True))]
 
 
+def csv_shards(path: str, fmt: str, shard_size: int, image_root: str, first: int) -> list[InputShard]:
+    """A CSV of image-caption pairs (header columns image,caption; others, an `id` among them, kept), read whole
+    here as a JSON list is and cut into `shard_size` rows; each row goes on as the record it stands for. A file
+    the csv module cannot parse (a field over its limit, a NUL byte) or without both columns is a failed file."""
+    root = image_root or posixpath.dirname(path) or "."
+    with fsspec.open(path, "rb") as f:
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        reader = csv.DictReader(text)
+        missing = [name for name in CAPTION_FIELDS if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"a captions CSV has a header row naming {', '.join(CAPTION_FIELDS)}; "
+                             f"{', '.join(missing)} missing from {reader.fieldnames}")
+        # DictReader puts a row's extra cells under None: not a field any record has.
+        entries = [{k: v for k, v in row.items() if k is not None} for row in reader]
+    kind = CAPTIONS if fmt == "auto" else fmt
+    chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)] or [[]]
+    return [InputShard(first + i, kind, f"{redact(path)}#{i}", path=path, start=i * shard_size, count=len(chunk),
+                       entries=chunk, image_root=root) for i, chunk in enumerate(chunks)]
+
+
 # Stands in for a JSON-list entry nested deeper than MAX_JSON_DEPTH: the entry itself never leaves the driver (Ray
 # pickles what tasks get, and pickle recurses per level too).
 TOO_DEEP = "__entry_nested_too_deep__"
@@ -223,10 +254,12 @@ def check_entry(entry: object) -> None:
 
 
 def record_format(record: object) -> str | None:
-    """The chat format whose identifying field a record has, if any."""
-    if isinstance(record, dict):
-        return next((chat.name for chat in CHAT_FORMATS if chat.field in record), None)
-    return None
+    """The format whose identifying fields a record has, if any: a chat format's conversation field, else both
+    captions fields."""
+    if not isinstance(record, dict):
+        return None
+    chat = next((chat.name for chat in CHAT_FORMATS if chat.field in record), None)
+    return chat or (CAPTIONS if all(name in record for name in CAPTION_FIELDS) else None)
 
 
 def list_format(entries: object) -> str | None:
@@ -610,6 +643,38 @@ def json_records(shard: InputShard) -> Iterator[tuple[str, object]]:
                 yield f"{name}:{i}", skip
 
 
+def caption_record(index: int, default_key: str, entry: object, image_root: str) -> dict:
+    """An image-caption pair with its image file read; the caption goes on as text, as a tar's key.txt does, so
+    that an empty or missing one is the converter's counted skip."""
+    key = default_key
+    try:
+        check_entry(entry)
+        key = record_key(entry, default_key)
+        other = record_format(entry)
+        if not isinstance(entry, dict) or other in CHATS:  # an object short of a field is a pair missing it
+            raise Skip(UNKNOWN_FORMAT, f"not a captions record: {f'a {other} record' if other else type_name(entry)}")
+        caption = entry.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise Skip(BAD_RECORD, f"caption: expected a string, got {type_name(caption)}")
+        text = None if caption is None else valid_text(caption, "caption").encode()
+        image = entry.get("image")
+        if image in (None, ""):  # no field, a CSV row's empty cell, or a row shorter than the header
+            raise Skip(IMAGE_MISSING, "image: no file named")
+        if not isinstance(image, str):
+            raise Skip(BAD_RECORD, f"image: expected a file name, got {type_name(image)}")
+        images = [read_file(image_root, path, where) for where, path in image_names(image, "image")]
+    except Skip as skip:
+        return _skipped(index, key, skip)
+    except Exception as exc:  # one record is at most one skip, whatever its bytes make a library raise
+        return _skipped(index, key, unforeseen(exc))
+    return _record(index, key, images, text=text)
+
+
+def read_captions(shard: InputShard) -> Iterator[dict]:
+    for i, (key, entry) in enumerate(json_records(shard)):
+        yield _skipped(i, key, entry) if isinstance(entry, Skip) else caption_record(i, key, entry, shard.image_root)
+
+
 def read_chat(shard: InputShard) -> Iterator[dict]:
     for i, (key, entry) in enumerate(json_records(shard)):
         if isinstance(entry, Skip):
@@ -655,7 +720,7 @@ def read_failed(shard: InputShard) -> Iterator[dict]:
 
 
 READERS = {"wds": read_wds, "llava": read_chat, "sharegpt": read_chat, "imagenet": read_imagenet,
-           "jsonl": read_jsonl, "failed": read_failed}
+           "jsonl": read_jsonl, "captions": read_captions, "failed": read_failed}
 
 
 def read_shard_records(shard: InputShard) -> list[dict]:

@@ -270,6 +270,98 @@ def test_image_paths_that_leave_the_image_root_are_never_opened(tmp_path, image_
     assert str(secret.resolve()) not in opened and str((image_root / "chelsea.png").resolve()) in opened
 
 
+# --- image-caption pairs (captions: JSON lines, a JSON list, CSV) ---
+
+def test_caption_pairs_become_generation_and_understanding_samples(tmp_path, image_root, tokenizer, tokenizer_dir):
+    """`{"image", "caption"}` lines, a JSON list of them and a CSV with header image,caption are detected as
+    captions; image paths are relative to the file's folder, or to --image-root when given; generation takes the
+    caption as its prompt, understanding as the answer to an instruction (as a tar's key.txt)."""
+    pairs = [{"id": "p0", "image": "chelsea.png", "caption": "A cat."},
+             {"id": "p1", "image": "sub/../coffee.png", "caption": "A cup of coffee."}]
+    (image_root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (image_root / "pairs.json").write_text(json.dumps([{**p, "id": f"list-{p['id']}"} for p in pairs]))
+    # Elsewhere, so its paths resolve only through --image-root; a byte-order mark, quoting, CRLF, an extra column.
+    (tmp_path / "pairs.csv").write_text('\ufeffid,image,caption,url\r\ncsv-0,chelsea.png,"A cat, sitting.",x\r\n'
+                                        'csv-1,coffee.png,"A cup\nof coffee.",y,an extra cell\r\n', newline="")
+    jsonl, listed, csv = str(image_root / "pairs.jsonl"), str(image_root / "pairs.json"), str(tmp_path / "pairs.csv")
+    assert [s.format for s in list_shards([jsonl, listed, csv], "auto", 100)] == ["captions"] * 3
+    (forced,) = list_shards([csv], "captions", 100)
+    assert forced.format == "captions"
+    # csv keys a row's extra cells by None: the shard's entries must stay what Ray Data can ship (string keys).
+    assert [sorted(e) for e in forced.entries] == [["caption", "id", "image", "url"]] * 2
+    records = read_all([jsonl, listed]) + read_all([csv], image_root=str(image_root))
+    assert outcome(records) == [("p0", None), ("p1", None), ("list-p0", None), ("list-p1", None),
+                                ("csv-0", None), ("csv-1", None)]
+    assert records[0]["images"] == records[4]["images"] == [(image_root / "chelsea.png").read_bytes()]
+
+    gen = convert_all(records, ConvertConfig(task="generation", tokenizer=str(tokenizer_dir)))
+    assert {k: r["caption"] for k, r in gen.items()} == {
+        "p0": "A cat.", "p1": "A cup of coffee.", "list-p0": "A cat.", "list-p1": "A cup of coffee.",
+        "csv-0": "A cat, sitting.", "csv-1": "A cup\nof coffee."}
+    assert all(r["skip"] is None and len(r["gen_pixels"]) == 384 * 384 * 3 for r in gen.values())
+    und = convert_all(records, ConvertConfig(task="understanding", tokenizer=str(tokenizer_dir),
+                                             instructions=("Describe it.",)))
+    (span,) = und["csv-0"]["loss_spans"]
+    assert tokenizer.decode(und["csv-0"]["input_ids"][span["start"]:span["end"]]) == \
+        f" A cat, sitting.{tokenizer.eos_token}"
+    assert "Describe it." in tokenizer.decode(und["csv-0"]["input_ids"])
+    # A captions file is no text corpus: the text task skips its records, never reads a caption as a document.
+    text = convert_all(read_all([jsonl]), ConvertConfig(task="text", tokenizer=str(tokenizer_dir)))
+    assert [r["skip"] for r in text.values()] == ["unknown_format"] * 2
+
+
+def test_bad_caption_pairs_are_counted_skips_naming_why(tmp_path, image_root, jpeg, tokenizer_dir):
+    """Each bad pair is one skip with its reason, read from JSON lines or CSV, never a crash or a silent drop."""
+    (image_root / "random.png").write_bytes(np.random.default_rng(0).bytes(3000))
+    (image_root / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (tmp_path / "secret.png").write_bytes(jpeg)
+    lines = [
+        ({"id": "good", "image": "chelsea.png", "caption": "A cat."}, None),
+        ({"id": "absent", "image": "nope.png", "caption": "Gone."}, "image_missing"),
+        ({"id": "no_image", "caption": "Nothing named."}, "image_missing"),
+        ({"id": "random", "image": "random.png", "caption": "Noise."}, "image_unreadable"),
+        ({"id": "cut", "image": "cut.jpg", "caption": "Half a photo."}, "image_corrupt"),
+        ({"id": "empty", "image": "chelsea.png", "caption": ""}, "text_empty"),
+        ({"id": "blank", "image": "chelsea.png", "caption": "  \n "}, "text_empty"),
+        ({"id": "null", "image": "chelsea.png", "caption": None}, "text_missing"),
+        ({"id": "no_caption", "image": "chelsea.png"}, "text_missing"),
+        ({"id": "number", "image": "chelsea.png", "caption": 5}, "bad_record"),
+        ({"id": "image_list", "image": ["chelsea.png"], "caption": "A list."}, "bad_record"),
+        ({"id": "surrogate", "image": "chelsea.png", "caption": "\ud800"}, "text_not_utf8"),
+        ({"id": "up", "image": "../secret.png", "caption": "Outside."}, "image_path_unsafe"),
+        ({"id": "chat", "image": "chelsea.png", "conversations": CONVERSATION}, "unknown_format"),
+        ("{not json", "bad_record"),
+    ]
+    (image_root / "pairs.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                                                    for r, _ in lines))
+    (image_root / "pairs.csv").write_text("id,image,caption\nc_good,chelsea.png,A cat.\nc_empty,chelsea.png,\n"
+                                          "c_absent,nope.png,Gone.\nc_short,chelsea.png\nc_no_image,,A cat.\n"
+                                          "c_random,random.png,Noise.\n")
+    csv_expected = [("c_good", None), ("c_empty", "text_empty"), ("c_absent", "image_missing"),
+                    ("c_short", "text_missing"), ("c_no_image", "image_missing"), ("c_random", "image_unreadable")]
+    records = read_all([str(image_root / "pairs.jsonl"), str(image_root / "pairs.csv")])
+    expected = [(r["id"] if isinstance(r, dict) else "pairs.jsonl#0:14", why) for r, why in lines] + csv_expected
+    for task in ("generation", "understanding"):
+        rows = convert_all(records, ConvertConfig(task=task, tokenizer=str(tokenizer_dir)))
+        assert [(k, r["skip"]) for k, r in rows.items()] == expected, task
+        assert all(r["detail"] for r in rows.values() if r["skip"])
+    assert "nope.png" in convert_all(records, ConvertConfig(task="generation", tokenizer=str(tokenizer_dir)))[
+        "absent"]["detail"]
+
+
+def test_a_captions_csv_the_csv_module_cannot_read_is_a_failed_file(tmp_path):
+    """No header naming both columns, a field over the csv module's limit, bytes that are not UTF-8: the file is
+    listed as failed (files_failed, with why) and the job goes on, rather than the listing raising."""
+    files = {"no_header.csv": (b"chelsea.png,A cat.\n", "caption missing"),
+             "huge.csv": (b'image,caption\nchelsea.png,"' + b"x" * 200_000 + b'"\n', "field larger than field limit"),
+             "latin1.csv": ("image,caption\nchelsea.png,Caf\u00e9\n".encode("latin-1"), "UnicodeDecodeError")}
+    for name, (data, why) in files.items():
+        (tmp_path / name).write_bytes(data)
+        records = read_all([str(tmp_path / name)])
+        assert outcome(records) == [("", FILE_FAILED)], name
+        assert why in records[0]["detail"], (name, records[0]["detail"])
+
+
 def test_a_manifest_entry_outside_its_folder_is_refused(tmp_path):
     """Before: Manifest.read took any `file`, so a crafted manifest could point a reader anywhere."""
     for name in ("../elsewhere.arrow", "/etc/passwd", "sub/../../x.arrow", "..\\x.arrow", ""):
