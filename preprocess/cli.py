@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 from model.chat_format import JANUS_SYSTEM_PROMPT
 from model.config import DTYPES
 from model.manifest import Manifest
-from model.sample import TASKS
+from model.sample import GENERATION, TASKS, TEXT, UNDERSTANDING
 from preprocess.job import (
     DEFAULT_MAX_SKIP_FRACTION,
     DEFAULT_TASK_TRIES,
@@ -30,39 +31,82 @@ from preprocess.job import (
 from preprocess.records import DEFAULT_INSTRUCTIONS, ConvertConfig
 from preprocess.sources import FORMATS
 
+# What each task reads: its input formats, and the flags that act on it alone (the rest act on every task). The
+# help's per-task list is made from this; tests/unit/test_preprocess.py checks that it names every flag and format.
+TASK_INPUTS = {
+    UNDERSTANDING: (("wds", "llava", "sharegpt", "captions"),
+                    ("--image-root", "--instructions", "--system-prompt", "--image-format", "--max-pixels",
+                     "--min-image-size"),
+                    "a conversation about the image(s), or for caption-only data (a tar's key.txt, captions) an "
+                    "--instructions line answered by the caption"),
+    GENERATION: (("wds", "imagenet", "captions"),
+                 ("--vq", "--vq-dtype", "--vq-batch-size", "--vq-actors", "--vq-actors-per-gpu", "--vq-channels-last",
+                  "--image-root", "--class-names", "--max-pixels", "--min-image-size"),
+                 "one image and its caption (ImageNet: its category name), the prompt"),
+    TEXT: (("jsonl",), ("--text-field",), "JSON lines, a document in each; longer ones cut into context-sized pieces"),
+}
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("task", choices=TASKS)
+
+def task_epilog(task: str | None = None) -> str:
+    """The per-task list at the end of --help: every task's, or `task`'s alone (`python -m preprocess TASK -h`)."""
+    lines = ["per task (flags not named under a task act on every task):"]
+    for name, (formats, flags, what) in TASK_INPUTS.items():
+        if task in (None, name):
+            lines += [wrap(f"{name}: {what}", "  "), wrap(f"input formats: {', '.join(formats)}", "    "),
+                      wrap(f"its flags: {' '.join(flags)}", "    ")]
+    return "\n".join(lines)
+
+
+def wrap(text: str, indent: str) -> str:
+    return textwrap.fill(text, 100, initial_indent=indent, subsequent_indent=indent + "  ", break_on_hyphens=False,
+                         break_long_words=False)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the description and per-task list kept as written (not refilled into one paragraph)."""
+
+
+def parser(task: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__, epilog=task_epilog(task),
+                                formatter_class=HelpFormatter)
+    p.add_argument("task", choices=TASKS, help="what the rows become; its input formats and flags are listed below")
     p.add_argument("--input", nargs="+", required=True,
                    help="tars (paths, fsspec URLs, {000..099} patterns), LLaVA/ShareGPT/captions .json or .jsonl, "
                         "captions .csv, text .jsonl, or an ImageNet root")
     p.add_argument("--output", required=True, help="output directory (absolute under `ray job submit`)")
     p.add_argument("--tokenizer", required=True, help="what AutoTokenizer.from_pretrained loads, with Janus tokens")
-    p.add_argument("--input-format", default="auto", choices=("auto", *FORMATS))
+    p.add_argument("--input-format", default="auto", choices=("auto", *FORMATS),
+                   help="auto: from each input's name (.tar, .csv, a folder) and, for .json/.jsonl, its first record "
+                        "(conversations: llava, messages: sharegpt, image and caption: captions, else jsonl); "
+                        "else read every input as this format")
     p.add_argument("--vq", default="", help="generation: a JanusVQVAE directory or a Janus checkpoint")
-    p.add_argument("--vq-dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--vq-batch-size", type=int, default=VQ_BATCH_SIZE)
+    p.add_argument("--vq-dtype", default="float32", choices=sorted(DTYPES),
+                   help="generation: the dtype the VQ encoder runs in (the manifest records it)")
+    p.add_argument("--vq-batch-size", type=int, default=VQ_BATCH_SIZE,
+                   help="generation: images per VQ forward pass in an actor (bench/vq.py)")
     p.add_argument("--vq-actors", type=int, default=0,
                    help="VQ actors in all; 0: --vq-actors-per-gpu on each GPU, else a quarter of the CPUs")
     p.add_argument("--vq-actors-per-gpu", type=int, default=1, help="VQ actors sharing one GPU (bench/vq.py)")
     p.add_argument("--vq-channels-last", action="store_true", help="run the VQ's convolutions channels-last")
     p.add_argument("--image-root", default="",
-                   help="LLaVA/ShareGPT/captions: the directory image paths are relative to ('': the input's folder)")
+                   help="LLaVA/ShareGPT/captions: the directory image paths are relative to ('': the input file's)")
     p.add_argument("--class-names", default="", help="ImageNet: wnid -> name (.txt lines or .json)")
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the document")
     p.add_argument("--instructions", default="",
                    help="caption-only understanding data: a file of instructions, one a line")
     p.add_argument("--system-prompt", default=JANUS_SYSTEM_PROMPT, help="understanding; '' for none")
     p.add_argument("--shard-size", type=int, default=10_000,
-                   help="rows per output shard for LLaVA/ImageNet/JSONL (a tar is always one shard)")
+                   help="rows per output shard for LLaVA/ShareGPT/captions/ImageNet/JSONL (a tar is always one shard)")
     p.add_argument("--image-format", default="webp", choices=("webp", "png", "jpeg"),
                    help="stored understanding images: webp/png are lossless (exact); jpeg (q98 4:4:4) is an opt-in "
                         "smaller (docs/benchmarks.md) but lossy: 44-48 dB on real photos, below 45 dB on some")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--max-pixels", type=int, default=89_478_485)
-    p.add_argument("--min-image-size", type=int, default=32, help="smaller sides are skipped")
+    p.add_argument("--context", type=int, default=ConvertConfig.context,
+                   help="tokens a sample may hold: a longer sample is skipped (too_long), a longer text document cut "
+                        "into pieces")
+    p.add_argument("--max-pixels", type=int, default=ConvertConfig.max_pixels,
+                   help="an image of more pixels is skipped (image_too_large), read from its header before decoding")
+    p.add_argument("--min-image-size", type=int, default=ConvertConfig.min_image_size,
+                   help="an image with a shorter side is skipped (image_too_small)")
     p.add_argument("--cpus", type=int, default=None, help="embedded Ray: CPUs to use (default all)")
     p.add_argument("--gpus", type=int, default=None, help="embedded Ray: GPUs to use (default all)")
     p.add_argument("--address", default="", help="join this Ray cluster instead of starting an embedded one")
@@ -123,7 +167,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> Manifest:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parser().parse_args(argv)  # argparse's own mistakes exit 2 too
+    words = sys.argv[1:] if argv is None else argv
+    task = next((word for word in words if word in TASKS), None)  # `TASK --help` lists that task's inputs alone
+    args = parser(task).parse_args(argv)  # argparse's own mistakes exit 2 too
     try:
         return run(config_from_args(args))
     except UsageError as error:  # a user's mistake: one line, no traceback

@@ -71,7 +71,8 @@ SKIP_REASONS = {
     IMAGE_CORRUPT: "an accepted image format that fails to decode (e.g. a truncated JPEG)",
     IMAGE_TOO_LARGE: "more pixels than --max-pixels, or more bytes than an image may hold (MAX_IMAGE_BYTES)",
     IMAGE_TOO_SMALL: "a side shorter than --min-image-size",
-    IMAGE_PATH_UNSAFE: "a LLaVA/ShareGPT image path that is absolute or climbs out of --image-root (never read)",
+    IMAGE_PATH_UNSAFE: "a LLaVA/ShareGPT/captions image path that is absolute or climbs out of --image-root (never "
+                       "read)",
     TEXT_MISSING: "no caption / no text field",
     TEXT_EMPTY: "the caption or text is blank",
     TEXT_NOT_UTF8: "the caption or line is not UTF-8",

@@ -76,6 +76,43 @@ def test_readme_lists_every_skip_reason():
     assert listed == set(SKIP_REASONS)
 
 
+def test_every_flag_has_help_and_the_task_list_names_only_real_flags_and_every_format():
+    """ArgumentDefaultsHelpFormatter shows a flag's default only where the flag has help; a flag or format renamed
+    in the parser but not in TASK_INPUTS would leave --help naming one that does not exist."""
+    from preprocess.cli import TASK_INPUTS, parser
+    from preprocess.sources import FORMATS
+
+    p = parser()
+    undocumented = [a.option_strings or a.dest for a in p._actions if not a.help]
+    assert undocumented == []
+    flags = {flag for a in p._actions for flag in a.option_strings}
+    assert {flag for _, named, _ in TASK_INPUTS.values() for flag in named} <= flags
+    assert sorted({fmt for formats, _, _ in TASK_INPUTS.values() for fmt in formats}) == sorted(FORMATS)
+    assert set(TASK_INPUTS) == set(p._actions[1].choices)
+    for task in (None, *TASK_INPUTS):
+        parser(task).format_help()  # argparse formats help with %: a bare % in any help text raises here
+
+
+@pytest.mark.parametrize("task", ["understanding", "generation", "text"])
+def test_task_help_names_its_input_formats_and_flags(task, capsys):
+    from preprocess.cli import TASK_INPUTS
+
+    with pytest.raises(SystemExit) as exited:
+        main([task, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    epilog = " ".join(out.split("per task")[1].split())  # unwrapped
+    formats, flags, _ = TASK_INPUTS[task]
+    assert f"{task}:" in epilog and f"input formats: {', '.join(formats)}" in epilog
+    assert f"its flags: {' '.join(flags)}" in epilog
+    assert [other for other in TASK_INPUTS if f"{other}:" in epilog] == [task]  # that task's alone
+    assert "--context CONTEXT" in out and "(default: 4096)" in out  # every flag's help stays above it
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    whole = capsys.readouterr().out.split("per task")[1]
+    assert all(f"{name}:" in whole for name in TASK_INPUTS)
+
+
 def test_usage_mistakes_exit_2_in_one_line(tokenizer_dir, tmp_path, capsys):
     """Found before any work (no Ray is started): one `error: --flag` line and exit 2."""
     tok = ["--tokenizer", str(tokenizer_dir)]
