@@ -89,7 +89,7 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--vq-actors-per-gpu", type=int, default=1, help="VQ actors sharing one GPU (bench/vq.py)")
     p.add_argument("--vq-channels-last", action="store_true", help="run the VQ's convolutions channels-last")
     p.add_argument("--image-root", default="",
-                   help="LLaVA/ShareGPT/captions: the directory image paths are relative to ('': the input file's)")
+                   help="LLaVA/ShareGPT/captions: the folder image paths are relative to; '': each input file's own")
     p.add_argument("--class-names", default="", help="ImageNet: wnid -> name (.txt lines or .json)")
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the document")
     p.add_argument("--instructions", default="",
