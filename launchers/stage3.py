@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 # Before torch allocates on the GPU: packed batches vary in length, expandable segments keep the cache unfragmented.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from launchers.extras import call  # noqa: E402
+from launchers.extras import train_stage  # noqa: E402
 
 if __name__ == "__main__":
-    call("pipeline.train:main", stage=3)  # without the [train] extra: one line naming the pip install
+    train_stage(3)  # without the [train] extra: one line naming the pip install
