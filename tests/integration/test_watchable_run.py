@@ -40,8 +40,9 @@ def test_a_run_prints_a_few_lines_per_step_and_acknowledges_sigterm_at_once(shar
     Measured on the shared 2-core CPU machine (2026-12-05): the first line (`start-up  importing torch, ...`, printed
     by the launcher before its imports) after 0.1 s, the imports' own line after ~20 s (the two ranks importing
     torch, DeepSpeed and transformers at once; 9 s for one process alone); 53-55 lines on rank 0 for 17 steps, 2 per
-    step (its line and the coverage line); SIGTERM acknowledged after 0.02 s; the run stopped at step 17. Before issue 29 rank 0 also printed the whole config (~90 lines) and a
-    FutureWarning (2 lines) per micro-batch: 1000 steps of one micro-batch printed 2,000 warning lines.
+    step (its line and the coverage line); SIGTERM acknowledged after 0.02 s; the run stopped at step 17. Before
+    issue 29 rank 0 also printed the whole config (~90 lines) and a FutureWarning (2 lines) per micro-batch: 1000
+    steps of one micro-batch printed 2,000 warning lines.
     """
     output = tmp_path / "run"
     started = time.monotonic()
