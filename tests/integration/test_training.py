@@ -207,19 +207,32 @@ def test_sigusr1_to_one_rank_checkpoints_both_at_the_same_step(shard_corpus, tok
 
 @pytest.mark.integration
 def test_validation_tensorboard_and_sample_grid(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
+    """A 2-rank Stage II run's validation line, sample grid (PNG and TensorBoard image) and Q&A sample (TensorBoard
+    text), read back with TensorBoard's own reader."""
     from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from pipeline.run_dir import samples_tensorboard_dir
 
     output = tmp_path / "run"
     outputs = run_ranks(stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "2",
                                    "--val-data", str(shard_corpus["text"]), str(shard_corpus["generation"]),
-                                   "--val-every", "2", "--val-batches", "2", "--sample-every", "2",
-                                   "--sample-prompts", "a red cat", "a blue dog"), timeout=600)
+                                   str(shard_corpus["understanding"]), "--val-every", "2", "--val-batches", "2",
+                                   "--sample-every", "2", "--sample-prompts", "a red cat", "a blue dog",
+                                   "--qa-samples", "1", "--qa-max-new-tokens", "3"), timeout=600)
     with Image.open(output / "samples" / "step-00000002.png") as grid:
         assert grid.size == (2 * 384, 384)
     line = next(x for x in outputs[0].splitlines() if x.startswith("step") and " validation " in x)
     values = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
-    assert values["text"] > 0 and values["generation"] > 0 and values["understanding"] != values["understanding"]
+    assert values["text"] > 0 and values["generation"] > 0 and values["understanding"] > 0
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    samples = event_accumulator.EventAccumulator(str(samples_tensorboard_dir(output)), size_guidance={
+        event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0})
+    samples.Reload()
+    grids = [tag for tag in samples.Tags()["images"] if samples.Images(tag)[0].step == 2]
+    answers = [e.tensor_proto.string_val[0].decode() for tag in samples.Tags()["tensors"] if tag.startswith("qa/")
+               for e in samples.Tensors(tag) if e.step == 2]
+    assert grids and answers, samples.Tags()
     record = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["too_long"] == {"understanding": 0, "text": 0, "generation": 0}  # summed over ranks, per task
     # Flat micro-batches: every computed token is a sample's; the token budget (rows x seq-len) is nearly filled.
