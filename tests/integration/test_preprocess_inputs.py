@@ -46,6 +46,7 @@ from preprocess.records import (
     MEMBER_NOT_FILE,
     SKIP_REASONS,
     TAR_TRUNCATED,
+    TEXT_EMPTY,
     TEXT_MISSING,
     TEXT_NOT_UTF8,
     TOO_LONG,
@@ -315,6 +316,22 @@ def every_kind(root: Path, photos: dict, jpeg: bytes, quoted: str, served: dict[
         for i, (record, reason) in enumerate(records):
             named = isinstance(record, dict) and isinstance(record.get("id"), str)
             expect(record["id"] if named else f"{name}#0:{i}" if lines else str(i), reason)
+    # Image-caption pairs (captions), as JSON lines and as CSV (an extra cell, which csv keys by None, included).
+    (images / "noise.png").write_bytes(np.random.default_rng(1).bytes(3000))
+    pairs = [({"id": "p_good", "image": "chelsea.png", "caption": "A cat."}, None),
+             ({"id": "p_missing", "image": "nope.png", "caption": "Gone."}, IMAGE_MISSING),
+             ({"id": "p_noise", "image": "noise.png", "caption": "Noise."}, IMAGE_UNREADABLE),
+             ({"id": "p_empty", "image": "coffee.png", "caption": ""}, TEXT_EMPTY),
+             ({"id": "p_up", "image": "../secret.png", "caption": "Outside."}, IMAGE_PATH_UNSAFE)]
+    rows = [("p_csv_good", "coffee.png,A cup.", None), ("p_csv_extra", "chelsea.png,A cat.,an extra cell", None),
+            ("p_csv_empty", "chelsea.png,", TEXT_EMPTY), ("p_csv_missing", "nope.png,Gone.", IMAGE_MISSING)]
+    for prefix, keep in (("", lambda reason: True), ("good-", lambda reason: reason is None)):
+        (root / f"{prefix}pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r, why in pairs if keep(why)))
+        (root / f"{prefix}pairs.csv").write_text("id,image,caption\n" + "".join(f"{key},{cells}\n"
+                                                                              for key, cells, why in rows if keep(why)))
+        (corpus.good if prefix else corpus.mixed).extend(str(root / f"{prefix}pairs.{ext}") for ext in ("jsonl", "csv"))
+    for key, reason in [(r["id"], why) for r, why in pairs] + [(key, why) for key, _, why in rows]:
+        expect(key, reason)
     (root / "broken.json").write_text('[{"id": "x", ')
     corpus.mixed.append(str(root / "broken.json"))
     corpus.failed.append(f"{root / 'broken.json'}#0")
@@ -359,7 +376,8 @@ def texts_under(*paths: Path) -> dict[str, str]:
 def test_every_kind_through_ray_job_submit_and_embedded_ray(ray_client, photos, jpeg, tokenizer, tokenizer_dir,
                                                              tmp_path):
     """A corpus of every kind of bad input (tests/integration/test_preprocess.py's and this module's) among good
-    records, for understanding: tars, LLaVA JSON and JSON lines, ShareGPT, and a tar behind a URL with credentials.
+    records, for understanding: tars, LLaVA JSON and JSON lines, ShareGPT, image-caption pairs (JSON lines, CSV), and a
+    tar behind a URL with credentials.
     Run through `ray job submit` on the session's cluster and through an embedded Ray (a separate process): both exit
     0, their manifests are equal (counts per reason, failed files, every shard's rows and sha256) and account for
     every row, each skip reason has its expected count, and the decoded rows of all shards, by key, equal those of a
