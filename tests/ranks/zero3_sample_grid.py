@@ -8,8 +8,12 @@ ARGS_JSON: {"tokenizer": DIR, "prompts": [STR, ...]}. Three ways, each printed a
 as if the generation modules fitted no rank's memory: it must gather per call again).
 """
 
-import collections
-import functools
+# isort: off
+# Before deepspeed: the all-gathers are counted where they reach torch.distributed.
+from tests.ranks.gathers import GATHERS, PARTITIONED_ZERO3
+
+import deepspeed
+# isort: on
 import json
 import os
 import sys
@@ -17,37 +21,18 @@ import sys
 import torch
 import torch.distributed
 
-# Count every all-gather that reaches torch.distributed, before DeepSpeed's communication backend keeps its own
-# reference to the function at init_distributed.
-GATHERS = collections.Counter()
-for _name in ("all_gather_into_tensor", "all_gather", "_all_gather_base"):
-    def _counted(fn, name):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            GATHERS[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-    setattr(torch.distributed, _name, _counted(getattr(torch.distributed, _name), _name))
-
-import deepspeed  # noqa: E402
-
-from model.config import preset_config  # noqa: E402
-from model.generate import decode_images, generate_image_ids  # noqa: E402
-from model.janus import JanusProForTraining  # noqa: E402
-from model.tokenizer import SpecialTokens, load_tokenizer  # noqa: E402
-from pipeline import evaluation  # noqa: E402
+from model.config import preset_config
+from model.generate import decode_images, generate_image_ids
+from model.janus import JanusProForTraining
+from model.tokenizer import SpecialTokens, load_tokenizer
+from pipeline import evaluation
 
 args = json.loads(sys.argv[1])
 rank = int(os.environ["RANK"])
 deepspeed.init_distributed(dist_backend="gloo")
 tokenizer = load_tokenizer(args["tokenizer"])
 special = SpecialTokens.from_tokenizer(tokenizer)
-# Persistence threshold 0: every parameter is partitioned, as a 7B model's large ones are (the default keeps
-# parameters under 1e5 elements, all of the tiny model's, whole on every rank).
-ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                   "stage3_model_persistence_threshold": 0},
-             "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}}
+ds_config = PARTITIONED_ZERO3
 torch.manual_seed(0)
 with deepspeed.zero.Init(config_dict_or_path=ds_config):
     model = JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder))
