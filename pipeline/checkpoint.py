@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.lora import LoraSettings, is_adapter, merged_state
+from pipeline.config import TrainConfig
 from pipeline.data.coverage import write_coverage
-from pipeline.run_dir import checkpoints_dir, consolidated_dir, coverage_file
+from pipeline.run_dir import checkpoints_dir, config_file, consolidated_dir, coverage_file
 from pipeline.safe_load import UnsafeCheckpoint, weights_only_loads
 
 COMPLETE = "COMPLETE"
@@ -383,7 +385,8 @@ def convert_to_universal(source: Path, out: Path) -> None:
 
 
 def consolidate(run_dir: str | Path) -> Path:
-    """A previous stage's latest complete checkpoint as a transformers-layout safetensors directory.
+    """A previous stage's latest complete checkpoint as a transformers-layout safetensors directory (a LoRA run's
+    adapters merged into their layers).
 
     Uses DeepSpeed's own ZeRO consolidation (frozen parameters included: they are saved by default) and
     checks it got every parameter. Rank 0 does the work once; the others wait and reuse it. Kept beside the run
@@ -398,11 +401,12 @@ def consolidate(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to start from")
     out = consolidated_dir(run_dir, source.name)
     made_from = file_sha256(source / COMPLETE)
+    settings = lora_settings(run_dir)
     failed, unsafe = "", False
     if not _collective(True) or dist.get_rank() == 0:
         try:
             if _consolidated_from(out) != made_from:
-                _write_consolidated(source, out, made_from)
+                _write_consolidated(source, out, made_from, settings)
         except UnsafeCheckpoint as error:
             failed, unsafe = str(error), True
         except Exception as error:  # noqa: BLE001 - the waiting ranks must hear it, not sit out the timeout
@@ -426,10 +430,10 @@ def _consolidated_from(out: Path) -> str | None:
     return marker.get("complete_sha256") if isinstance(marker, dict) else None
 
 
-def _write_consolidated(source: Path, out: Path, made_from: str) -> None:
+def _write_consolidated(source: Path, out: Path, made_from: str, lora: LoraSettings | None) -> None:
     from safetensors.torch import save_file
 
-    state = consolidated_state(source)
+    state = plain_state(source, lora)
     shutil.rmtree(out, ignore_errors=True)  # RUN/consolidated/step-N: this code's own, stale or unfinished
     out.mkdir(parents=True)
     save_file(state, str(out / "model.safetensors"))
@@ -447,6 +451,22 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
         wanted = f"step {step}" if step is not None else "a complete checkpoint"
         raise FileNotFoundError(f"{run_dir}: no {wanted} (complete checkpoints: {have})")
     return found[-1]
+
+
+def lora_settings(run_dir: str | Path) -> LoraSettings | None:
+    """The LoRA adapters a run trained (its config.yaml's `lora`), or None: a run without, or from before LoRA."""
+    return TrainConfig.load(config_file(run_dir)).lora.settings() if config_file(run_dir).is_file() else None
+
+
+def plain_state(source: Path, lora: LoraSettings | None) -> dict[str, torch.Tensor]:
+    """`consolidated_state` under transformers' plain names: a LoRA run's adapters folded into their layers
+    (model/lora.py), so the next stage's --init and an export load it as any other run's."""
+    state = consolidated_state(source)
+    if lora is None:
+        if any(is_adapter(name) for name in state):
+            raise ValueError(f"{source} holds LoRA adapters but its run's config.yaml has no LoRA settings")
+        return state
+    return merged_state(state, lora)
 
 
 def consolidated_state(source: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -24,6 +25,7 @@ from transformers import HfArgumentParser, JanusConfig
 
 from model.config import PRESETS, model_config, model_size
 from model.hub import HubError, is_repo_id, resolve_weights
+from model.lora import ADAPTED_PARTS, DEFAULT_TARGETS, LoraSettings
 from model.stages import STAGES, TRAINABLE_PARTS, Stage, stage_for
 from pipeline import epochs
 from pipeline.attention import Backend, default_attention
@@ -233,7 +235,7 @@ class OptimConfig(Section):
 # What a resumed run may not change silently (it changes what is trained): the name a user passes to
 # --allow-config-change, and where it lives in the config ("data" is compared by the manifests' contents).
 RESUME_GUARDED = {"stage": "stage", "model": "model.model", "seq_len": "data.seq_len", "ratio": "data.ratio",
-                  "trainable": "optim.trainable", "seed": "data.seed", "data": "data.data"}
+                  "trainable": "optim.trainable", "seed": "data.seed", "data": "data.data", "lora": "lora"}
 
 
 @dataclass(kw_only=True)
@@ -254,6 +256,52 @@ class CheckpointConfig(Section):
         need(not unknown, "allow_config_change", f"{unknown}: choose from {', '.join(RESUME_GUARDED)}")
         need(self.save_every >= 1, "save_every", "must be at least 1")
         need(self.keep_last >= 1, "keep_last", "must be at least 1")
+
+
+@dataclass(kw_only=True)
+class LoraConfig(Section):
+    title: ClassVar[str] = "LoRA (peft): low-rank adapters in place of training the LLM whole"
+    lora_rank: int = doc("rank of the LoRA adapters; 0: off (the default), the LLM trains whole as --trainable says. "
+                         f"On: the own weights of {' and '.join(ADAPTED_PARTS)} (the LLM, SigLIP) freeze, adapters on "
+                         "--lora-target-modules train, and every other --trainable part (adaptors, generation "
+                         "embedding and head, LM head) trains whole", 0)
+    lora_alpha: float | None = doc("the adapters' output is scaled by alpha / rank; unset: 2 x --lora-rank (a scale "
+                                   "of 2 at any rank)", None)
+    lora_dropout: float = doc("dropout on each adapter's input while training, in [0, 1) (peft's lora_dropout)", 0.05)
+    lora_target_modules: str = doc("the layers that get adapters: a regular expression peft matches against whole "
+                                   "module names (linear layers of the LLM or SigLIP); default: the LLM's attention "
+                                   "and MLP projections", DEFAULT_TARGETS)
+
+    def check(self) -> None:
+        need(self.lora_rank >= 0, "lora_rank", "must be 0 (off) or more")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", f"a probability in [0, 1); got {self.lora_dropout}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive")
+        try:
+            re.compile(self.lora_target_modules)
+        except re.error as error:
+            raise ConfigError(f"{flag('lora_target_modules')}: not a regular expression ({error})") from None
+        if self.lora_rank and self.lora_alpha is None:  # resolved here, so config.yaml records the alpha used
+            self.lora_alpha = 2.0 * self.lora_rank
+
+    def settings(self) -> LoraSettings | None:
+        """The adapters' settings; None with LoRA off."""
+        if not self.lora_rank:
+            return None
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                            target_modules=self.lora_target_modules)
+
+
+def check_lora(lora: LoraConfig, trainable: list[str], janus: JanusConfig) -> None:
+    """LoRA adapts a part the stage trains (the LLM), on layers that exist: checked on the meta model, at start."""
+    if not lora.lora_rank:
+        return
+    need("llm" in trainable, "lora_rank", f"the stage does not train the LLM (--trainable {' '.join(trainable)}); "
+         "LoRA adapts the LLM in its place: add llm to --trainable or drop --lora-rank")
+    from model.lora import target_problem
+    from model.summary import meta_model
+
+    problem = target_problem(meta_model(janus), lora.lora_target_modules)
+    need(problem is None, "lora_target_modules", f"{lora.lora_target_modules!r} {problem}")
 
 
 SAMPLE_PROMPTS = ["A red apple on a wooden table.", "A lighthouse on a cliff at sunset.",
@@ -314,8 +362,10 @@ class SystemConfig(Section):
              "collective_timeout_seconds", f"must be positive and below --watchdog-seconds ({self.watchdog_seconds:g})")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig,
-            "logging": LoggingConfig, "system": SystemConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "lora": LoraConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "system": SystemConfig}
+# Sections added since runs were first saved: a config.yaml without one reads as that section's defaults.
+ADDED = ("lora",)
 
 
 @dataclass(kw_only=True)
@@ -353,6 +403,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     system: SystemConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         need(self.stage in STAGES, "stage", f"{self.stage!r}: Janus-Pro has stages {', '.join(map(str, STAGES))}")
@@ -366,7 +417,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         def section(name: str) -> dict:
-            return {k: v for k, v in values[name].items() if k not in RETIRED.get(name, ())}
+            saved = values.get(name, {}) if name in ADDED else values[name]
+            return {k: v for k, v in saved.items() if k not in RETIRED.get(name, ())}
 
         return cls(stage=values["stage"], **{name: kind(**section(name)) for name, kind in SECTIONS.items()})
 
@@ -580,6 +632,7 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
                              sections["data"]))
     sections["optim"] = section(OptimConfig)
     check_warmup(sections["optim"])
+    check_lora(sections["lora"], sections["optim"].trainable, args.model_config)
     args.cluster = sections.pop("cluster")
     return TrainConfig(stage=stage, **sections), args
 

@@ -13,6 +13,7 @@ import torch
 from transformers import JanusConfig
 
 from model.janus import JanusProForTraining
+from model.lora import inject, set_trainable_with_lora
 from model.manifest import weights_fingerprint
 from model.stages import set_trainable
 from model.weights import load_checkpoint
@@ -36,7 +37,8 @@ def run_deepspeed_config(config: TrainConfig, plan: BatchPlan, janus: JanusConfi
 
 
 def build_model(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_id: int) -> JanusProForTraining:
-    """Built sharded under ZeRO-3 (each rank holds only its part), whole under ZeRO-1/2; then filled from --init."""
+    """Built sharded under ZeRO-3 (each rank holds only its part), whole under ZeRO-1/2; then filled from --init,
+    then given LoRA adapters (--lora-rank) whose parameters `deepspeed.initialize` makes ZeRO-3 ones."""
     janus = copy.deepcopy(janus)  # the resolved config stays as read
     janus.image_token_id = image_token_id
     # zero.Init shards parameters whatever the config's stage: ZeRO-2 would get ZeRO-3-partitioned weights.
@@ -46,7 +48,12 @@ def build_model(config: TrainConfig, ds: dict, janus: JanusConfig, image_token_i
         init = Path(config.model.init)
         # A previous stage's run directory is consolidated with DeepSpeed's utilities first.
         load_checkpoint(model, checkpoint.consolidate(init) if is_run_directory(init) else init)
-    set_trainable(model, config.optim.trainable)
+    lora = config.lora.settings()
+    if lora is None:
+        set_trainable(model, config.optim.trainable)
+    else:  # after --init's weights: they load under their plain names, which adapting a layer changes
+        inject(model, lora, seed=config.data.seed)
+        set_trainable_with_lora(model, config.optim.trainable)
     use_attention(model, config.model.attention)
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

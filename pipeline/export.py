@@ -21,6 +21,12 @@ The tokenizer is the run's own (its fingerprint in the run's fingerprints.json; 
 default system prompt to what the chat template writes, and DeepSeek's code encodes its prompts with the tokenizer's
 special tokens, so only the tokenizer can put BOS first, as training did (model/tokenizer.py `with_bos`).
 
+A LoRA run (--lora-rank) exports `--lora-export merged` by default: its adapters folded into their layers
+(W + alpha/r * B @ A) under transformers' plain names, so the release is exactly like any other. `--lora-export
+adapter` writes a peft adapter folder instead (adapter_config.json, adapter_model.safetensors with the adapters and,
+as peft's `modules_to_save`, the parts the stage trained whole): `PeftModel.from_pretrained(base, folder)` on the
+weights the run started from (its --init; for a run that started from another run, that run's export).
+
 It writes into a folder of its own making beside --out (a fresh name, never an existing folder), then moves it
 into place: the only folders it removes are that one and an earlier export at --out (its export.json says so).
 """
@@ -71,6 +77,7 @@ from pipeline.config import TrainConfig
 from pipeline.run_dir import CONFIG, config_file, fingerprints_file, is_run_directory
 
 CHECKSUMS = "SHA256SUMS"
+LORA_EXPORTS = ("merged", "adapter")  # --lora-export: what a LoRA run's export holds
 MODEL_CARD = "README.md"
 # How a model card says to load each layout; tests/integration/test_export.py runs the transformers one.
 USAGE = {
@@ -297,11 +304,14 @@ def check_run_tokenizer(run_dir: Path, tokenizer, tokenizer_dir: str | Path, giv
 
 def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers", step: int | None = None,
            dtype: str = "bf16", tokenizer_dir: str | Path | None = None, trust: bool = False,
-           allow_other_tokenizer: bool = False) -> Exported:
+           allow_other_tokenizer: bool = False, lora_export: str = "merged") -> Exported:
     """A run's checkpoint at `step` (default: its latest complete one) as a release in `layout`; `trust`: export
     a checkpoint this code did not write (unverified; still read as data only); `allow_other_tokenizer`: export
-    with a `tokenizer_dir` whose fingerprint is not the one the run recorded."""
+    with a `tokenizer_dir` whose fingerprint is not the one the run recorded; `lora_export`: a LoRA run's adapters
+    merged into the weights, or as a peft adapter folder."""
 
+    if lora_export not in LORA_EXPORTS:
+        raise ValueError(f"--lora-export must be one of {LORA_EXPORTS}, not {lora_export!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     if dtype not in DTYPES:
@@ -310,6 +320,11 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     check_out(run_dir, out)
     config = run_config(run_dir)
     facts = _run_facts(config)
+    lora = config.lora.settings()
+    if lora_export == "adapter" and (lora is None or layout != "transformers"):
+        raise ValueError(f"--lora-export adapter: {run_dir} trained without LoRA (--lora-rank 0): export it whole"
+                         if lora is None else "--lora-export adapter: peft adapters apply to the transformers layout; "
+                         "drop --layout original")
     source = checkpoint.find_checkpoint(run_dir, step)
     damaged = checkpoint.problems(source, trust=trust)
     if damaged and not checkpoint.written_here(source) and not trust:
@@ -324,7 +339,9 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
     special = SpecialTokens.from_tokenizer(tokenizer)
     model_config = resolve_model_config(config.model.model, special.image_placeholder)
 
-    state = checkpoint.consolidated_state(source)
+    if lora_export == "adapter":
+        return _export_adapter(run_dir, out, source, config, DTYPES[dtype])
+    state = checkpoint.plain_state(source, lora)
     with torch.device("meta"):  # shapes and names only: the consolidated tensors become the parameters
         model = JanusProForTraining(model_config)
     expected = {name: tuple(t.shape) for name, t in model_tensors(model).items()}
@@ -350,6 +367,54 @@ def export(run_dir: str | Path, out: str | Path, layout: Layout = "transformers"
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Exported(path=out, source=source, tensors=written, files=files)
+
+
+def _export_adapter(run_dir: Path, out: Path, source: Path, config: TrainConfig, dtype: torch.dtype) -> Exported:
+    """A LoRA run's checkpoint as a peft adapter folder, checked to hold an adapter for every adapted layer."""
+    from safetensors.torch import save_file
+
+    from model.lora import adapter_state, modules_to_save, peft_config
+
+    lora, trainable = config.lora.settings(), config.optim.trainable
+    state = checkpoint.consolidated_state(source)
+    tensors = {k: v.to(dtype).contiguous() for k, v in adapter_state(state, trainable).items()}
+    layers = {k.split(".base_layer.")[0] for k in state if ".base_layer." in k}
+    if not layers or len([k for k in tensors if ".lora_" in k]) != 2 * len(layers):
+        raise ValueError(f"{source}: not a LoRA checkpoint of {len(layers)} adapted layers")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        peft_config(lora, modules_to_save(trainable), base=config.model.init).save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "export.json").write_text(json.dumps({"source": str(source.resolve()), "layout": "transformers",
+                                                     "lora_export": "adapter", "base": config.model.init,
+                                                     "stage": config.stage}, indent=2) + "\n")
+        (tmp / MODEL_CARD).write_text(ADAPTER_CARD.format(step=_checkpoint_step(source), run=run_dir,
+                                                          base=config.model.init, rank=lora.rank, alpha=lora.alpha))
+        files = write_checksums(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Exported(path=out, source=source, tensors=len(tensors), files=files)
+
+
+ADAPTER_CARD = """# Janus-Pro LoRA adapter: step {step} of `{run}`
+
+LoRA rank {rank}, alpha {alpha:g}, with the parts the stage trained whole as peft's `modules_to_save`. It applies to
+the weights the run started from, `{base}` (for a run that started from another run: that run's export):
+
+```python
+from peft import PeftModel
+from transformers import JanusForConditionalGeneration
+
+base = JanusForConditionalGeneration.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, ".").eval()  # or .merge_and_unload()
+```
+
+`sha256sum -c SHA256SUMS` checks every file; `export.json` names the checkpoint it came from.
+"""
 
 
 def _write_release(model, tmp: Path, layout: Layout, aside, expected: dict, model_config, tokenizer,
@@ -415,13 +480,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-other-tokenizer", action="store_true",
                         help="export with a --tokenizer other than the one the run trained with (its fingerprint "
                              "differs): only one that encodes text to the same ids")
+    parser.add_argument("--lora-export", choices=LORA_EXPORTS, default="merged",
+                        help="a LoRA run's export: merged (the adapters folded into the weights, a release like any "
+                             "other) or adapter (a peft adapter folder for the weights the run started from)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="export a checkpoint this code did not write (its files unverified, still read as "
                              "data only)")
     args = parser.parse_args(argv)
     try:
         result = export(args.checkpoint, args.out, args.layout, args.step, args.dtype, args.tokenizer,
-                        args.trust_checkpoint, args.allow_other_tokenizer)
+                        args.trust_checkpoint, args.allow_other_tokenizer, args.lora_export)
     except (ValueError, FileNotFoundError) as error:  # a wrong path or an unfit checkpoint: say it in one line
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None  # as training's refusals: a person must act, a retry fails the same way

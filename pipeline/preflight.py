@@ -173,6 +173,9 @@ def check_resume_matches(config: TrainConfig) -> None:
         old, new = lookup(before, where), lookup(now, where)
         if name == "data" and recorded.is_file():  # the same manifests by content, wherever they now lie
             old, new = json.loads(recorded.read_text()).get("manifests", old), manifest_digests(new)
+        if isinstance(old, dict) and isinstance(new, dict):  # a whole section (lora): only the fields that differ
+            fields = [k for k in new if old.get(k) != new[k]]
+            old, new = ({k: values.get(k) for k in fields} for values in (old, new))
         if old != new:
             changed.append(f"{name} {old} -> {new}")
     if changed:

@@ -99,7 +99,7 @@ def dry_run(config: TrainConfig, planned: ClusterConfig, janus: JanusConfig, mea
     nodes, per_node = nodes_and_gpus(world_size, system.gpus_per_node)
     cluster = planned_cluster(planned, nodes, per_node)
     ops = Operations(save_every=config.checkpoint.save_every, loader_tokens_per_s=LOADER_TOKENS_PER_S.get(config.stage))
-    work = workload(janus, stage, name=config.model.model)
+    work = workload(janus, stage, name=config.model.model, lora=config.lora.settings())
     this_run = performance_row(work, run_setting(config, work, cluster), cluster, ops, measured)
     deepspeed_gpu, deepspeed_table = deepspeed_estimate(work.params.total, work.params.largest_module, world_size,
                                                         system.gpus_per_node)

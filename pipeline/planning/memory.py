@@ -2,7 +2,10 @@
 weights, gradient dtype), without building the model. `estimate_memory` is the only place it is added up: the dry
 run's memory table, the performance plan's rows and so the recommended template all read it.
 
-Per GPU, in bytes (P = all parameters, P_t = trainable ones, W = the GPUs sharding them: the world, MiCS's node):
+Per GPU, in bytes (P = all parameters, P_t = trainable ones, W = the GPUs sharding them: the world, MiCS's node).
+With LoRA (--lora-rank), P_t is the adapters' rank x (in + out) per adapted layer plus the parts still trained whole
+(model/lora.py's rule): the LLM's and SigLIP's own weights count as frozen, so gradients and optimizer state shrink
+to those, while the activations below gain the adapters' own:
 
     weights          2 * P / W           bf16, every parameter: ZeRO-3 partitions frozen ones too; hpZ adds a second
                                          copy over its group (2 * P / hpZ), ZeRO-2 keeps them whole (2 * P)
@@ -20,6 +23,9 @@ Per GPU, in bytes (P = all parameters, P_t = trainable ones, W = the GPUs shardi
                        no checkpointing: (26 * D + 8 * I) bytes/token (derived below)
                        checkpointing:    2 * D bytes/token (the bf16 layer input), plus one layer's
                                          full activations while it is recomputed
+                       LoRA adds, per adapted layer, r bf16 values (lora_B's input) and, with --lora-dropout
+                                         above 0, a bf16 copy of the layer's input and its 1-byte dropout mask
+                                         (each adapter drops out its own copy): (3 * in + 2 * r) bytes/token
                      plus SigLIP's when it trains (Stage III): (18 * w + 4 * mlp) = 34 * w bytes per
                      patch and layer (Korthikanti et al. 2022's 34*h for a GPT layer without dropout
                      masks and attention scores, which is what SigLIP's layer is), 2 * w with checkpointing
@@ -59,14 +65,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import JanusConfig
 
 from model.config import model_config
 from model.head_loss import LOGITS_CHUNK_BYTES
+from model.lora import LoraSettings, adapted_inputs, adapter_parameter_count, fully_trained
 from model.sample import TASKS
-from model.stages import NEVER_TRAINED, Stage, part_of
+from model.stages import NEVER_TRAINED, PARTS, Stage, part_of
 from model.summary import meta_model
 from pipeline.ds_config import ZeroSizes
 
@@ -150,12 +157,16 @@ class ParamCounts:
     largest_module: int   # most parameters one module owns directly (DeepSpeed's estimate takes it)
     decoder_layer: int    # one LLM decoder layer
     frozen_used: int = 0  # frozen parameters the training forward uses (not NOT_IN_FORWARD)
+    adapters: int = 0     # LoRA's, in `total` and `trainable` too
 
 
-def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str]) -> ParamCounts:
-    """Parameter counts of a preset, checkpoint directory or config, counted on the meta device."""
+def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str],
+                 lora: LoraSettings | None = None) -> ParamCounts:
+    """Parameter counts of a preset, checkpoint directory or config, counted on the meta device. With `lora`,
+    `trainable` is the parts trained whole (`model.lora.fully_trained`) and the adapters are added."""
     meta = meta_model(model)
-    total = trainable_count = frozen_used = 0
+    adapters = adapter_parameter_count(meta, lora) if lora else 0
+    total, trainable_count, frozen_used = adapters, adapters, 0
     for name, param in meta.named_parameters():
         total += param.numel()
         if part_of(name) in trainable and not name.startswith(NEVER_TRAINED):
@@ -165,7 +176,7 @@ def param_counts(model: str | JanusConfig, trainable: tuple[str, ...] | list[str
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
     layer = sum(p.numel() for p in meta.model.language_model.layers[0].parameters())
     return ParamCounts(total=total, trainable=trainable_count, largest_module=largest, decoder_layer=layer,
-                       frozen_used=frozen_used)
+                       frozen_used=frozen_used, adapters=adapters)
 
 
 # Compared by identity (eq=False): JanusConfig is unhashable, and gathers.py caches its module trace per workload.
@@ -175,15 +186,20 @@ class Workload:
 
     name: str             # the preset or checkpoint directory, as printed; "config" for a JanusConfig
     config: JanusConfig
-    stage: Stage
+    stage: Stage          # with LoRA: `trainable` holds the parts trained whole
     params: ParamCounts
+    lora: LoraSettings | None = None
 
 
-def workload(model: str | JanusConfig, stage: Stage, name: str | None = None) -> Workload:
-    """A model (a preset, a checkpoint directory, or a config already read: then named `name`) and its stage."""
+def workload(model: str | JanusConfig, stage: Stage, name: str | None = None,
+             lora: LoraSettings | None = None) -> Workload:
+    """A model (a preset, a checkpoint directory, or a config already read: then named `name`) and its stage,
+    trained with LoRA adapters where `lora` is given."""
     config = model if isinstance(model, JanusConfig) else model_config(model)
+    if lora is not None:  # the adapted parts no longer train whole: gradients, optimizer, SigLIP's activations
+        stage = replace(stage, trainable=fully_trained(stage.trainable))
     return Workload(name=name or (model if isinstance(model, str) else "config"), config=config, stage=stage,
-                    params=param_counts(config, stage.trainable))
+                    params=param_counts(config, stage.trainable, lora), lora=lora)
 
 
 def llm_layer_activation_bytes(config: JanusConfig) -> int:
@@ -198,11 +214,23 @@ def siglip_layer_activation_bytes(config: JanusConfig) -> int:
     return 18 * v.hidden_size + 4 * int(v.hidden_size * v.mlp_ratio)
 
 
+def lora_layer_activation_bytes(config: JanusConfig, lora: LoraSettings | None) -> int:
+    """Bytes per token the LoRA adapters of one LLM decoder layer keep for backward: (3 * in + 2 * r) per adapted
+    layer with dropout (lora_A's dropped-out bf16 input and its bool mask; lora_B's r-wide bf16 input), 2 * r
+    without (lora_A then reads the layer's own input, kept anyway)."""
+    if lora is None:
+        return 0
+    dropped = BF16 + 1 if lora.dropout > 0 else 0
+    inputs = adapted_inputs(meta_model(config), lora, PARTS["llm"] + "layers.0.")
+    return sum(dropped * width + BF16 * lora.rank for width in inputs)
+
+
 def activation_bytes(config: JanusConfig, tokens: int, und_images: float, siglip_trains: bool,
-                     checkpointing: bool) -> float:
-    """Activations of one micro-batch of `tokens` row positions (and its understanding images)."""
+                     checkpointing: bool, lora_bytes: int = 0) -> float:
+    """Activations of one micro-batch of `tokens` row positions (and its understanding images); `lora_bytes`: the
+    adapters' per token and LLM layer (`lora_layer_activation_bytes`)."""
     t, v = config.text_config, config.vision_config
-    full = llm_layer_activation_bytes(config)
+    full = llm_layer_activation_bytes(config) + lora_bytes
     if checkpointing:  # layer inputs kept, plus one layer's activations while it is recomputed
         llm = t.num_hidden_layers * BF16 * t.hidden_size * tokens + full * tokens
     else:
@@ -338,6 +366,7 @@ def estimate_memory(work: Workload, setting: Setting, world_size: int, gpus_per_
     tokens = rows * stage.seq_len
     und_images = rows * mix.und_images
     siglip_trains = "und_encoder" in stage.trainable
+    lora_bytes = lora_layer_activation_bytes(config, work.lora)
     return MemoryEstimate(
         model=work.name, world_size=world_size, seq_len=stage.seq_len, setting=setting, params=p, mix=mix,
         weights=weights,
@@ -347,8 +376,8 @@ def estimate_memory(work: Workload, setting: Setting, world_size: int, gpus_per_
         adam_states=2 * FP32 * p.trainable / shards,
         gathered_params=BF16 * gathered_peak if zero3 else 0.0,
         persisted_frozen=BF16 * p.frozen_used if zero3 and setting.frozen_weights == "persisted" else 0.0,
-        activations_checkpointed=activation_bytes(config, tokens, und_images, siglip_trains, True),
-        activations_full=activation_bytes(config, tokens, und_images, siglip_trains, False),
+        activations_checkpointed=activation_bytes(config, tokens, und_images, siglip_trains, True, lora_bytes),
+        activations_full=activation_bytes(config, tokens, und_images, siglip_trains, False, lora_bytes),
         logits=rows * logit_bytes(config, mix.text_targets, mix.image_targets),
         worst_logits=worst_row_logit_bytes(config, rows, stage.seq_len),
         head_gradients=head_gradient_bytes(config, stage.trainable),
@@ -374,7 +403,8 @@ def format_memory(est: MemoryEstimate, deepspeed_gpu: int, deepspeed_table: str)
     out = [
         f"{SHARDING_NAMES[s.sharding]} memory per GPU: model {est.model}, world {est.world_size}, micro-batch "
         f"{s.micro_batch_rows} row(s) x {est.seq_len} tokens, checkpointing {ckpt}",
-        f"  parameters {p.total / 1e9:.3f} B, trainable {p.trainable / 1e9:.3f} B, "
+        f"  parameters {p.total / 1e9:.3f} B, trainable {p.trainable / 1e9:.3f} B"
+        + (f" (LoRA adapters {p.adapters / 1e6:.1f} M)" if p.adapters else "") + ", "
         f"largest module {p.largest_module / 1e6:.0f} M, decoder layer {p.decoder_layer / 1e6:.0f} M",
         f"  per row (assumed from the ratio): {m.text_targets:.0f} text targets, {m.image_targets:.0f} image "
         f"targets, {m.und_images:.1f} und. images",
