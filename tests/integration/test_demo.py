@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support import REPO, Ranks
+from tests.support import REPO, Ranks, consolidated, tensors
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +75,26 @@ def test_demo_completes_and_names_valid_files(demo):
     for stage in (1, 2, 3):
         assert (demo["out"] / "runs" / f"stage{stage}" / "metrics.jsonl").stat().st_size > 0
     print(f"demo with DEMO_STEPS={DEMO_STEPS}: {demo['seconds']:.0f}s")
+
+
+def test_each_stage_starts_from_the_previous_run_and_trains_exactly_its_parts(demo):
+    """The demo's Stage I -> II -> III, each launched with the previous stage's run directory as --init: every stage
+    starts from the weights the previous one ended with (consolidated into that run's `consolidated/`), and exactly
+    the parts Table 2 trains in it move (the VQ never; the LLM from Stage II; SigLIP in Stage III only). Reading
+    the demo's runs, this costs no training of its own."""
+    from model.stages import STAGES, part_of
+
+    runs = demo["out"] / "runs"
+    start = tensors(demo["out"] / "init")
+    for stage in (1, 2, 3):
+        end = consolidated(runs / f"stage{stage}")
+        assert set(end) == set(start), stage
+        changed = {part_of(k) for k in start if not torch.equal(start[k], end[k])}
+        assert changed == set(STAGES[stage].trainable), (stage, changed)
+        if stage < 3:  # what the next stage was initialised from: this run's last checkpoint, consolidated
+            (handed_over,) = (runs / f"stage{stage}" / "consolidated").iterdir()
+            start = tensors(handed_over)
+            assert all(torch.equal(start[k], end[k]) for k in end), stage
 
 
 def subset(source: Path, out: Path, keys: tuple[str, ...]) -> dict[str, Path]:

@@ -1,11 +1,11 @@
-"""A ZeRO-3 sample grid on 2 CPU ranks: the parameter all-gathers it makes, counted, and its ids, generated
-today's way (every module call gathers its weights) and with one gather per grid (pipeline.evaluation).
+"""A ZeRO-3 sample grid on 2 CPU ranks (pipeline.evaluation): the parameter all-gathers it makes, counted, and its
+ids, with one gather per grid and in its fallback, where every module call gathers its own weights.
 
     python tests/ranks/zero3_sample_grid.py ARGS_JSON   (under tests.support.run_ranks)
 
-ARGS_JSON: {"tokenizer": DIR, "prompts": [STR, ...]}. Three ways, each printed as one JSON line {"way",
-"gathers", "params", "ids"}: `today`, `once`, and `fallback` (one gather per grid with GATHER_MEMORY_SHARE 0,
-as if the generation modules fitted no rank's memory: it must gather per call again).
+ARGS_JSON: {"tokenizer": DIR, "prompts": [STR, ...]}. Two ways, each printed as one JSON line {"way",
+"gathers", "params", "ids"}: `once`, and `fallback` (GATHER_MEMORY_SHARE 0, as if the generation modules fitted
+no rank's memory: each module call gathers its weights, as ZeRO-3 does by itself, once per token).
 """
 
 # isort: off
@@ -22,7 +22,6 @@ import torch
 import torch.distributed
 
 from model.config import preset_config
-from model.generate import decode_images, generate_image_ids
 from model.janus import JanusProForTraining
 from model.tokenizer import SpecialTokens, load_tokenizer
 from pipeline import evaluation
@@ -44,15 +43,6 @@ prompts, seed = args["prompts"], 7
 params = sum(1 for m in evaluation.generation_modules(engine.module) for _ in m.parameters())
 
 
-@torch.no_grad()
-def todays_grid():
-    """The grid as pipeline/evaluation.py made it before one gather per grid."""
-    ids = generate_image_ids(engine.module, tokenizer, prompts, cfg=5.0, seed=seed, backend="loop")
-    with deepspeed.zero.GatheredParameters(list(engine.module.model.vqmodel.parameters())):
-        decode_images(engine.module, ids)
-    return ids
-
-
 def counted(way, make_ids):
     engine.eval()
     before = sum(GATHERS.values())
@@ -65,7 +55,6 @@ def counted(way, make_ids):
                       "ids": ids.tolist()}), flush=True)
 
 
-counted("today", todays_grid)
 counted("once", lambda: evaluation.sample_images(engine.module, tokenizer, prompts, cfg=5.0, seed=seed)[0])
 evaluation.GATHER_MEMORY_SHARE = 0.0
 counted("fallback", lambda: evaluation.sample_images(engine.module, tokenizer, prompts, cfg=5.0, seed=seed)[0])
