@@ -1,6 +1,7 @@
-"""`python -m preprocess ...`: see preprocess/cli.py."""
+"""`python -m preprocess ...`: see preprocess/cli.py. Without the [preprocess] extra (Ray), one line naming the
+pip install that adds it."""
 
-from preprocess.cli import main
+from model.extras import call
 
 if __name__ == "__main__":
-    main()
+    call("preprocess.cli:main")

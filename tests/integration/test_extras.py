@@ -1,5 +1,6 @@
 """A missing extra (`pip install .` without [train] or [preprocess]) is one line naming the pip install, from the
-launchers and the installed commands (launchers/extras.py). Before: a bare `ModuleNotFoundError: deepspeed`.
+launchers, the installed commands and `python -m preprocess` (model/extras.py). Before: a bare
+`ModuleNotFoundError: deepspeed`.
 
 Each test runs the real entry point in a child Python in which the extra's package cannot be imported
 (`sys.modules[name] = None`, as an uninstalled package fails), never by mocking our code.
@@ -16,6 +17,7 @@ from tests.support import REPO
 
 BLOCK = "import sys; sys.modules[{module!r}] = None; "
 SCRIPT = BLOCK + "import runpy; sys.argv = [{path!r}, '--help']; runpy.run_path({path!r}, run_name='__main__')"
+MODULE = BLOCK + "import runpy; sys.argv = [{path!r}, '--help']; runpy.run_module({path!r}, run_name='__main__')"
 ENTRY = BLOCK + "sys.argv = ['janus', '--help']; from launchers.extras import {entry}; {entry}()"
 # The package's metadata gone (a checkout never pip-installed): pyproject.toml says which extra holds what.
 NO_METADATA = ("import importlib.metadata as m\ndef gone(name): raise m.PackageNotFoundError(name)\n"
@@ -42,6 +44,11 @@ def assert_one_line(done: subprocess.CompletedProcess, module: str, extra: str) 
 ])
 def test_launcher_without_its_extra_names_the_pip_install(path, module, extra):
     assert_one_line(run_child(SCRIPT.format(module=module, path=path)), module, extra)
+
+
+def test_python_m_preprocess_without_its_extra_names_the_pip_install():
+    """`ray job submit ... -- python -m preprocess ...`, the README's command, on a machine without the extra."""
+    assert_one_line(run_child(MODULE.format(module="ray", path="preprocess")), "ray", "preprocess")
 
 
 @pytest.mark.parametrize(("entry", "module", "extra"), [
