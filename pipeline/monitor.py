@@ -362,8 +362,11 @@ class Monitor:
     metrics.jsonl, TensorBoard event files, and W&B when asked for. Every rank calls `maybe_log` every step (the
     figures are summed over ranks on log steps; the timings are kept on every step)."""
 
-    def __init__(self, config: TrainConfig, rank: int, start_step: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: TrainConfig, rank: int, start_step: int, clock: Callable[[], float] = time.monotonic,
+                 steps_per_epoch: float | None = None):
+        """`steps_per_epoch`: the data's epoch, when the run was given --epochs (each line then says which epoch)."""
         self.config, self.start_step, self.active, self.clock = config, start_step, rank == 0, clock
+        self.steps_per_epoch = steps_per_epoch
         self.times = StepTimes()
         self.last_step_end = self.last_checkpoint = clock()  # until a save: what a crash would lose began here
         self.waited = self.stepped = 0.0  # data wait and step seconds since the last log line, over `steps` steps
@@ -401,7 +404,7 @@ class Monitor:
         trained = [True] * len(TASKS) if targets is None else [n > 0 for n in targets.tolist()]
         losses = [v if t else None for v, t in zip(task_loss.tolist(), trained, strict=True)]
         record = {**step_record(step, losses, lr, engine, micro_batches, seconds, self.config, applied, too_long),
-                  **self.timings(step)}
+                  "epoch": step / self.steps_per_epoch if self.steps_per_epoch else None, **self.timings(step)}
         log(format_record(record))
         self.record(record)
         return record
@@ -484,14 +487,16 @@ def step_record(step: int, task_loss: list[float | None], lr: float, engine, mic
 
 
 def format_record(r: dict) -> str:
-    """One log line: `step N / total`, loss per task (- where the step had none of it), then throughput, memory,
-    data wait, smoothed step time, ETA and time since the last checkpoint."""
+    """One log line: `step N / total` (and the epochs done, for a run given --epochs), loss per task (- where the
+    step had none of it), then throughput, memory, data wait, smoothed step time, ETA and time since the last
+    checkpoint."""
     losses = " ".join(f"{SHORT[t]} " + ("-" if v is None else f"{v:.4f}") for t, v in r["loss"].items())
     norm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     memory = "" if r["memory_peak_allocated_bytes"] is None else (
         f"  mem {r['memory_peak_allocated_bytes'] / 2**30:.1f} GiB (reserved {r['memory_reserved_bytes'] / 2**30:.1f})")
-    return (f"step {r['step']:7d} / {r['train_steps']}  loss {losses}  lr {r['lr']:.3e}  grad-norm {norm}  "
+    epoch = "" if r.get("epoch") is None else f"  epoch {r['epoch']:.2f}"
+    return (f"step {r['step']:7d} / {r['train_steps']}{epoch}  loss {losses}  lr {r['lr']:.3e}  grad-norm {norm}  "
             f"{r['tokens_per_s']:,.0f} tok/s  MFU {mfu}{memory}  "
             f"data-wait {r['data_wait_seconds']:.3f}s ({r['data_wait_share']:.0%})  "
             f"{r['step_seconds_smoothed']:.2f} s/step  ETA {duration(r['eta_seconds'])}  "

@@ -60,12 +60,13 @@ from pipeline.run_dir import checkpoints_dir, config_file, ds_config_file, finge
 
 def train(config: TrainConfig, *, plan: BatchPlan, engine, data: DataPipeline, start_step: int,
           resumed_from: Path | None, device: torch.device, stop: StopFlag, validator: Validator,
-          sampler: Sampler, phases: Phases | None = None) -> int:
+          sampler: Sampler, phases: Phases | None = None, steps_per_epoch: float | None = None) -> int:
     weights = torch.tensor(config.optim.task_loss_weights, dtype=torch.float32, device=device)
     watchdog, batches = Watchdog(config.system.watchdog_seconds), iter(data)
     with phases.phase("first batch") if phases else contextlib.nullcontext():
         batches = itertools.chain([next(batches)], batches)
-    monitor, nonfinite = Monitor(config, dist.get_rank(), start_step), NonfiniteSteps(config.optim.max_nonfinite_steps)
+    monitor = Monitor(config, dist.get_rank(), start_step, steps_per_epoch=steps_per_epoch)
+    nonfinite = NonfiniteSteps(config.optim.max_nonfinite_steps)
     step, last_step = start_step, config.optim.train_steps
     while step < last_step:
         started, lr = time.perf_counter(), engine.get_lr()[0]  # the rate this step uses
@@ -216,7 +217,8 @@ def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, d
     sampler = Sampler(config.logging, config.checkpoint.output, tokenizer, val_data=config.data.val_data)
     try:
         step = train(config, plan=plan, engine=engine, data=data, start_step=start_step, resumed_from=resume_from,
-                     device=device, stop=stop, validator=validator, sampler=sampler, phases=phases)
+                     device=device, stop=stop, validator=validator, sampler=sampler, phases=phases,
+                     steps_per_epoch=args.epoch.steps if args.epoch else None)
     except NEEDS_A_PERSON as error:  # a requeue would fail the same way: exit 2, which Slurm does not requeue
         print(f"error: {error}", file=sys.stderr, flush=True)  # every rank: each one's log says why it stopped
         exit_needing_a_person()

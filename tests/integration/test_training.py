@@ -4,6 +4,7 @@ Tests that start processes or take long here; the in-process ones are in tests/u
 """
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -24,22 +25,34 @@ LAUNCHER = str(Path(REPO) / "launchers" / "stage{}.py")
 @pytest.mark.integration
 def test_stage1_learns_trains_only_its_parts_and_counts_coverage(shard_corpus, tokenizer_dir, init_checkpoint,
                                                                  tmp_path):
-    """Stage I for 50 steps on 2 ranks. The hand-off from stage to stage (each starting from the previous stage's run
-    directory, training exactly its own parts) is checked on the demo's three runs (tests/integration/test_demo.py)."""
+    """Stage I for 2 epochs (~60 steps) on 2 ranks. The hand-off from stage to stage (each starting from the previous
+    stage's run directory, training exactly its own parts) is checked on the demo's three runs
+    (tests/integration/test_demo.py)."""
+    from pipeline.config import resolve
+
     run = tmp_path / "stage1"
-    out = run_ranks(stage_args(1, shard_corpus, tokenizer_dir, run, init_checkpoint, "--train-steps", "50",
-                               "--learning-rate", "3e-3", "--warmup-steps", "5", "--save-every", "50"),
-                    timeout=600)[0]
+    launch = stage_args(1, shard_corpus, tokenizer_dir, run, init_checkpoint, "--epochs", "2",
+                        "--learning-rate", "3e-3", "--warmup-steps", "5")
+    config, args = resolve(1, launch[1:])
+    steps = config.optim.train_steps  # derived from the manifests: 2 x the epoch's steps, rounded up
+    assert steps == math.ceil(2 * args.epoch.steps) and 40 <= steps <= 80, (steps, args.epoch)
+    out = run_ranks(launch, timeout=600)[0]
     curve = losses(run)
-    assert len(curve) == 50
+    assert sorted(curve) == list(range(1, steps + 1))  # exactly the derived steps, and saved at the last
+    assert latest_checkpoint(run).name == f"step-{steps:08d}"
+    # Said at the start, and the epoch in every step line.
+    assert f"1 epoch = {math.ceil(args.epoch.steps)} steps" in out, out[:3000]
+    step_lines = re.findall(r"^step +\d+ / \d+ .*$", out, re.M)
+    assert len(step_lines) == steps and all(" epoch " in line for line in step_lines), step_lines[:3]
+    assert f"step {steps:7d} / {steps}  epoch {steps / args.epoch.steps:.2f}  " in out  # 2, the last step rounded up
     # Coverage (issue 30): min-max inclusions per task at log steps, and a summary beside the checkpoint, of the
     # counts summed over both ranks.
     assert re.search(r"^cover (und|text|gen) \d+-\d+", out, re.M), out[-3000:]
     coverage = json.loads((latest_checkpoint(run) / "coverage.json").read_text())
     assert coverage and all(0 <= c["min"] <= c["median"] <= c["max"] and c["samples"] > 0 and c["least_seen"]
                             for c in coverage.values()), coverage
-    assert sum(c["median"] * c["samples"] for c in coverage.values()) > 0  # 50 steps were counted
-    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(46, 51)) / 5
+    assert sum(c["median"] * c["samples"] for c in coverage.values()) > 0  # the steps were counted
+    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(steps - 4, steps + 1)) / 5
     assert last < first - 0.05, (first, last)
     # Only Stage I's parts moved (the LLM, SigLIP, the LM head and the VQ stayed frozen).
     before, after = tensors(init_checkpoint), consolidated(run)

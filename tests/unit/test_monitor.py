@@ -52,6 +52,11 @@ def test_the_step_line_shows_a_dash_for_a_task_not_trained_and_no_memory_on_a_cp
     assert "mem" not in line and "0.0000" not in line
 
 
+def test_the_step_line_says_the_epoch_of_a_run_given_epochs():
+    assert format_record(record(epoch=1.375)).startswith("step      15 / 20  epoch 1.38  loss und 5.4321 ")
+    assert "epoch" not in format_record(record(epoch=None))
+
+
 def test_the_step_line_shows_peak_and_reserved_memory_where_there_is_an_accelerator():
     line = format_record(record(memory_peak_allocated_bytes=12 * 2**30, memory_reserved_bytes=14 * 2**30, mfu=0.412,
                                 skipped=True, too_long={"understanding": 0, "text": 2, "generation": 0}))
