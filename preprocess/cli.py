@@ -15,6 +15,7 @@ from pathlib import Path
 
 from model.chat_format import JANUS_SYSTEM_PROMPT
 from model.config import DTYPES
+from model.hub import HubError, resolve_weights
 from model.manifest import Manifest
 from model.sample import GENERATION, TASKS, TEXT, UNDERSTANDING
 from preprocess.job import (
@@ -74,12 +75,16 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
                    help="tars (paths, fsspec URLs, {000..099} patterns), LLaVA/ShareGPT/captions .json or .jsonl, "
                         "captions .csv, text .jsonl, or an ImageNet root")
     p.add_argument("--output", required=True, help="output directory (absolute under `ray job submit`)")
-    p.add_argument("--tokenizer", required=True, help="what AutoTokenizer.from_pretrained loads, with Janus tokens")
+    p.add_argument("--tokenizer", required=True,
+                   help="a folder AutoTokenizer.from_pretrained loads, with the Janus tokens, or a hub id "
+                        "(deepseek-ai/Janus-Pro-1B: its cached snapshot, downloaded unless HF_HUB_OFFLINE)")
     p.add_argument("--input-format", default="auto", choices=("auto", *FORMATS),
                    help="auto: from each input's name (.tar, .csv, a folder) and, for .json/.jsonl, its first record "
                         "(conversations: llava, messages: sharegpt, image and caption: captions, else jsonl); "
                         "else read every input as this format")
-    p.add_argument("--vq", default="", help="generation: a JanusVQVAE directory or a Janus checkpoint")
+    p.add_argument("--vq", default="",
+                   help="generation: a JanusVQVAE directory or a Janus checkpoint: a folder or a hub id (as "
+                        "--tokenizer)")
     p.add_argument("--vq-dtype", default="float32", choices=sorted(DTYPES),
                    help="generation: the dtype the VQ encoder runs in (the manifest records it)")
     p.add_argument("--vq-batch-size", type=int, default=VQ_BATCH_SIZE,
@@ -151,13 +156,18 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         raise UsageError("--progress-every must be >= 0 (seconds; 0: after every batch)")
     if not 0 <= args.max_skip_fraction <= 1:
         raise UsageError(f"--max-skip-fraction {args.max_skip_fraction:g}: give a fraction from 0 to 1")
-    convert = ConvertConfig(task=args.task, tokenizer=args.tokenizer, context=args.context,
+    try:  # a hub id becomes its snapshot folder here, once: Ray's workers then read that folder
+        tokenizer = str(resolve_weights(args.tokenizer, "--tokenizer"))
+        vq = str(resolve_weights(args.vq, "--vq")) if args.vq else ""
+    except HubError as error:
+        raise UsageError(str(error)) from None
+    convert = ConvertConfig(task=args.task, tokenizer=tokenizer, context=args.context,
                             image_format=args.image_format, max_pixels=args.max_pixels,
                             min_image_size=args.min_image_size, instructions=read_instructions(args.instructions),
                             system_prompt=args.system_prompt or None, text_field=args.text_field)
     return JobConfig(inputs=args.input, output=args.output, convert=convert, input_format=args.input_format,
                      shard_size=args.shard_size, image_root=args.image_root, class_names=args.class_names,
-                     vq=args.vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
+                     vq=vq, vq_dtype=vq_dtype_name(args.vq_dtype), vq_batch_size=args.vq_batch_size,
                      vq_actors=args.vq_actors, vq_actors_per_gpu=args.vq_actors_per_gpu,
                      vq_channels_last=args.vq_channels_last, cpus=args.cpus, gpus=args.gpus, address=args.address,
                      progress=not args.no_progress, progress_every_s=args.progress_every,

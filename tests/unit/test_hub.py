@@ -261,3 +261,31 @@ def test_inference_hub_id_not_cached_offline_is_one_error_line(command, hf_cache
     assert len(err) == 1 and err[0].startswith("error: --checkpoint deepseek-ai/Janus-Pro-7B: no such folder")
     assert "hf download deepseek-ai/Janus-Pro-7B" in err[0]
     assert not (tmp_path / "g.png").exists()
+
+
+def test_preprocess_takes_hub_ids_for_its_tokenizer_and_vq(cached_release, tmp_path):
+    """`python -m preprocess generation --tokenizer deepseek-ai/Janus-Pro-1B --vq deepseek-ai/Janus-Pro-1B`: both
+    become the cached snapshot before the job starts (Ray's workers read that folder), and load from it."""
+    from model.tokenizer import load_tokenizer
+    from model.vq import load_vq
+    from preprocess.cli import config_from_args, parser
+
+    args = parser("generation").parse_args(["generation", "--input", str(tmp_path / "in.tar"), "--output",
+                                            str(tmp_path / "out"), "--tokenizer", "deepseek-ai/Janus-Pro-1B",
+                                            "--vq", "deepseek-ai/Janus-Pro-1B"])
+    config = config_from_args(args)
+    assert Path(config.convert.tokenizer) == cached_release and Path(config.vq) == cached_release
+    load_tokenizer(config.convert.tokenizer)
+    load_vq(config.vq)
+
+
+def test_preprocess_hub_id_not_cached_offline_is_one_usage_error(hf_cache, tmp_path):
+    from preprocess.cli import config_from_args, parser
+    from preprocess.job import UsageError
+
+    for flag in ("--tokenizer", "--vq"):
+        argv = ["generation", "--input", str(tmp_path / "in.tar"), "--output", str(tmp_path / "out"),
+                "--tokenizer", str(tmp_path), flag, "deepseek-ai/Janus-Pro-7B"]
+        with pytest.raises(UsageError, match=rf"^{flag} deepseek-ai/Janus-Pro-7B: .*HF_HUB_OFFLINE is set; download "
+                                             r"it with `(hf|huggingface-cli) download deepseek-ai/Janus-Pro-7B`"):
+            config_from_args(parser("generation").parse_args(argv))
