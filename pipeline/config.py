@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import re
 import sys
 import types
@@ -295,6 +296,9 @@ def check_lora(lora: LoraConfig, trainable: list[str], janus: JanusConfig) -> No
     """LoRA adapts a part the stage trains (the LLM), on layers that exist: checked on the meta model, at start."""
     if not lora.lora_rank:
         return
+    # peft is imported only where adapters are made (model/lora.py): a missing one is said here, before any rank waits.
+    need(importlib.util.find_spec("peft") is not None, "lora_rank", "LoRA needs peft: pip install "
+         "'janus-pipeline[train]' (in a checkout: pip install -e '.[train]')")
     need("llm" in trainable, "lora_rank", f"the stage does not train the LLM (--trainable {' '.join(trainable)}); "
          "LoRA adapts the LLM in its place: add llm to --trainable or drop --lora-rank")
     from model.lora import target_problem

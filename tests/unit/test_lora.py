@@ -69,6 +69,15 @@ def test_each_refusal_names_its_flag(flags, match):
         resolve(3, [*FLAGS, *flags])
 
 
+def test_lora_without_peft_installed_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"--lora-rank: LoRA needs peft: pip install 'janus-pipeline\[train\]'"):
+        resolve(3, [*FLAGS, "--lora-rank", "4"])
+
+
 def test_stage_one_with_lora_is_refused():
     with pytest.raises(ConfigError, match="--lora-rank: the stage does not train the LLM"):
         resolve(1, [*FLAGS, "--lora-rank", "4"])
