@@ -19,6 +19,11 @@ from pathlib import Path
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
 
 
+# Released models a hub id names without reading their config.json: a dry run plans them from the preset of the same
+# architecture (model/config.py) when they are not cached, rather than download gigabytes to read one small file.
+RELEASE_PRESETS = {"deepseek-ai/Janus-Pro-1B": "1b", "deepseek-ai/Janus-Pro-7B": "7b"}
+
+
 class HubError(ValueError):
     """Weights that are neither a local folder nor a hub repository that could be found: one line saying what to
     do (callers print it as an `error:` line)."""
@@ -79,6 +84,16 @@ def resolve_weights(spec: str | Path, flag: str) -> Path:
         return Path(snapshot_download(text))
     except Exception as error:  # noqa: BLE001 - any download failure is the same user action: said in one line
         raise HubError(f"{flag} {text}: {where}, and downloading it failed ({_reason(error)}); {fix}") from None
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The complete cached snapshot of hub repository `repo_id`, or None; never asks the hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not (wholly) cached
+        return None
 
 
 def _reason(error: Exception) -> str:

@@ -25,7 +25,7 @@ import yaml
 from transformers import HfArgumentParser, JanusConfig
 
 from model.config import PRESETS, model_config, model_size
-from model.hub import HubError, is_repo_id, resolve_weights
+from model.hub import RELEASE_PRESETS, HubError, cached_snapshot, download_command, is_repo_id, resolve_weights
 from model.lora import ADAPTED_PARTS, DEFAULT_TARGETS, LoraSettings
 from model.stages import STAGES, TRAINABLE_PARTS, Stage, stage_for
 from pipeline import epochs
@@ -439,11 +439,17 @@ def table2(stage: Stage) -> dict[str, Any]:
 
 # ---- where defaults come from: the model --init holds, Table 2 for its size ----
 
-def resolved_init(init: str | None) -> str | None:
+def resolved_init(init: str | None, download: bool = True) -> str | None:
     """--init as a local folder: a hub id becomes the path of its cached (or, online, downloaded) snapshot, which is
-    what the run then records and every later reader (the engine, export, the next stage) opens."""
+    what the run then records and every later reader (the engine, export, the next stage) opens.
+
+    `download=False` (--help, --dry-run, --write-ds-config: they read no weights): a hub id not in the cache stays
+    as it is, and `init_defaults` plans a known release from its preset, or says to give --model."""
     if not init or Path(init).exists() or not is_repo_id(init):
         return init
+    if not download:
+        cached = cached_snapshot(init)
+        return str(cached) if cached else init
     try:
         return str(resolve_weights(init, "--init"))
     except HubError as error:
@@ -456,6 +462,8 @@ def init_defaults(init: str | None) -> dict[str, str]:
     if not init:
         return {}
     path = Path(init)
+    if not path.exists() and is_repo_id(init):  # a hub id left unresolved: a plan, which reads no weights
+        return {"model": RELEASE_PRESETS[init]} if init in RELEASE_PRESETS else {}
     if is_run_directory(path):
         previous = yaml.safe_load(config_file(path).read_text()).get("model")
         if not isinstance(previous, dict) or not previous.get("model"):
@@ -612,10 +620,12 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     down from here."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = Parser(stage)
-    known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # what decides the defaults
+    known_argv = [a for a in argv if a not in ("-h", "--help")]
+    known, _ = parser.parse_known_args(known_argv)  # what decides the defaults
     from_file = yaml_values(known.config) if known.config else {}
     stage = chosen_stage(stage, known.stage, from_file.pop("stage", None), known.config)
-    init = resolved_init(flag_or(known, from_file, "init"))
+    planning = known.dry_run or known.write_ds_config or len(argv) != len(known_argv)  # no weights read
+    init = resolved_init(flag_or(known, from_file, "init"), download=not planning)
     held = init_defaults(init)
     model = chosen_model(flag_or(known, from_file, "model"), held.get("model"), init)
     size = model_size(model[1]) if model else "1b"  # Table 2's column; --help needs no model
@@ -623,8 +633,12 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     values = vars(parser.parse_args(argv))
     args = argparse.Namespace(**{k: values.pop(k) for k in INVOCATION})
     if model is None:
+        uncached = ""
+        if init and is_repo_id(init):  # left unresolved by a plan (resolved_init)
+            uncached = (f" (--init {init} is not in the Hugging Face cache, and a plan downloads no weights: give "
+                        f"--model, or download it first with `{download_command(init)}`)")
         raise ConfigError(f"--model: give a preset ({', '.join(PRESETS)}) or a checkpoint directory, or --init "
-                          "weights whose config.json names the model")
+                          f"weights whose config.json names the model{uncached}")
     values["model"], args.model_config = model
     values["init"] = init  # the hub id's local snapshot, resolved once above
     values["tokenizer"] = values["tokenizer"] or held.get("tokenizer")

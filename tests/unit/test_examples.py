@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import constants
 
-from pipeline import config as config_module
 from pipeline.config import resolve
 from pipeline.planning import dry_run
 
@@ -19,16 +19,19 @@ def test_there_are_presets():
 
 
 @pytest.mark.parametrize("preset", EXAMPLES, ids=lambda path: path.stem)
-def test_a_preset_resolves_and_dry_runs(preset, monkeypatch):
+def test_a_preset_resolves_and_dry_runs(preset, monkeypatch, tmp_path):
     text = preset.read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert "python -m preprocess" in "\n".join(header) and "launchers/stage3.py" in "\n".join(header)
     values = yaml.safe_load(text)
-    # The presets name released weights by hub id: the dry run needs only their size, not a download.
-    monkeypatch.setattr(config_module, "resolved_init", lambda init: None)
+    # The presets name released weights by hub id, in no cache here: a plan downloads nothing and plans a release from
+    # the preset of its architecture.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     size = "7b" if "7B" in values["init"] else "1b"
     # Their --data is not here to count epochs: a --train-steps flag overrides the file's --epochs.
-    config, args = resolve(None, ["--config", str(preset), "--model", size, "--train-steps", "1000"])
+    config, args = resolve(None, ["--config", str(preset), "--train-steps", "1000", "--dry-run"])
+    assert config.model.model == size
     assert config.stage == values["stage"] and config.data.ratio == [float(r) for r in values["ratio"]]
     assert (config.optim.train_steps, config.optim.warmup_steps) == (1000, 0)  # Stage III: no warm-up
     assert args.epochs is None and values["epochs"] > 0

@@ -209,6 +209,59 @@ def test_training_init_missing_folder_still_says_it_does_not_exist(hf_cache, tmp
         resolve(2, ["--init", str(tmp_path / "no" / "such"), "--output", str(tmp_path / "run")])
 
 
+@pytest.fixture
+def unreachable_hub(hf_cache, monkeypatch) -> Path:
+    """An empty cache, online, with the hub unreachable: any download would fail (ConnectError), so a command that
+    succeeds here downloaded nothing."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    return hf_cache
+
+
+@pytest.mark.parametrize("plan", ["--dry-run", "--write-ds-config"])
+def test_a_plan_of_an_uncached_release_downloads_nothing(unreachable_hub, plan, tmp_path):
+    """Before: `--init deepseek-ai/Janus-Pro-7B --dry-run` downloaded the whole release (15 GB) to read its config.json.
+    A plan reads no weights: an uncached release is planned from the preset of its architecture."""
+    from pipeline.config import resolve
+    from pipeline.planning import dry_run
+
+    flags = ["--init", "deepseek-ai/Janus-Pro-7B", plan, *([str(tmp_path / "ds.json")] if plan != "--dry-run" else [])]
+    config, args = resolve(3, [*flags, "--world-size", "8"])
+    assert config.model.model == "7b" and args.model_config.text_config.hidden_size == 4096
+    assert config.optim.train_steps == 40_000  # Table 2's Stage III for the 7B
+    assert "GiB" in dry_run(config, args.cluster, args.model_config)
+    assert not any(unreachable_hub.iterdir())  # nothing was fetched into the cache
+
+
+def test_a_plan_of_an_uncached_unknown_repository_asks_for_its_model(unreachable_hub, tmp_path):
+    from pipeline.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError) as caught:
+        resolve(2, ["--init", "someone/janus-finetune", "--dry-run"])
+    message = str(caught.value)
+    assert message.startswith("--model: give a preset") and "\n" not in message
+    assert "--init someone/janus-finetune is not in the Hugging Face cache" in message
+    assert "give --model" in message and "download someone/janus-finetune`" in message
+    config, _ = resolve(2, ["--init", "someone/janus-finetune", "--dry-run", "--model", "1b"])  # as it says
+    assert config.model.model == "1b"
+
+
+def test_help_with_an_uncached_hub_id_downloads_nothing(unreachable_hub, capsys):
+    from pipeline.config import resolve
+
+    with pytest.raises(SystemExit) as exited:
+        resolve(2, ["--init", "someone/janus-finetune", "--help"])
+    assert exited.value.code == 0 and "--lora-rank" in capsys.readouterr().out
+
+
+def test_a_run_still_downloads_an_uncached_release(unreachable_hub, tmp_path):
+    """Only plans skip the download: a run needs the weights (here the download fails, said in one line)."""
+    from pipeline.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match=r"downloading it failed \(.*ConnectError"):
+        resolve(2, ["--init", "deepseek-ai/Janus-Pro-1B", "--output", str(tmp_path / "run")])
+
+
 # --- inference: --checkpoint (or --model) takes a hub id ---
 
 @pytest.fixture
