@@ -21,6 +21,7 @@ on success. Start one with `run_ranks(rank_script(name, args))`, or `Ranks(...)`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -76,7 +77,7 @@ def free_port() -> int:
 class Ranks:
     """N rank processes of one job; output goes to files (a rank blocked on a full pipe would stall its peers)."""
 
-    def __init__(self, args: list[str], world_size: int = 2, env: dict | None = None):
+    def __init__(self, args: list[str], world_size: int = 2, env: dict | None = None, cwd: Path | None = None):
         port = free_port()
         self.procs, self.logs = [], []
         self.finished: list[str] | None = None  # every rank's output, kept once the job has ended
@@ -88,7 +89,7 @@ class Ranks:
                         **(env or {})}
             self.logs.append(tempfile.NamedTemporaryFile(mode="w+", suffix=f".rank{rank}.log"))
             self.procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=self.logs[-1],
-                                               stderr=subprocess.STDOUT, text=True))
+                                               stderr=subprocess.STDOUT, text=True, cwd=cwd))
 
     def output(self, rank: int) -> str:
         if self.finished is not None:
@@ -522,3 +523,26 @@ def forged_run(run: Path, to: Path, marker: Path) -> Path:
     with_payload(sorted(step.glob("*model_states.pt"))[0], marker)
     relisted(step)
     return to
+
+
+# A Hugging Face hub cache on disk (released weights by hub id, without the network): tests/unit/test_hub.py,
+# tests/integration/test_quickstart.py.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo_id: str, *folders: Path, commit: str = COMMIT) -> Path:
+    """`folders`' files as hub repository `repo_id` in the cache at `cache`, laid out as huggingface_hub lays it
+    out (file names are symlinks into blobs/); returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for folder in folders:
+        for file in sorted(folder.iterdir()):
+            if file.is_file():
+                blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+                shutil.copyfile(file, blob)
+                (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

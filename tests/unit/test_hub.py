@@ -9,9 +9,7 @@ at it with offline mode on; a download that fails is injected by pointing it at 
 
 from __future__ import annotations
 
-import hashlib
 import re
-import shutil
 import socket
 from pathlib import Path
 
@@ -20,26 +18,7 @@ from huggingface_hub import constants
 
 from model import hub
 from model.hub import HubError, download_command, hub_source, is_repo_id, resolve_weights
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache: Path, repo_id: str, *folders: Path, commit: str = COMMIT) -> Path:
-    """`folders`' files as hub repository `repo_id` in the cache at `cache`, laid out as huggingface_hub lays it
-    out (file names are symlinks into blobs/); returns the snapshot folder."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for folder in folders:
-        for file in sorted(folder.iterdir()):
-            if file.is_file():
-                blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-                shutil.copyfile(file, blob)
-                (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
+from tests.support import COMMIT, cache_repo
 
 
 @pytest.fixture
