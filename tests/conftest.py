@@ -29,9 +29,9 @@ TESTS = Path(__file__).resolve().parent
 # `pytest -n 2 --dist loadfile --no-loadscope-reorder` a module runs whole on one worker (its module fixtures built
 # once) and modules are handed out in collection order: longest first keeps the two workers busy to the end. The demo
 # leads: the memorisation run that its tests start trains beside everything else.
-LONGEST_FIRST = ("test_demo.py", "test_slurm.py", "test_training.py", "test_plan.py", "test_preprocess_inputs.py",
-                 "test_bench.py", "test_levers.py", "test_faults.py", "test_preprocess.py", "test_sample_grid.py",
-                 "test_gpu_check.py", "test_export.py", "test_config.py")
+LONGEST_FIRST = ("test_demo.py", "test_slurm.py", "test_training.py", "test_plan.py", "test_quickstart.py",
+                 "test_preprocess_inputs.py", "test_bench.py", "test_levers.py", "test_lora.py", "test_faults.py",
+                 "test_preprocess.py", "test_sample_grid.py", "test_gpu_check.py", "test_export.py", "test_config.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
