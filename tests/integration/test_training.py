@@ -102,14 +102,28 @@ def test_dry_run_estimates_and_refuses(tmp_path):
     assert "128 rows per step cannot feed 256" in refused.stderr and "1, 2, 4, 8, 16" in refused.stderr
 
 
-@pytest.mark.integration
-def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path):
-    def args(output: Path) -> list[str]:
-        return stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", "8",
-                          "--save-every", "2", "--keep-last", "2", "--guidance-dropout", "0.5")
+def resumable_stage2(corpus, tokenizer_dir, init, output: Path, steps: int, *extra: str) -> list[str]:
+    """A Stage II run checkpointing every 2 steps, guidance dropout on (the random draws a resume must continue)."""
+    return stage_args(2, corpus, tokenizer_dir, output, init, "--train-steps", str(steps), "--save-every", "2",
+                      "--guidance-dropout", "0.5", *extra)
 
-    run_ranks(args(tmp_path / "straight"), timeout=600)
-    reference = losses(tmp_path / "straight")
+
+@pytest.fixture(scope="module")
+def uninterrupted(shard_corpus, tokenizer_dir, init_checkpoint, tmp_path_factory) -> dict[int, float]:
+    """The losses of 8 uninterrupted steps, which every run resumed on the way there must give again (one run for the
+    module's resume tests: how many checkpoints a run keeps changes no loss)."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_ranks(resumable_stage2(shard_corpus, tokenizer_dir, init_checkpoint, output, 8), timeout=600)
+    return losses(output)
+
+
+@pytest.mark.integration
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokenizer_dir, init_checkpoint,
+                                                          uninterrupted, tmp_path):
+    def args(output: Path) -> list[str]:
+        return resumable_stage2(shard_corpus, tokenizer_dir, init_checkpoint, output, 8, "--keep-last", "2")
+
+    reference = uninterrupted
 
     broken = tmp_path / "broken"
     ranks = Ranks(args(broken))
@@ -137,13 +151,12 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(shard_corpus, tokeniz
 
 @pytest.mark.integration
 def test_damaged_checkpoints_are_skipped_and_a_rollback_sets_newer_ones_aside(shard_corpus, tokenizer_dir,
-                                                                              init_checkpoint, tmp_path):
+                                                                              init_checkpoint, uninterrupted, tmp_path):
     def args(output: Path, steps: int, *extra: str) -> list[str]:
-        return stage_args(2, shard_corpus, tokenizer_dir, output, init_checkpoint, "--train-steps", str(steps),
-                          "--save-every", "2", "--keep-last", "3", "--guidance-dropout", "0.5", *extra)
+        return resumable_stage2(shard_corpus, tokenizer_dir, init_checkpoint, output, steps, "--keep-last", "3",
+                                *extra)
 
-    run_ranks(args(tmp_path / "straight", 8), timeout=600)
-    reference = losses(tmp_path / "straight")
+    reference = uninterrupted
     run = tmp_path / "run"
     run_ranks(args(run, 6), timeout=600)
     steps = {n: run / "checkpoints" / f"step-{n:08d}" for n in (2, 4, 6)}
