@@ -620,11 +620,11 @@ def resolve(stage: int | None, argv: list[str] | None = None) -> tuple[TrainConf
     down from here."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = Parser(stage)
-    known_argv = [a for a in argv if a not in ("-h", "--help")]
-    known, _ = parser.parse_known_args(known_argv)  # what decides the defaults
+    helping = bool({"-h", "--help"} & set(argv))
+    known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # what decides the defaults
     from_file = yaml_values(known.config) if known.config else {}
     stage = chosen_stage(stage, known.stage, from_file.pop("stage", None), known.config)
-    planning = known.dry_run or known.write_ds_config or len(argv) != len(known_argv)  # no weights read
+    planning = helping or known.dry_run or known.write_ds_config  # reads no weights
     init = resolved_init(flag_or(known, from_file, "init"), download=not planning)
     held = init_defaults(init)
     model = chosen_model(flag_or(known, from_file, "model"), held.get("model"), init)

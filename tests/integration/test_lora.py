@@ -149,3 +149,24 @@ def test_the_next_stage_starts_from_the_merged_weights(lora_runs, special):
     assert sorted(exported) == sorted(merged) and all(torch.equal(merged[k], exported[k]) for k in merged)
     assert latest_checkpoint(run).name in str(start)
     load_checkpoint(JanusProForTraining(preset_config("tiny", image_token_id=special.image_placeholder)), start)
+
+
+def test_an_adapter_export_that_cannot_be_made_is_one_line(lora_runs, tmp_path, capsys):
+    """--lora-export adapter of a run trained without LoRA, or in DeepSeek's original layout: refused in one line
+    before any weight is read."""
+    import yaml
+
+    from pipeline.export import main
+
+    plain = tmp_path / "plain"  # the LoRA run's files, its config.yaml saying it trained without LoRA
+    shutil.copytree(lora_runs["straight"], plain)
+    config = yaml.safe_load((plain / "config.yaml").read_text())
+    config["lora"]["lora_rank"] = 0
+    (plain / "config.yaml").write_text(yaml.safe_dump(config))
+    for run, extra, said in ((plain, [], "trained without LoRA (--lora-rank 0): export it whole"),
+                             (lora_runs["straight"], ["--layout", "original"], "drop --layout original")):
+        with pytest.raises(SystemExit) as exited:
+            main(["--checkpoint", str(run), "--out", str(tmp_path / "out"), "--lora-export", "adapter", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: --lora-export adapter"), err
+        assert said in err[0] and not (tmp_path / "out").exists()
