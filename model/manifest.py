@@ -4,8 +4,10 @@ Shards are Arrow IPC *files* (memory-mappable) in SAMPLE_SCHEMA, each written un
 and renamed when complete. The manifest records what made them (schema version, task, settings,
 tokenizer and VQ fingerprints) and, per shard, its rows and sha256, plus the row accounting
 `rows_in = rows_written + sum(skipped.values())` and the input files that could not be read to their end
-(`files_failed`: their records read before the fault are counted in rows_in). Both preprocess/ and pipeline/
-use this module.
+(`files_failed`: their records read before the fault are counted in rows_in). A generation manifest also counts
+its distinct prompts and the rows that share theirs with another row: a model conditioned on the prompt alone can
+learn only the mixture of such rows' images (docs/facts.md, "Memorisation and guidance"). Both preprocess/ and
+pipeline/ use this module.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -45,6 +48,9 @@ class Manifest:
     skipped: dict[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     files_failed: list[dict] = field(default_factory=list)  # {"source", "reason"} per input file
+    # Generation only (None elsewhere, and in manifests written before they were counted): prompt_sharing's counts.
+    distinct_prompts: int | None = None
+    rows_sharing_a_prompt: int | None = None
 
     def check_accounting(self) -> None:
         if self.rows_in != self.rows_written + sum(self.skipped.values()):
@@ -109,6 +115,23 @@ def write_shard(table: pa.Table, path: str | Path) -> ShardEntry:
 def read_shard(path: str | Path) -> pa.Table:
     """A shard, memory-mapped."""
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def prompt_digests(table: pa.Table) -> np.ndarray:
+    """[rows] int64: a 64-bit hash of each row's `input_ids` (a generation row's whole prompt, BOS to
+    <begin_of_image>). Python's hash of bytes: equal only within one process, which is where they are compared."""
+    ids = table.column("input_ids").combine_chunks()
+    raw = ids.values.to_numpy().astype("<i4", copy=False).tobytes()
+    bounds = (4 * ids.offsets.to_numpy()).tolist()
+    rows = zip(bounds[:-1], bounds[1:], strict=True)
+    return np.fromiter((hash(raw[a:b]) for a, b in rows), dtype=np.int64, count=len(ids))
+
+
+def prompt_sharing(digests: np.ndarray) -> tuple[int, int]:
+    """(distinct prompts, rows whose prompt another row has too) of prompt_digests over a dataset's shards.
+    A 64-bit hash: at 10^8 rows a collision (two rows counted as sharing) has odds of about 1 in 3,000."""
+    counts = np.unique(digests, return_counts=True)[1]
+    return len(counts), int(counts[counts > 1].sum())
 
 
 def file_sha256(path: str | Path) -> str:

@@ -37,7 +37,7 @@ from pipeline import checkpoint
 from pipeline.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, resolve
 from pipeline.data import DataPipeline, TooLong
 from pipeline.data.coverage import coverage_extremes, coverage_line, summed_over_ranks
-from pipeline.data.reader import shard_problems
+from pipeline.data.reader import shard_problems, shared_prompt_notes
 from pipeline.ds_config import BatchPlan
 from pipeline.engine import build_engine, run_deepspeed_config, vq_fingerprint
 from pipeline.evaluation import Sampler, Validator
@@ -185,6 +185,7 @@ def run_stage(config: TrainConfig, args: argparse.Namespace, checked: Checked, d
         ds_config_file(output).write_text(json.dumps(ds, indent=2))
         plan_line = f"{plan.accumulation_steps} micro-batch(es) of {plan.rows_per_micro_batch} row(s) per step"
         print("\n".join(config_summary(config, args.model_config, world, plan_line)), flush=True)
+        print("".join(f"{note}\n" for note in shared_prompt_notes(config.data.data)), end="", flush=True)
         if args.epoch:
             print(args.epoch.line(), flush=True)
     with phases.phase("shard hashing"):

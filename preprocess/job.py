@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray._private.ray_constants as ray_constants
@@ -51,6 +52,9 @@ from model.manifest import (
     ShardEntry,
     atomic_write_bytes,
     file_sha256,
+    prompt_digests,
+    prompt_sharing,
+    read_shard,
     tokenizer_fingerprint,
     weights_fingerprint,
     write_shard,
@@ -295,12 +299,15 @@ def ordered_map(fn: Callable, items: Iterable, threads: int) -> Iterator:
             yield ahead.popleft().result()
 
 
-def task_threads(pending: int, reserved: int = 0) -> int:
-    """CPUs (and threads) per shard task: with fewer input shards than CPUs, each takes several, never more than
-    one node has (a task runs on one node: asking more would never schedule), leaving `reserved` CPUs free."""
-    nodes = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
-    share = (sum(nodes) - reserved) // max(pending, 1)
-    return max(1, min(share, max(nodes, default=1) - reserved))
+def task_resources(node_cpus: list[int], pending: int, reserved: float = 0) -> tuple[float, int]:
+    """(CPUs to ask for, threads) per shard task: with fewer input shards than CPUs, each takes several, never more than
+    one node has (a task runs on one node: asking more would never schedule), leaving `reserved` CPUs (the VQ actors')
+    free. Where less than a whole CPU is left (a 1-CPU machine, half of it the VQ actor's) the task asks for that
+    fraction: asking for a whole one would never schedule, and the job would wait forever."""
+    biggest = max(node_cpus, default=1)
+    free = biggest - min(reserved, biggest / 2)  # vq_resources keeps the actors to half the CPUs
+    threads = max(1, min(int((sum(node_cpus) - reserved) // max(pending, 1)), int(free)))
+    return min(float(threads), free), threads
 
 
 class VQStage:
@@ -339,18 +346,18 @@ class VQStage:
         return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
 
 
-def vq_resources(cfg: JobConfig) -> dict:
+def vq_resources(cfg: JobConfig, cpus: int, gpus: int) -> dict:
     """GPUs: --vq-actors-per-gpu actors on each (bench/vq.py: how many keep a GPU busy while each also does its host
-    work). CPUs: a quarter of them in actors, so the reader/decoder tasks keep running (an actor pool that takes
-    every CPU starves the readers and the job stalls)."""
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    work). CPUs: a quarter of them in actors. Either way the actors together hold at most half the CPUs, so the
+    reader/decoder tasks keep running (an actor pool that takes every CPU starves the readers and the job waits
+    forever); with few CPUs an actor asks for a fraction of one."""
     if gpus:
-        actors = cfg.vq_actors or gpus * cfg.vq_actors_per_gpu
-        return {"concurrency": actors, "num_gpus": 1 / cfg.vq_actors_per_gpu, "num_cpus": 1, "threads": 2}
-    actors = cfg.vq_actors or max(1, cpus // 4)
-    threads = max(1, cpus // (2 * actors))
-    return {"concurrency": actors, "num_cpus": 1, "threads": threads}
+        actors, threads = cfg.vq_actors or gpus * cfg.vq_actors_per_gpu, 2
+    else:
+        actors = cfg.vq_actors or max(1, cpus // 4)
+        threads = max(1, cpus // (2 * actors))
+    resources = {"concurrency": actors, "num_cpus": min(1.0, cpus / 2 / actors), "threads": threads}
+    return {**resources, "num_gpus": 1 / cfg.vq_actors_per_gpu} if gpus else resources
 
 
 def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset:
@@ -360,12 +367,15 @@ def build_dataset(cfg: JobConfig, pending: list[InputShard]) -> ray.data.Dataset
     # the shard as failed. Its actor pools restart actors. A run-again task does not deliver rows twice (its
     # generator's outputs are numbered), and a shard is written only when it holds exactly the rows its
     # records announced.
-    res = vq_resources(cfg) if cfg.convert.task == GENERATION else None
+    cluster = ray.cluster_resources()
+    res = (vq_resources(cfg, int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)))
+           if cfg.convert.task == GENERATION else None)
     # The VQ actors' CPUs stay free: a shard task holding them would hold back the actors that consume its rows.
-    threads = task_threads(len(pending), res["concurrency"] * res["num_cpus"] if res else 0)
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+    cpus, threads = task_resources(node_cpus, len(pending), res["concurrency"] * res["num_cpus"] if res else 0)
     with warnings.catch_warnings():  # Ray 2.60 deprecates Ray's task options here and names no replacement yet
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1, num_cpus=threads,
+        ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=1, num_cpus=cpus,
                             fn_kwargs={"cfg": cfg.convert, "chunk": cfg.convert_batch_size, "threads": threads},
                             max_retries=cfg.task_tries - 1)
     if res:
@@ -642,6 +652,10 @@ def write_manifest(out: Path, cfg: JobConfig, shards: list[InputShard], results:
         rows_in=sum(r.rows_in for r in ordered), rows_written=sum(r.rows_written for r in ordered),
         skipped=dict(sorted(skipped.items())), files_failed=[f for r in ordered for f in r.files_failed],
     )
+    if manifest.task == GENERATION:  # counted over every shard, those kept from an earlier run too
+        digests = [prompt_digests(read_shard(out / s.file)) for s in manifest.shards]
+        manifest.distinct_prompts, manifest.rows_sharing_a_prompt = prompt_sharing(
+            np.concatenate(digests) if digests else np.zeros(0, np.int64))
     manifest.write(out)
     return manifest
 
@@ -668,6 +682,11 @@ def print_summary(manifest: Manifest, out: Path, shards: list[InputShard], n_res
     ]
     if manifest.vq_fingerprint:
         lines.append(f"vq             {manifest.vq_fingerprint[:16]} ({manifest.vq_dtype})")
+    if manifest.distinct_prompts is not None:
+        shared = manifest.rows_sharing_a_prompt
+        lines.append(f"prompts        {manifest.distinct_prompts} distinct; {shared} rows share theirs with another row"
+                     + (" (such a prompt is trained towards the mixture of its rows' images: right for class names, "
+                        "not for captions)" if shared else ""))
     lines.append(f"manifest       {out / MANIFEST_NAME}")
     if rejected:
         lines.append(f"FAILED (exit {EXIT_REJECTED}): {rejected}; the manifest is written to inspect the counts")

@@ -179,3 +179,16 @@ def shard_problems(manifests: list[str], rank: int = 0, world_size: int = 1) -> 
         shards += [(root / e.file, e.sha256, e.bytes) for e in Manifest.read(manifest).shards]
     found = ((path, file_problem(path, sha256, size)) for path, sha256, size in shards[rank::world_size])
     return [f"{path} {problem} (recorded in its manifest)" for path, problem in found if problem]
+
+
+def shared_prompt_notes(manifests: list[str]) -> list[str]:
+    """A line per generation dataset whose manifest counts rows sharing their prompt with another row: each such prompt
+    is trained towards the mixture of its images, so none of them comes back from the prompt alone."""
+    notes = []
+    for path in manifests:
+        manifest = Manifest.read(path)
+        if manifest.rows_sharing_a_prompt:
+            notes.append(f"note: {path}: {manifest.rows_sharing_a_prompt:,} of {manifest.rows_written:,} generation "
+                         f"rows share their prompt with another row ({manifest.distinct_prompts:,} distinct prompts); "
+                         "each such prompt learns the mixture of its images (right for class names, not for captions)")
+    return notes

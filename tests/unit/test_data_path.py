@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from model.batch import pack_rows, sample_length
-from model.manifest import Manifest
+from model.manifest import Manifest, ShardEntry
 from model.sample import GENERATION, TASK_INDEX
 from pipeline.data.loader import DataPipeline, TooLong, drops_prompt, with_prompt_dropped
 from pipeline.data.packer import best_subset
-from pipeline.data.reader import FingerprintMismatch, Source, SourceSpec
+from pipeline.data.reader import FingerprintMismatch, Source, SourceSpec, shared_prompt_notes
 from tests.support import make_config
 
 
@@ -221,3 +221,15 @@ def test_planned_micro_batches_are_handed_out_and_iteration_continues_after_them
     state, expected = pipe.state_dict(), replay.state_dict()
     assert [state[k] for k in ("sources", "mixer", "buffer", "coverage")] == \
         [expected[k] for k in ("sources", "mixer", "buffer", "coverage")]
+
+
+def test_a_run_notes_generation_rows_that_share_a_prompt(tmp_path):
+    """The manifest's count of rows sharing a prompt (preprocess counts it) is said at the start of a run, once per
+    dataset that has any; a dataset without, or a manifest from before the count, gets no line."""
+    counts = {"shared": (3, 2), "distinct": (4, 0), "older": (None, None)}
+    for name, (distinct, shared) in counts.items():
+        (tmp_path / name).mkdir()
+        Manifest(task=GENERATION, tokenizer_fingerprint="t", shards=[ShardEntry("g.arrow", 4, "0")], rows_in=4,
+                 rows_written=4, distinct_prompts=distinct, rows_sharing_a_prompt=shared).write(tmp_path / name)
+    notes = shared_prompt_notes([str(tmp_path / name) for name in counts])
+    assert len(notes) == 1 and "shared: 2 of 4 generation rows share their prompt" in notes[0], notes
