@@ -74,6 +74,11 @@ def test_demo_completes_and_names_valid_files(demo):
             assert len(list(f.keys())) > 0
     for stage in (1, 2, 3):
         assert (demo["out"] / "runs" / f"stage{stage}" / "metrics.jsonl").stat().st_size > 0
+    # Every photo has a caption of its own, which memorising each (the last test) needs: the manifest counts them.
+    from model.manifest import Manifest
+
+    generation = Manifest.read(demo["out"] / "data" / "generation")
+    assert (generation.distinct_prompts, generation.rows_sharing_a_prompt) == (6, 0)
     print(f"demo with DEMO_STEPS={DEMO_STEPS}: {demo['seconds']:.0f}s")
 
 
