@@ -82,6 +82,10 @@ class Manifest:
         for shard in data["shards"]:
             if not inside_folder(shard.file):  # a manifest is data: it must not point a reader elsewhere
                 raise ValueError(f"{path}: shard file {shard.file!r} is not inside the manifest's folder")
+        for count in ("distinct_prompts", "rows_sharing_a_prompt"):  # printed at a run's start: a count or nothing
+            value = data.get(count)
+            if value is not None and (type(value) is not int or value < 0):
+                raise ValueError(f"{path}: {count} is {value!r}, not a count")
         return cls(**data)
 
 

@@ -372,6 +372,19 @@ def test_a_manifest_entry_outside_its_folder_is_refused(tmp_path):
     assert Manifest.read(tmp_path).shards[0].file == "sub/x.arrow"
 
 
+def test_a_manifest_whose_prompt_counts_are_not_counts_is_refused(tmp_path):
+    """A run prints a generation manifest's prompt counts at its start: anything but a count (or none) is refused
+    when the manifest is read, where preflight turns it into one error line, not a traceback at the first print."""
+    for bad in ("3", -1, 2.5, True, [1]):
+        manifest = Manifest(task="generation", tokenizer_fingerprint="0", distinct_prompts=4)
+        manifest.rows_sharing_a_prompt = bad
+        manifest.write(tmp_path)
+        with pytest.raises(ValueError, match="rows_sharing_a_prompt is .*, not a count"):
+            Manifest.read(tmp_path)
+    Manifest(task="generation", tokenizer_fingerprint="0", distinct_prompts=4, rows_sharing_a_prompt=0).write(tmp_path)
+    assert Manifest.read(tmp_path).distinct_prompts == 4
+
+
 # --- special strings in data, and records a task does not read ---
 
 def test_a_quoted_image_placeholder_in_llava_text_stays_text(tmp_path, image_root, tokenizer, tokenizer_dir, special):
