@@ -143,7 +143,7 @@ def test_generation_from_imagenet_folders_is_cosine_nearest(ray_client, tiny_vq_
                      "--tokenizer", str(tokenizer_dir), "--vq", str(tiny_vq_dir), "--shard-size", "2",
                      "--vq-batch-size", "2", "--no-progress"])
     assert manifest.rows_written == 3 and len(manifest.shards) == 2 and manifest.skipped == {}
-    # The two cats share their class's prompt, across the two shards: counted, so a user can see it.
+    # The two cats share their class's prompt: counted over the job's shards, so a user can see it.
     assert (manifest.distinct_prompts, manifest.rows_sharing_a_prompt) == (2, 2)
     vq = JanusVQVAE.from_pretrained(str(tiny_vq_dir)).eval()
     assert manifest.vq_fingerprint == weights_fingerprint(vq) and manifest.vq_dtype == "float32"

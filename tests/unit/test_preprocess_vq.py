@@ -47,7 +47,7 @@ def test_the_vq_actors_always_leave_a_shard_task_room_to_run(gpus):
                 cfg = JobConfig(inputs=[], output="", convert=ConvertConfig(task="generation", tokenizer=""),
                                 vq_actors=actors)
                 res = vq_resources(cfg, cpus, gpus)
-                task_cpus, threads = task_resources([cpus], pending, res["concurrency"] * res["num_cpus"])
                 held = res["concurrency"] * res["num_cpus"]
+                task_cpus, threads = task_resources([cpus], pending, held)
                 assert 0 < task_cpus <= threads and held + task_cpus <= cpus, (cpus, actors, pending, res, task_cpus)
                 assert threads <= cpus and (res["num_cpus"] == 1 or held <= cpus / 2)
